@@ -1,0 +1,264 @@
+"""Graph analyses shared by the passes: shapes, MACs, and channel groups.
+
+A *channel group* is a set of tensors whose channel dimension (dim 1) must be pruned together:
+conv -> BN -> activation -> depthwise conv -> ...; both sides of a residual add; an SE gate
+multiplied into its feature map. Each group has producers (convs whose output channels create
+it), consumers (convs/Linears that read it on their input-channel axis) and members whose
+per-channel parameters are sliced (BN, depthwise convs). A group touching anything the analysis
+does not understand (a graph input or output, a concat, a reshape that mixes channels, a grouped
+conv, a module called twice) is *blocked*: it is never pruned. That is how block boundaries stay
+fixed: a block's input and output tensors are placeholder/output nodes of the block's graph.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Modules and functions that keep the channel axis (elementwise along channels, or spatial only).
+_CHANNEL_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.Tanh, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
+)
+_CHANNEL_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid,
+    F.tanh, F.mish, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.pad,
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.max_pool2d, torch.avg_pool1d,
+}
+_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "contiguous", "clone", "float", "detach"}
+_BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
+                     operator.isub, operator.truediv, torch.add, torch.mul, torch.sub, torch.div}
+_BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze"}
+_MEAN_METHODS = {"mean", "sum", "amax"}
+
+
+def shape_of(node: torch.fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(meta.shape)
+
+
+def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """Multiply-accumulates of one node (convs, linears, matmuls); 0 for everything else."""
+    out = shape_of(node)
+    if out is None:
+        return 0
+    numel = 1
+    for d in out:
+        numel *= d
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            k = 1
+            for d in mod.kernel_size:
+                k *= d
+            return numel * (mod.in_channels // mod.groups) * k
+        if isinstance(mod, nn.Linear):
+            return numel * mod.in_features
+    if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, F.linear):
+        a = shape_of(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+        return numel * a[-1] if a else 0
+    return 0
+
+
+def graph_macs(gm: torch.fx.GraphModule) -> int:
+    return sum(node_macs(gm, n) for n in gm.graph.nodes)
+
+
+def param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers() if b.is_floating_point()
+    )
+
+
+@dataclass
+class ChannelGroup:
+    """Tensors whose channel axis is pruned together (see module docstring)."""
+
+    root: str
+    nodes: list[str]
+    channels: int
+    producers: list[str] = field(default_factory=list)   # conv module targets (out channels)
+    members: list[str] = field(default_factory=list)     # BN / depthwise conv targets (per-channel)
+    consumers: list[str] = field(default_factory=list)   # conv / Linear targets (in channels)
+    blocked: str | None = None                           # why it cannot be pruned, or None
+
+    @property
+    def prunable(self) -> bool:
+        return self.blocked is None
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # deterministic: the name of the earlier-created root wins
+            self.parent[max(ra, rb, key=self._order.get)] = min(ra, rb, key=self._order.get)
+
+    _order: dict[str, int]
+
+
+def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
+    """Find every channel group of gm (shapes must be annotated; see capture.annotate_shapes)."""
+    nodes = list(gm.graph.nodes)
+    uf = _UnionFind()
+    uf._order = {n.name: i for i, n in enumerate(nodes)}
+    blocked: dict[str, str] = {}
+    producers: dict[str, list[str]] = {}
+    members: dict[str, list[str]] = {}
+    consumers: dict[str, list[str]] = {}
+    module_uses: dict[str, int] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            module_uses[n.target] = module_uses.get(n.target, 0) + 1
+
+    def has_channels(x) -> bool:
+        s = shape_of(x) if isinstance(x, torch.fx.Node) else None
+        return s is not None and len(s) >= 2
+
+    def block(x, why: str) -> None:
+        if isinstance(x, torch.fx.Node) and has_channels(x):
+            blocked.setdefault(x.name, why)
+
+    def union(a: torch.fx.Node, b: torch.fx.Node, why_not: str) -> None:
+        sa, sb = shape_of(a), shape_of(b)
+        if sa is None or sb is None or len(sa) < 2 or len(sb) < 2 or sa[1] != sb[1]:
+            block(a, why_not)
+            block(b, why_not)
+        else:
+            uf.union(a.name, b.name)
+
+    def block_all(n: torch.fx.Node, why: str) -> None:
+        for a in n.all_input_nodes:
+            block(a, why)
+        block(n, why)
+
+    for n in nodes:
+        if has_channels(n):
+            uf.find(n.name)
+        tensor_args = [a for a in n.args if isinstance(a, torch.fx.Node)]
+        if n.op == "placeholder":
+            block(n, f"graph input {n.name}")
+            continue
+        if n.op == "output":
+            for a in n.all_input_nodes:
+                block(a, f"graph output {a.name}")
+            continue
+        if n.op == "get_attr":
+            block(n, f"constant {n.target}")
+            continue
+        if n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            if module_uses[n.target] > 1:
+                block_all(n, f"module {n.target} is called {module_uses[n.target]} times")
+                continue
+            src = tensor_args[0] if tensor_args else None
+            if isinstance(mod, nn.modules.conv._ConvNd) and not isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                if mod.groups == 1:
+                    producers.setdefault(n.name, []).append(n.target)
+                    consumers.setdefault(src.name, []).append(n.target)
+                elif mod.groups == mod.in_channels == mod.out_channels:
+                    union(src, n, f"depthwise conv {n.target}")
+                    members.setdefault(n.name, []).append(n.target)
+                else:
+                    block_all(n, f"grouped conv {n.target}")
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                union(src, n, f"batch norm {n.target}")
+                members.setdefault(n.name, []).append(n.target)
+            elif isinstance(mod, nn.Linear):
+                s = shape_of(src)
+                if s is not None and len(s) == 2:
+                    consumers.setdefault(src.name, []).append(n.target)
+                else:
+                    block(src, f"linear {n.target} on a tensor of rank != 2")
+                block(n, f"linear output {n.target}")
+            elif isinstance(mod, _CHANNEL_MODULES):
+                union(src, n, f"{type(mod).__name__} {n.target}")
+            else:
+                block_all(n, f"unsupported module {type(mod).__name__} ({n.target})")
+            continue
+        # call_function / call_method
+        tgt = n.target
+        is_method = n.op == "call_method"
+        if (not is_method and tgt in _CHANNEL_FUNCTIONS) or (is_method and tgt in _CHANNEL_METHODS):
+            union(tensor_args[0], n, f"{getattr(tgt, '__name__', tgt)} at {n.name}")
+            for a in tensor_args[1:]:
+                block(a, f"extra operand of {n.name}")
+        elif (not is_method and tgt in _BINARY_FUNCTIONS) or (is_method and tgt in _BINARY_METHODS):
+            out = shape_of(n)
+            for a in tensor_args:
+                s = shape_of(a)
+                if s is not None and out is not None and len(s) == len(out) and len(s) >= 2 and s[1] == out[1]:
+                    union(a, n, f"elementwise {n.name}")
+                elif s is not None and out is not None and len(s) == len(out) and len(s) >= 2 and s[1] == 1:
+                    pass  # broadcast along channels: no channel coupling
+                else:
+                    block(a, f"broadcast in {n.name}")
+                    block(n, f"broadcast in {n.name}")
+        elif (not is_method and tgt in _RESHAPE_FUNCTIONS) or (is_method and tgt in _RESHAPE_METHODS) or (
+            is_method and tgt in _MEAN_METHODS
+        ):
+            src, s, out = tensor_args[0], shape_of(tensor_args[0]), shape_of(n)
+            spatial = 1
+            for d in (s or (0, 0))[2:]:
+                spatial *= d
+            keeps_channels = (
+                s is not None and out is not None and len(out) >= 2 and s[0] == out[0] and s[1] == out[1]
+                and (spatial == 1 or tgt in _MEAN_METHODS)
+                and all(d == 1 for d in out[2:])
+            )
+            if keeps_channels and not (tgt in _MEAN_METHODS and _reduces_channel_axis(n)):
+                union(src, n, f"reshape {n.name}")
+            else:
+                block_all(n, f"reshape or reduction {n.name} moves the channel axis")
+        else:
+            block_all(n, f"unsupported op {getattr(tgt, '__name__', tgt)} at {n.name}")
+
+    groups: dict[str, ChannelGroup] = {}
+    for n in nodes:
+        if not has_channels(n):
+            continue
+        root = uf.find(n.name)
+        g = groups.get(root)
+        if g is None:
+            g = groups[root] = ChannelGroup(root=root, nodes=[], channels=shape_of(n)[1])
+        g.nodes.append(n.name)
+        g.producers += producers.get(n.name, [])
+        g.members += members.get(n.name, [])
+        g.consumers += consumers.get(n.name, [])
+        if n.name in blocked and g.blocked is None:
+            g.blocked = blocked[n.name]
+    for g in groups.values():
+        if g.blocked is None and not g.producers:
+            g.blocked = "no conv produces these channels"
+        if g.blocked is None and g.channels < 2:
+            g.blocked = "fewer than 2 channels"
+    return list(groups.values())
+
+
+def _reduces_channel_axis(n: torch.fx.Node) -> bool:
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if dims is None:
+        return True
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return any(d in (1, -3) for d in dims) if len(shape_of(n.args[0]) or ()) == 4 else any(d == 1 for d in dims)

@@ -1,0 +1,82 @@
+"""capture: trace the user's model with torch.fx and annotate every node with its shape.
+
+A torch.fx TraceError ("symbolically traced variables cannot be used as inputs to control
+flow") becomes a one-line UserError naming the model class, the file and line, and what to try.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from legoc.errors import InternalError, UserError
+from legoc.passes.infra import Pass, PassResult, ProgramState
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame that is not inside torch: the user's offending line."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in frames if os.sep + "passes" + os.sep + "capture.py" not in f.filename]
+    return frames[-1] if frames else None
+
+
+def trace_error_message(model: torch.nn.Module, exc: BaseException) -> str:
+    cls = type(model).__name__
+    frame = _user_frame(exc)
+    where = f"{frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)" if frame else "unknown line"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot trace {cls} with torch.fx at {where}: {reason}; try: give the value that drives "
+        f"this branch in `concrete_args` in model.py, make the submodule a leaf module, or replace "
+        f"the Python branch with tensor ops (torch.where)"
+    )
+
+
+def trace(model: torch.nn.Module, concrete_args: dict | None = None) -> torch.fx.GraphModule:
+    try:
+        gm = torch.fx.symbolic_trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # TraceError, TypeError on Proxy, ...: the model is not traceable
+        raise UserError(trace_error_message(model, exc)) from exc
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def annotate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """Fill node.meta['tensor_meta'] (shape, dtype) by running the example inputs through gm."""
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"the model fails on its example_inputs(): {type(exc).__name__}: {first}; check that "
+            f"example_inputs() returns tensors of the shape build_model() expects"
+        ) from exc
+
+
+class Capture(Pass):
+    """torch.fx trace + shape propagation. Post-condition: the traced module equals the model."""
+
+    name = "capture"
+
+    def call(self, state: ProgramState, config) -> PassResult:
+        model = state.model.eval()
+        gm = trace(model, state.concrete_args)
+        annotate_shapes(gm, state.example_inputs)
+        return PassResult(state.replace(gm=gm), modified=True)
+
+    def ensures(self, state: ProgramState) -> None:
+        with torch.no_grad():
+            ref = state.model(*state.example_inputs)
+            got = state.gm(*state.example_inputs)
+        ref_leaves, got_leaves = torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(got)
+        if len(ref_leaves) != len(got_leaves) or any(
+            not torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(ref_leaves, got_leaves)
+        ):
+            raise InternalError("the traced graph does not reproduce the model's output")

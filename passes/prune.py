@@ -1,0 +1,167 @@
+"""prune: descendant variants of every block by structured pruning of interior channels.
+
+For each block and each ratio r, every prunable channel group inside the block (see
+legoc.passes.analysis: a group never touches the block's input or output tensor, so boundary
+shapes never change) keeps the ``round(C * (1 - r))`` channels of highest importance, rounded
+to a multiple of ``round_to``. Producers lose output filters, BN and depthwise convs lose
+per-channel parameters, consumers lose input channels.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from legoc.errors import InternalError, UserError
+from legoc.passes import analysis
+from legoc.passes.infra import Pass, PassResult, ProgramState
+
+DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
+IMPORTANCE = ("l1", "bn")
+
+
+@dataclass
+class Variant:
+    """One descendant of a block: its module, pruning ratio and static costs."""
+
+    block: str
+    ratio: float
+    gm: torch.fx.GraphModule
+    macs: int
+    param_bytes: int
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)  # group -> (original, kept)
+
+    @property
+    def id(self) -> str:
+        return f"r{self.ratio:.2f}"
+
+
+def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
+    keep = round(channels * (1.0 - ratio))
+    if round_to > 1:
+        keep = round(keep / round_to) * round_to
+    return int(min(channels, max(keep, round_to if round_to <= channels else 1, 1)))
+
+
+def _importance(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, how: str) -> torch.Tensor:
+    score = torch.zeros(group.channels)
+    if how == "bn":
+        bns = [gm.get_submodule(t) for t in group.members]
+        bns = [b for b in bns if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.weight is not None]
+        if bns:
+            for b in bns:
+                score += b.weight.detach().abs()
+            return score
+    for t in group.producers:  # L1 norm of each output filter
+        w = gm.get_submodule(t).weight.detach()
+        score += w.abs().reshape(w.shape[0], -1).sum(1)
+    return score
+
+
+def _slice_param(mod: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
+    t = getattr(mod, name, None)
+    if t is None:
+        return
+    new = t.detach().index_select(dim, idx).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(mod, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        setattr(mod, name, new)
+
+
+def prune_group(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, idx: torch.Tensor) -> None:
+    keep = int(idx.numel())
+    for t in group.producers:
+        conv = gm.get_submodule(t)
+        _slice_param(conv, "weight", idx, 0)
+        _slice_param(conv, "bias", idx, 0)
+        conv.out_channels = keep
+    for t in group.members:
+        mod = gm.get_submodule(t)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                _slice_param(mod, name, idx, 0)
+            mod.num_features = keep
+        else:  # depthwise conv
+            _slice_param(mod, "weight", idx, 0)
+            _slice_param(mod, "bias", idx, 0)
+            mod.in_channels = mod.out_channels = mod.groups = keep
+    for t in group.consumers:
+        mod = gm.get_submodule(t)
+        _slice_param(mod, "weight", idx, 1)
+        if isinstance(mod, nn.Linear):
+            mod.in_features = keep
+        else:
+            mod.in_channels = keep
+
+
+def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratio: float,
+                importance: str = "l1", round_to: int = 1, name: str = "block") -> Variant:
+    """A pruned copy of ``block_gm`` (never modified) at ``ratio``."""
+    gm = copy.deepcopy(block_gm)
+    ShapeProp(gm).propagate(example_input)
+    channels = {}
+    if ratio > 0:
+        for group in analysis.channel_groups(gm):
+            if not group.prunable:
+                continue
+            keep = kept_channels(group.channels, ratio, round_to)
+            if keep < group.channels:
+                score = _importance(gm, group, importance)
+                idx = torch.sort(torch.topk(score, keep, sorted=False).indices).values
+                prune_group(gm, group, idx)
+            channels[group.root] = (group.channels, keep)
+        gm.recompile()
+        ShapeProp(gm).propagate(example_input)
+    return Variant(block=name, ratio=ratio, gm=gm.eval(), macs=analysis.graph_macs(gm),
+                   param_bytes=analysis.param_bytes(gm), channels=channels)
+
+
+def validate_ratios(ratios) -> tuple[float, ...]:
+    ratios = tuple(float(r) for r in ratios)
+    bad = [r for r in ratios if not 0.0 <= r < 1.0]
+    if bad:
+        raise UserError(f"pruning ratios must be in [0, 1), got {bad[0]}; e.g. --ratios 0,0.2,0.4,0.6,0.8")
+    if 0.0 not in ratios:
+        raise UserError("pruning ratios must include 0 (the full-size variant of every block)")
+    return tuple(sorted(set(ratios)))
+
+
+class Prune(Pass):
+    """Variants of every block at ``config.ratios`` (L1 importance unless ``config.importance``)."""
+
+    name = "prune"
+
+    def requires(self, state: ProgramState) -> None:
+        if state.partition is None:
+            raise InternalError("prune needs a partition (run partition first)")
+
+    def call(self, state: ProgramState, config) -> PassResult:
+        ratios = validate_ratios(getattr(config, "ratios", DEFAULT_RATIOS))
+        importance = getattr(config, "importance", "l1")
+        round_to = getattr(config, "round_to", 1)
+        env = state.partition.trace_env(*state.example_inputs)
+        variants = {}
+        for block in state.partition.blocks:
+            x = env[block.inputs[0]]
+            variants[block.name] = [
+                prune_block(block.gm, x, r, importance, round_to, name=block.name) for r in ratios
+            ]
+        return PassResult(state.replace(variants=variants), modified=any(r > 0 for r in ratios))
+
+    def ensures(self, state: ProgramState) -> None:
+        env = state.partition.trace_env(*state.example_inputs)
+        with torch.no_grad():
+            for block in state.partition.blocks:
+                x, want = env[block.inputs[0]], env[block.outputs[0]]
+                for v in state.variants[block.name]:
+                    got = v.gm(x)
+                    if tuple(got.shape) != tuple(want.shape):
+                        raise InternalError(f"variant {v.id} of {block.name} changed the block's output shape "
+                                            f"{tuple(want.shape)} -> {tuple(got.shape)}")
+                    if v.ratio == 0 and not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+                        raise InternalError(f"the full-size variant of {block.name} differs from the block")
