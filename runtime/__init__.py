@@ -1,1 +1,8 @@
-"""legoc.runtime"""
+"""legoc.runtime: load a legoc artifact and run it, choosing one variant per block.
+
+Runs on the device: imports numpy, safetensors and the TVM runtime only (never torch, never
+legoc.passes).
+"""
+from legoc.runtime.model import Model, load
+
+__all__ = ["Model", "load"]

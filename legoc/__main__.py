@@ -1,0 +1,5 @@
+import sys
+
+from legoc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""legoc's command line: compile, inspect, targets.
+
+Exit codes: 0 ok, 2 user error (bad model, target, options, artifact), 1 internal error.
+Errors print one line; LEGOC_DEBUG=1 adds the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from legoc.errors import InternalError, LegocError, UserError
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratios takes comma-separated numbers like 0,0.2,0.4, got {text!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="legoc", description="Compile a PyTorch CNN into a runtime-scalable artifact of swappable blocks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile model.py for a target into NAME.lego/")
+    c.add_argument("model", help="path of a model.py (build_model(), example_inputs(); see README)")
+    c.add_argument("--target", "-t", default="host", help="target name (see `legoc targets`) or a target .json (default: host)")
+    c.add_argument("-o", "--output", help="artifact directory (default: MODEL-TARGET.lego)")
+    c.add_argument("--blocks", type=int, help="number of blocks (default: up to 4, balanced by MACs)")
+    c.add_argument("--ratios", type=_ratios, default=None, help="pruning ratios per block, e.g. 0,0.2,0.4,0.6,0.8 (default)")
+    c.add_argument("--importance", default="l1", help="channel importance: l1 (default) or bn")
+    c.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="print an artifact's blocks and variants")
+    i.add_argument("artifact")
+
+    sub.add_parser("targets", help="list the known targets")
+    return p
+
+
+def cmd_compile(args) -> int:
+    from legoc.passes.prune import DEFAULT_RATIOS
+    from legoc.pipeline import CompileConfig, compile_model
+
+    cfg = CompileConfig(target=args.target, output=args.output, blocks=args.blocks,
+                        ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
+                        round_to=args.round_to, progress=not args.no_progress)
+    report = compile_model(args.model, cfg)
+    part = report.partition
+    print(f"wrote {report.artifact}: {len(part.blocks)} blocks × {len(cfg.ratios)} variants, "
+          f"{len(part.segments) - len(part.blocks)} frame segments, {part.scalable_share:.1%} of "
+          f"{part.total_macs / 1e6:.1f} M MACs scalable")
+    print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from legoc.runtime.artifact import read_manifest
+
+    m = read_manifest(args.artifact)
+    con = Console()
+    model, tgt = m["model"], m["target"]
+    con.print(f"[bold]{args.artifact}[/]: model {model['name']} ({model['source']}), target {tgt['name']} "
+              f"({tgt['triple']}, {tgt['device']}); {model['scalable_share']:.1%} of "
+              f"{model['total_macs'] / 1e6:.2f} M MACs in blocks; retrained: {m['retrained']}")
+    t = Table(title="segments (in execution order)")
+    for col in ("segment", "kind", "in → out", "variant", "ratio", "MACs (M)", "params (KiB)", "module (KiB)"):
+        t.add_column(col, justify="right" if col not in ("segment", "kind", "in → out", "variant") else "left")
+    for s in m["segments"]:
+        shapes = " → ".join(",".join("×".join(map(str, s["tensors"][n]["shape"])) for n in names)
+                            for names in (s["inputs"], s["outputs"]))
+        for k, v in enumerate(s["variants"]):
+            t.add_row(s["name"] if k == 0 else "", s["kind"] if k == 0 else "", shapes if k == 0 else "",
+                      v["id"], f"{v['ratio']:.2f}", f"{v['macs'] / 1e6:.2f}", f"{v['param_bytes'] / 1024:.1f}",
+                      f"{v['module']['bytes'] / 1024:.0f}")
+        t.add_section()
+    con.print(t)
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from legoc.targets.table import list_targets
+
+    t = Table(title="targets (or --target path/to/target.json)")
+    for col in ("name", "device", "library", "description", "board software"):
+        t.add_column(col)
+    for spec in list_targets():
+        t.add_row(spec.name, spec.device, spec.triple, spec.description, spec.board_software)
+    Console(width=200).print(t)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"compile": cmd_compile, "inspect": cmd_inspect, "targets": cmd_targets}[args.command]
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"legoc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("legoc: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # InternalError or a bug we did not anticipate
+        if os.environ.get("LEGOC_DEBUG"):
+            traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "" if isinstance(exc, LegocError) else f"{type(exc).__name__}: "
+        print(f"legoc: internal error: {kind}{msg} (LEGOC_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
+        return InternalError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

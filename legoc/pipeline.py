@@ -1,0 +1,145 @@
+"""The compile pipeline: model.py -> passes (capture, partition, prune) -> TVM build of every
+variant of every segment -> artifact. Named pipelines of passes live here."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from legoc.errors import InternalError, LegocError, UserError
+from legoc.passes.prune import DEFAULT_RATIOS, IMPORTANCE
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """All options of one compile (one object instead of a long argument list)."""
+
+    target: str = "host"
+    output: Path | None = None
+    blocks: int | None = None
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    importance: str = "l1"
+    round_to: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.importance not in IMPORTANCE:
+            raise UserError(f"unknown importance {self.importance!r}; choose one of: {', '.join(IMPORTANCE)}")
+        if self.round_to < 1:
+            raise UserError(f"--round-to must be at least 1, got {self.round_to}")
+
+
+@dataclass
+class CompileReport:
+    artifact: Path
+    timings: dict[str, float] = field(default_factory=dict)   # stage -> seconds
+    compile_seconds: list[tuple[str, str, float]] = field(default_factory=list)  # (segment, variant, s)
+    partition: object = None
+    manifest: dict = field(default_factory=dict)
+
+
+def default_pipeline():
+    """The named pass pipeline of `legoc compile` (in order)."""
+    from legoc.passes.capture import Capture
+    from legoc.passes.partition import PartitionPass
+    from legoc.passes.prune import Prune
+
+    return [Capture(), PartitionPass(), Prune()]
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def compile_model(model_path: str | Path, config: CompileConfig) -> CompileReport:
+    """Compile ``model_path`` for ``config.target`` into an artifact directory."""
+    from legoc.modelfile import load_model_file
+    from legoc.passes import PassManager, ProgramState
+    from legoc.targets.table import get_target
+
+    timings: dict[str, float] = {}
+    target = get_target(config.target)          # fail fast on a bad target, before any work
+    t0 = time.perf_counter()
+    spec = load_model_file(model_path)
+    timings["load"] = time.perf_counter() - t0
+    out = Path(config.output) if config.output else Path(f"{spec.name}-{target.name}.lego")
+
+    pm = PassManager(default_pipeline())
+    state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=str(spec.path),
+                         concrete_args=spec.concrete_args)
+    state = pm(state, config).state
+    for t in pm.timings:
+        timings[t.name] = t.seconds
+    report = CompileReport(artifact=out, partition=state.partition)
+    t0 = time.perf_counter()
+    report.manifest = build_artifact(state, spec, target, out, config, report)
+    timings["compile+write"] = time.perf_counter() - t0
+    report.timings = timings
+    return report
+
+
+def build_artifact(state, spec, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
+    from legoc.artifact import ArtifactWriter
+    from legoc.targets.build import build_module
+
+    part = state.partition
+    env = part.trace_env(*state.example_inputs)
+    jobs = []   # (segment, variant id, ratio, module, macs, param_bytes, channels)
+    for seg in part.segments:
+        if seg.is_block:
+            for v in state.variants[seg.name]:
+                jobs.append((seg, v.id, v.ratio, v.gm, v.macs, v.param_bytes, v.channels))
+        else:
+            from legoc.passes.analysis import param_bytes
+
+            jobs.append((seg, "frame", 0.0, seg.gm, seg.macs, param_bytes(seg.gm), {}))
+    variants_of: dict[str, list[dict]] = {s.name: [] for s in part.segments}
+    with ArtifactWriter(out) as writer, _progress(config.progress) as bar:
+        task = bar.add_task(f"compiling for {target.name}", total=len(jobs))
+        for seg, vid, ratio, module, macs, pbytes, channels in jobs:
+            bar.update(task, description=f"compiling {seg.name}/{vid} for {target.name}")
+            rel = f"modules/{seg.name}/{vid}.so"
+            inputs = tuple(env[n] for n in seg.inputs)
+            t0 = time.perf_counter()
+            try:
+                built = build_module(module, inputs, target, writer.path_for(rel), name=f"{seg.name}/{vid}")
+            except LegocError:
+                raise
+            except Exception as exc:
+                raise InternalError(f"building {seg.name}/{vid} for {target.name} failed: {type(exc).__name__}: "
+                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+            report.compile_seconds.append((seg.name, vid, time.perf_counter() - t0))
+            if built.num_outputs != len(seg.outputs):
+                raise InternalError(f"{seg.name}/{vid} compiled to {built.num_outputs} outputs, expected {len(seg.outputs)}")
+            entry = {
+                "id": vid, "ratio": ratio, "macs": int(macs), "param_bytes": int(pbytes),
+                "channels": {k: list(v) for k, v in channels.items()},
+                "module": writer.file_entry(rel),
+                "weights": writer.write_weights(f"weights/{seg.name}/{vid}.safetensors", built.param_names, built.params),
+                "profile": {},
+            }
+            variants_of[seg.name].append(entry)
+            bar.advance(task)
+        manifest = {
+            "model": {"name": type(spec.model).__name__, "source": str(spec.path), "total_macs": part.total_macs,
+                      "scalable_macs": part.scalable_macs, "scalable_share": part.scalable_share,
+                      "max_blocks": part.max_blocks},
+            "target": target.to_json(),
+            "inputs": [{"name": n, **part.tensor_meta[n]} for n in part.graph_inputs],
+            "output": part.output_spec,
+            "retrained": False,
+            "options": {"blocks": len(part.blocks), "ratios": list(config.ratios), "importance": config.importance,
+                        "round_to": config.round_to},
+            "segments": [
+                {"name": s.name, "kind": s.kind, "inputs": s.inputs, "outputs": s.outputs, "macs": s.macs,
+                 "tensors": {n: part.tensor_meta[n] for n in [*s.inputs, *s.outputs]},
+                 "variants": variants_of[s.name]}
+                for s in part.segments
+            ],
+        }
+        writer.commit(manifest)
+    return manifest

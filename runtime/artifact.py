@@ -1,0 +1,59 @@
+"""The artifact format, read side (no torch, no compiler: this runs on the device).
+
+An artifact is a directory ``NAME.lego/``:
+
+    manifest.json                      schema, model, target, segments, variants, checksums
+    modules/<segment>/<variant>.so     compiled TVM Relax modules (weights are inputs)
+    weights/<segment>/<variant>.safetensors   the weights of each module, in parameter order
+
+Every file is listed in the manifest with its sha256, checked before the file is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from legoc.errors import UserError
+
+SCHEMA = "legoc.artifact/1"
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    root = Path(path)
+    mf = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"{root}: no such artifact directory; build one with `legoc compile model.py --target T -o {root}`")
+    if not mf.is_file():
+        raise UserError(f"{root}: not a legoc artifact (no {MANIFEST}); it may be an interrupted compile: compile again")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{mf}: unreadable manifest ({exc}); compile the artifact again") from exc
+    if manifest.get("schema") != SCHEMA:
+        raise UserError(f"{mf}: schema {manifest.get('schema')!r} is not {SCHEMA!r}; compile it again with this legoc")
+    return manifest
+
+
+def verified_path(root: str | os.PathLike, entry: dict, what: str) -> Path:
+    """The path of a file listed in the manifest, after checking that it exists and its sha256."""
+    path = Path(root) / entry["file"]
+    if not path.is_file():
+        raise UserError(f"{path}: missing file of {what}; the artifact is incomplete: compile it again")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise UserError(
+            f"{path}: checksum mismatch for {what} (sha256 {digest[:12]}…, manifest says "
+            f"{entry['sha256'][:12]}…); the file was modified or corrupted: refusing to load it"
+        )
+    return path
