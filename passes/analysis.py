@@ -169,7 +169,8 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
             continue
         if n.op == "call_module":
             mod = gm.get_submodule(n.target)
-            if module_uses[n.target] > 1:
+            stateful = any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
+            if module_uses[n.target] > 1 and stateful:
                 block_all(n, f"module {n.target} is called {module_uses[n.target]} times")
                 continue
             src = tensor_args[0] if tensor_args else None

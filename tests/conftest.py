@@ -1,0 +1,43 @@
+"""Shared fixtures: example models loaded through legoc's own model-file loader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+CHAIN_EXAMPLES = ["vgg_chain", "cifar_resnet", "mobilenetv2"]
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    from legoc.modelfile import load_model_file
+
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            cache[name] = load_model_file(EXAMPLES / f"{name}.py")
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def compiled_state(load_example):
+    """capture -> partition -> prune state of an example (cached per name)."""
+    from legoc.passes import PassManager, ProgramState
+    from legoc.pipeline import CompileConfig, default_pipeline
+
+    cache = {}
+
+    def get(name: str, **cfg):
+        key = (name, tuple(sorted(cfg.items())))
+        if key not in cache:
+            spec = load_example(name)
+            state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=name)
+            cache[key] = PassManager(default_pipeline())(state, CompileConfig(**cfg)).state
+        return cache[key]
+
+    return get

@@ -1,0 +1,112 @@
+"""prune: boundary shapes never change; pruning exactly the dead channels changes nothing."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from legoc.errors import UserError
+from legoc.passes import ProgramState
+from legoc.passes.analysis import channel_groups
+from legoc.passes.capture import Capture
+from legoc.passes.prune import kept_channels, prune_block, validate_ratios
+
+
+class Residual(nn.Module):
+    def __init__(self, c=16, hidden=12):
+        super().__init__()
+        self.c1 = nn.Conv2d(c, hidden, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.b2 = nn.BatchNorm2d(hidden)
+        self.c2 = nn.Conv2d(hidden, c, 1, bias=False)
+        self.b3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.dw(y)))
+        return torch.relu(x + self.b3(self.c2(y)))
+
+
+def _gm(model, x):
+    return Capture()(ProgramState(model=model.eval(), example_inputs=(x,)), None).state.gm
+
+
+def test_groups_keep_the_boundary_and_the_residual_fixed():
+    x = torch.randn(1, 16, 8, 8)
+    groups = channel_groups(_gm(Residual(), x))
+    prunable = [g for g in groups if g.prunable]
+    assert len(prunable) == 1
+    g = prunable[0]
+    assert g.channels == 12 and g.producers == ["c1"] and sorted(g.members) == ["b1", "b2", "dw"] and g.consumers == ["c2"]
+    # the residual add couples c2's output to the block input: blocked
+    assert any(not gr.prunable and "c2" in gr.producers for gr in groups)
+
+
+def test_pruning_dead_channels_changes_nothing():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    dead = torch.tensor([1, 4, 5, 9])
+    with torch.no_grad():
+        model.c1.weight[dead] = 0.0        # lowest L1: these are the channels pruned at ratio 4/12
+        model.b1.bias[dead] = 0.0
+        model.b1.running_mean[dead] = 0.0  # BN output 0 -> relu 0 -> dw 0 -> contributes nothing
+        model.b2.bias[dead] = -1.0          # relu(-1 + ...) = 0
+        model.b2.running_mean[dead] = 0.0
+    x = torch.randn(1, 16, 8, 8)
+    gm = _gm(model, x)
+    v = prune_block(gm, x, ratio=4 / 12)
+    assert list(v.channels.values()) == [(12, 8)]
+    assert v.gm.get_submodule("c1").out_channels == 8 and v.gm.get_submodule("dw").groups == 8
+    with torch.no_grad():
+        assert torch.allclose(v.gm(x), model(x), atol=1e-6)
+    full = prune_block(gm, x, ratio=0.0)
+    assert v.macs < full.macs and v.param_bytes < full.param_bytes
+
+
+@settings(max_examples=25, deadline=None)
+@given(ratio=st.floats(0.0, 0.95), round_to=st.sampled_from([1, 2, 4, 8]), hidden=st.integers(2, 24))
+def test_any_ratio_keeps_boundary_shapes(ratio, round_to, hidden):
+    torch.manual_seed(hidden)
+    x = torch.randn(1, 16, 6, 6)
+    gm = _gm(Residual(hidden=hidden), x)
+    v = prune_block(gm, x, ratio=ratio, round_to=round_to)
+    with torch.no_grad():
+        assert v.gm(x).shape == gm(x).shape
+    kept = v.gm.get_submodule("c1").out_channels
+    assert kept == kept_channels(hidden, ratio, round_to) if ratio > 0 else kept == hidden
+    assert 1 <= kept <= hidden
+    if round_to <= hidden and ratio > 0:
+        assert kept % round_to == 0 or kept == hidden
+
+
+def test_prune_never_modifies_the_block():
+    x = torch.randn(1, 16, 8, 8)
+    gm = _gm(Residual(), x)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    prune_block(gm, x, ratio=0.5)
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+def test_ratios_are_validated():
+    assert validate_ratios([0.4, 0, 0.2]) == (0.0, 0.2, 0.4)
+    with pytest.raises(UserError, match=r"must be in \[0, 1\)"):
+        validate_ratios([0, 1.0])
+    with pytest.raises(UserError, match="must include 0"):
+        validate_ratios([0.2, 0.4])
+
+
+@pytest.mark.parametrize("name", ["vgg_chain", "cifar_resnet", "mobilenetv2"])
+def test_variants_of_examples_recompose(name, compiled_state):
+    state = compiled_state(name)
+    x = state.example_inputs
+    with torch.no_grad():
+        ref = state.model(*x)
+        for block in state.partition.blocks:
+            variants = state.variants[block.name]
+            assert [v.ratio for v in variants] == [0.0, 0.2, 0.4, 0.6, 0.8]
+            assert all(a.macs > b.macs for a, b in zip(variants, variants[1:]))
+            out = state.partition.run(*x, replace={block.name: variants[-1].gm})
+            assert out.shape == ref.shape
+            full = state.partition.run(*x, replace={block.name: variants[0].gm})
+            assert torch.allclose(full, ref, atol=1e-5)
