@@ -1,0 +1,234 @@
+"""Compile one torch module (a block segment) into a shared library for a target.
+
+Pipeline: copy -> fold BatchNorm into convs -> ``torch.export`` -> Relax
+(``from_exported_program``, weights kept as run-time inputs and detached) -> ``tvm.compile``
+with the target's default pipeline (for cuda that pipeline already fuses and applies the dlight
+GPU schedules) -> ``export_library`` linked by this machine's c++ or by zig for aarch64.
+
+Running what this writes (also in runtime-only mode, ``TVM_USE_RUNTIME_LIB=1``)::
+
+    lib = tvm.runtime.load_module(str(built.path))
+    vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs + built.params])
+
+Arguments must be ``tvm.runtime.Tensor`` (raw numpy arrays crash the VM). ``out`` is a
+``tvm.runtime.Tensor`` for one output, else a ``tvm_ffi.Array`` of Tensors (index it, or
+``list(out)``); ``.numpy()`` copies out.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx
+import torch.fx.experimental.optimization as fx_opt
+import tvm
+import tvm.relax.frontend.torch as relax_torch
+from tvm import relax
+from tvm.support import cc as tvm_cc
+
+from legoc.errors import InternalError, UserError
+from legoc.targets.table import TargetSpec, _machine_triple
+
+__all__ = ["BuiltModule", "build_module", "fold_batchnorm", "zig_cxx_wrapper", "cache_dir"]
+
+
+@dataclass
+class BuiltModule:
+    path: Path  # the exported shared library (.so)
+    param_names: list[str]  # weights, passed as trailing inputs after the data inputs, in order
+    params: list[np.ndarray]  # their values (numpy, float32 for float weights), same order
+    num_inputs: int  # data inputs
+    num_outputs: int  # 1 for a tensor, else the length of the returned tuple
+
+
+def _first_line(exc: BaseException) -> str:
+    """A one-line summary of an exception: its type and the first line of its message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _bug(what: str, name: str, target: TargetSpec, exc: BaseException) -> InternalError:
+    return InternalError(
+        f"{what} {name} for target {target.name}: {_first_line(exc)}; "
+        "this is a legoc bug, please report it"
+    )
+
+
+def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of ``module`` with every Conv/Linear -> BatchNorm pair folded.
+
+    BatchNorms that cannot be folded (functional, or the conv output has other users) stay.
+    """
+    m = copy.deepcopy(module).eval()
+    if isinstance(m, torch.fx.GraphModule):
+        return fx_opt.fuse(m, inplace=True, no_trace=True)
+    try:
+        return fx_opt.fuse(m, inplace=True)
+    except Exception:  # noqa: BLE001 - not fx-traceable: export it unfolded
+        return m
+
+
+def cache_dir() -> Path:
+    """legoc's cache folder: ``$LEGOC_CACHE`` or ``~/.cache/legoc``."""
+    env = os.environ.get("LEGOC_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "legoc"
+
+
+def zig_cxx_wrapper(triple: str = "aarch64-linux-gnu") -> Path:
+    """A shell script running PyPI ziglang's c++ for ``triple`` (made once, atomically)."""
+    try:
+        import ziglang  # noqa: F401, PLC0415 - only checks it is installed
+    except ImportError as exc:
+        raise UserError(
+            "the zig cross linker is missing: run `pip install ziglang` in legoc's environment"
+        ) from exc
+    script = (
+        "#!/bin/sh\n"
+        "# made by legoc: PyPI ziglang as a cross C++ linker\n"
+        f'exec "{sys.executable}" -m ziglang c++ -target {triple} "$@"\n'
+    )
+    digest = hashlib.sha256(script.encode()).hexdigest()[:12]
+    folder = cache_dir()
+    path = folder / f"zig-c++-{triple}-{digest}.sh"
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(script)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fcompile(target: TargetSpec):
+    """The ``fcompile`` for ``export_library`` (None: TVM's default, this machine's c++)."""
+    if target.linker == "native":
+        if target.triple != _machine_triple():
+            raise UserError(
+                f"target {target.name} links {target.triple} with the native linker, but this "
+                f"machine is {_machine_triple()}; use linker 'zig-aarch64' for aarch64"
+            )
+        if not (os.environ.get("CXX") or os.environ.get("CC") or shutil.which("g++")
+                or shutil.which("c++") or shutil.which("clang++")):
+            raise UserError(
+                f"no C++ compiler to link the {target.name} library: install g++ or set CXX"
+            )
+        return None
+    if target.linker == "zig-aarch64":
+        return tvm_cc.cross_compiler(str(zig_cxx_wrapper("aarch64-linux-gnu")))
+    raise UserError(f"target {target.name} has unknown linker '{target.linker}'")
+
+
+def build_module(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    target: TargetSpec,
+    out_path: Path,
+    *,
+    name: str = "module",
+) -> BuiltModule:
+    """Compile ``module`` for ``target`` into the shared library ``out_path``.
+
+    ``module`` (eval mode, usually a torch.fx GraphModule) is not modified. Weights, folded
+    BatchNorm included, become trailing run-time inputs (``param_names``/``params``). A module
+    returning a 1-tuple gives one output (the tuple is unwrapped). The first zig link on a machine
+    takes ~90 s (zig builds libc++ for aarch64 once); later links take well under a second.
+    """
+    out_path = Path(out_path)
+    example_inputs = tuple(example_inputs)
+    fcompile = _fcompile(target)  # user-fixable setup problems first, before the slow part
+
+    try:
+        folded = fold_batchnorm(module)
+        with torch.no_grad():
+            exported = torch.export.export(folded, example_inputs)
+    except Exception as exc:
+        raise _bug("torch.export could not export", name, target, exc) from exc
+
+    try:
+        mod = relax_torch.from_exported_program(
+            exported, keep_params_as_input=True, unwrap_unit_return_tuple=True
+        )
+    except AssertionError as exc:
+        if "Unsupported function types" in str(exc):
+            raise UserError(
+                f"TVM 0.27 cannot import {name}: {_first_line(exc).split(': ', 1)[-1]}; "
+                "rewrite the model without these operators"
+            ) from exc
+        raise _bug("TVM could not import", name, target, exc) from exc
+    except Exception as exc:
+        raise _bug("TVM could not import", name, target, exc) from exc
+
+    try:
+        mod, detached = relax.frontend.detach_params(mod)
+        main = mod["main"]
+        num_inputs = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(
+            example_inputs
+        )
+        param_names = [str(v.name) for v in main.params[num_inputs:]]
+        values = list(detached.get("main", []))
+        if len(values) != len(param_names) or num_inputs != len(example_inputs):
+            raise RuntimeError(
+                f"{len(example_inputs)} inputs and {len(values)} weights vs Relax params "
+                f"{[str(v.name) for v in main.params]}"
+            )
+        params = [_to_numpy(v) for v in values]
+        ret = main.ret_ty
+        num_outputs = len(ret.fields) if isinstance(ret, relax.TupleType) else 1
+    except Exception as exc:
+        raise _bug("TVM could not import", name, target, exc) from exc
+
+    try:
+        tvm_target = target.tvm_target()
+        with tvm_target:
+            executable = tvm.compile(mod, target=tvm_target)
+    except Exception as exc:
+        raise _bug("TVM could not compile", name, target, exc) from exc
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".so", dir=out_path.parent)
+    os.close(fd)
+    try:
+        if fcompile is None:
+            executable.export_library(tmp)
+        else:
+            executable.export_library(tmp, fcompile=fcompile)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out_path)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _bug(f"TVM could not link ({target.linker})", name, target, exc) from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+    return BuiltModule(
+        path=out_path,
+        param_names=param_names,
+        params=params,
+        num_inputs=num_inputs,
+        num_outputs=num_outputs,
+    )
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A TVM tensor as a numpy array (float weights as float32)."""
+    arr = np.ascontiguousarray(value.numpy())
+    if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    return arr
