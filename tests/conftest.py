@@ -41,3 +41,22 @@ def compiled_state(load_example):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory):
+    """Compile an example (or any model file) once per (name, target, ratios) for the session."""
+    from legoc.pipeline import CompileConfig, compile_model
+
+    cache = {}
+
+    def get(model: str, target: str = "host", ratios=(0.0, 0.5), blocks=None):
+        key = (model, target, tuple(ratios), blocks)
+        if key not in cache:
+            path = Path(model) if model.endswith(".py") else EXAMPLES / f"{model}.py"
+            out = tmp_path_factory.mktemp("artifacts") / f"{path.stem}-{target}.lego"
+            cfg = CompileConfig(target=target, output=out, ratios=tuple(ratios), blocks=blocks, progress=False)
+            cache[key] = compile_model(path, cfg)
+        return cache[key]
+
+    return get
