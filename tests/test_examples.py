@@ -3,6 +3,7 @@ torch-free device app (run against a fake runtime here; the real artifact runs i
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -216,7 +217,7 @@ FAKE_RUNTIME = textwrap.dedent('''
 def test_demo_app_with_fake_runtime():
     code = f"EXAMPLES = {str(EXAMPLES)!r}\n" + FAKE_RUNTIME
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"})
+                       env={**os.environ, "COLUMNS": "160"})
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     for name in ("full", "middle", "smallest"):

@@ -1,0 +1,128 @@
+"""Device-side demo: run a compiled legoc MNIST artifact at three variant choices.
+
+    python examples/demo_app.py out/mnist-host.lego [--limit N]
+
+For each configuration (every block at its full variant, at its middle variant, at its smallest
+variant) it prints the chosen pruning ratios, total MACs, top-1 accuracy on the 1,000 held-out
+digits (batch-1 inference) and the median latency per inference.
+
+Device-side: imports numpy, legoc.runtime and mnist_digits only; never torch.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # mnist_digits, whatever the cwd
+import mnist_digits  # noqa: E402
+
+WARMUP = 3  # untimed inferences per configuration (first calls load modules and warm caches)
+
+
+def configurations(blocks) -> list[tuple[str, list[int]]]:
+    """The three demo configurations as (name, one variant index per block)."""
+    return [
+        ("full", [0 for _ in blocks]),
+        ("middle", [len(b.variants) // 2 for b in blocks]),
+        ("smallest", [len(b.variants) - 1 for b in blocks]),
+    ]
+
+
+def describe_ratios(ratios: list[float]) -> str:
+    """'all 0.50' when every block has the same ratio, else the per-block list."""
+    if ratios and all(r == ratios[0] for r in ratios):
+        return f"all {ratios[0]:.2f}"
+    return " ".join(f"{r:.2f}" for r in ratios)
+
+
+def _logits(out) -> np.ndarray:
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return np.asarray(out).reshape(-1)
+
+
+def run_config(model, variants: list[int], x: np.ndarray, y: np.ndarray) -> dict:
+    """Configure ``model``, run every digit at batch 1, return accuracy and latency stats."""
+    model.configure(variants=variants)
+    chosen = [b.variants[i] for b, i in zip(model.blocks, variants)]
+    # Segments outside the blocks (stem, head: the "frame") always run their single variant.
+    fixed = [s.variants[0] for s in getattr(model, "frame", ()) if s.variants]
+    for i in range(min(WARMUP, len(x))):
+        model(x[i:i + 1])
+    correct, times = 0, []
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        t0 = time.perf_counter()
+        out = model(xi)
+        times.append(time.perf_counter() - t0)
+        correct += int(np.argmax(_logits(out)) == y[i])
+    return {
+        "ratios": [float(v.ratio) for v in chosen],
+        "macs": sum(int(v.macs) for v in chosen + fixed),
+        "param_bytes": sum(int(v.param_bytes) for v in chosen + fixed),
+        "accuracy": correct / max(len(x), 1),
+        "median_ms": statistics.median(times) * 1e3 if times else float("nan"),
+    }
+
+
+def run(model, x: np.ndarray, y: np.ndarray) -> list[tuple[str, dict]]:
+    expected = tuple(model.input_shapes[0])
+    if tuple(x.shape[1:]) != tuple(expected[1:]):
+        raise SystemExit(f"demo_app: the artifact takes input {expected}, but the held-out digits "
+                         f"are {(1,) + tuple(x.shape[1:])}; compile examples/mnist_resnet.py")
+    return [(name, run_config(model, v, x, y)) for name, v in configurations(model.blocks)]
+
+
+def print_table(rows: list[tuple[str, dict]], title: str) -> None:
+    header = ("config", "variant ratios", "MMACs", "params KB", "accuracy", "median ms")
+    cells = [(name, describe_ratios(r["ratios"]), f"{r['macs'] / 1e6:.2f}",
+              f"{r['param_bytes'] / 1024:.1f}", f"{r['accuracy'] * 100:.1f}%",
+              f"{r['median_ms']:.3f}") for name, r in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain aligned text on devices without rich
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+        print(title)
+        for line in [header, *cells]:
+            print("  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
+        return
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for c in cells:
+        table.add_row(*c)
+    Console().print(table)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", help="a .lego artifact compiled from examples/mnist_resnet.py")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N held-out digits")
+    args = ap.parse_args(argv)
+
+    from legoc.errors import UserError
+    from legoc.runtime import load
+
+    _, _, x_val, y_val = mnist_digits.load_split()
+    if args.limit is not None:
+        x_val, y_val = x_val[:args.limit], y_val[:args.limit]
+    try:
+        model = load(args.artifact)
+        print(f"{args.artifact}: {len(model.blocks)} blocks, variants per block "
+              f"{[len(b.variants) for b in model.blocks]}, input {list(model.input_shapes[0])}")
+        rows = run(model, x_val, y_val)
+    except UserError as exc:
+        print(f"demo_app: {exc}", file=sys.stderr)
+        return 1
+    print_table(rows, f"{Path(args.artifact).name} on {len(x_val)} held-out MNIST digits (batch 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
