@@ -2,18 +2,16 @@
 
 1. Dataflow graph of the fx nodes, with a virtual source feeding every graph input; constants
    (get_attr, ops with no tensor inputs) are left out and copied into whoever uses them.
-2. The dominators of the output node (networkx ``immediate_dominators``) are the nodes every
-   path from the inputs to the output passes through. In a DAG where every node reaches the
-   output they are exactly the clean cut points: no tensor other than the cut node's output
-   crosses them. Cuts fall after activations: a node whose single user is a BN or an
-   activation is never a cut, so conv/BN/ReLU stay together.
-3. The nodes between consecutive cuts form *atoms* (one tensor in, one out). A run of atoms
-   can be a block if some channel group lies wholly inside it (something to prune that does not
-   touch the run's input or output). Dynamic programming picks at most K blocks that cover the
-   most MACs and, among those, have the smallest largest block (balanced by MACs). Atoms not in
-   a block form the frame.
-
-The general region case (long skips, blocks that are not on the dominator chain) extends step 3.
+2. Regions: for every tensor node x (a possible block exit) and every dominator e of x (networkx
+   ``immediate_dominators``; a possible block entry), the nodes on paths from e to x form a
+   single-entry region; it is single-exit when nothing but x is used outside it. Cuts fall after
+   activations: an entry or exit whose single user is a BN or an activation is skipped, so
+   conv/BN/ReLU stay together. A region is a candidate block if a prunable channel group lies
+   wholly inside it (something to prune that touches neither its input nor its output).
+3. CP-SAT picks at most K disjoint candidates covering the most MACs and, among those, with the
+   smallest largest block (balanced by MACs). Everything else is the frame: fixed segments that
+   run between blocks (skip connections, concatenations, heads). Segments are ordered
+   topologically with every block contracted to one node.
 """
 from __future__ import annotations
 
@@ -100,144 +98,234 @@ def cut_points(gm: torch.fx.GraphModule) -> list[str]:
 
 
 @dataclass
-class _Atoms:
-    names: list[list[str]]     # nodes of each atom (no placeholders, no output, no constants)
-    macs: list[int]
-    candidate: list[bool]      # may be part of a block (starts and ends at a cut, no graph input inside)
-    spans: list[tuple[int, int]]  # atom span of every prunable channel group
+class Region:
+    """A single-entry/single-exit region: the nodes on paths from ``entry`` (outside) to ``exit``."""
+
+    entry: str
+    exit: str
+    mask: int          # bitset over the graph's node indices
+    macs: int
 
 
-def _atoms(gm: torch.fx.GraphModule, cuts: list[str]) -> _Atoms:
-    cutset = set(cuts)
-    names: list[list[str]] = [[]]
-    has_input = [False]
-    ends_at_cut = [False]
-    atom_of: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "output" or is_constant(n):
+def _bits(mask: int):
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+def regions(gm: torch.fx.GraphModule) -> tuple[list[Region], list[str]]:
+    """Every SESE region with a prunable channel group inside, and the node order its masks use.
+
+    For an exit x and an entry e that dominates x, the region is B = descendants(e) ∩
+    ancestors-or-self(x). Dominance makes every input of B come from B or e (single entry); the
+    region is single-exit when no node of B other than x has a user outside B. Walking e up x's
+    dominator chain only grows B, so the walk stops at the first user outside.
+    """
+    nodes = [n for n in gm.graph.nodes if not is_constant(n)]
+    index = {n.name: i for i, n in enumerate(nodes)}
+    preds = [[index[a.name] for a in n.all_input_nodes if a.name in index] for n in nodes]
+    users = [0] * len(nodes)
+    for i, ps in enumerate(preds):
+        for p in ps:
+            users[p] |= 1 << i
+    anc = [0] * len(nodes)
+    for i, ps in enumerate(preds):
+        m = 1 << i
+        for p in ps:
+            m |= anc[p]
+        anc[i] = m
+    desc = [0] * len(nodes)
+    for i in range(len(nodes) - 1, -1, -1):
+        m = 0
+        for u in _bits(users[i]):
+            m |= desc[u] | (1 << u)
+        desc[i] = m
+    macs = [analysis.node_macs(gm, n) for n in nodes]
+    groups = []
+    for g in analysis.channel_groups(gm):
+        if g.prunable:
+            gmask = 0
+            for name in g.nodes:
+                gmask |= 1 << index[name]
+            gall = gmask
+            for i in _bits(gmask):
+                gall |= users[i]
+            groups.append((gmask, gall))
+    idom = nx.immediate_dominators(dataflow_graph(gm), _SOURCE)
+
+    def boundary_ok(n: torch.fx.Node) -> bool:
+        if analysis.shape_of(n) is None:
+            return False
+        us = list(n.users)
+        return not (len(us) == 1 and _is_epilogue(gm, us[0]))
+
+    found: list[Region] = []
+    for x, xn in enumerate(nodes):
+        if xn.op in ("placeholder", "output") or not boundary_ok(xn):
             continue
-        if n.op == "placeholder":
-            has_input[-1] = True
-        names[-1].append(n.name)
-        atom_of[n.name] = len(names) - 1
-        if n.name in cutset:
-            ends_at_cut[-1] = True
-            names.append([])
-            has_input.append(False)
-            ends_at_cut.append(False)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    macs = [sum(analysis.node_macs(gm, by_name[x]) for x in atom) for atom in names]
-    last = len(names)
-    candidate = [i > 0 and ends_at_cut[i] and not has_input[i] and i - 1 >= 0 and ends_at_cut[i - 1]
-                 for i in range(len(names))]
-    spans = []
-    for grp in analysis.channel_groups(gm):
-        if not grp.prunable:
+        inside = [gall for gmask, gall in groups if not (gmask >> x) & 1 and gall & ~anc[x] == 0]
+        if not inside:
             continue
-        idx = set()
-        for name in grp.nodes:
-            n = by_name[name]
-            idx.add(atom_of.get(name, 0))
-            for u in n.users:
-                idx.add(atom_of.get(u.name, last))
-        spans.append((min(idx), max(idx)))
-    return _Atoms(names, macs, candidate, spans)
+        outside_users = 0  # nodes of anc(x) with a user that is not in anc(x)
+        for i in _bits(anc[x] & ~(1 << x)):
+            if users[i] & ~anc[x]:
+                outside_users |= 1 << i
+        e = idom.get(xn.name)
+        while e is not None and e != _SOURCE:
+            ei = index[e]
+            body = anc[x] & desc[ei]
+            if body & outside_users:
+                break
+            if boundary_ok(nodes[ei]) and any(gall & ~desc[ei] == 0 for gall in inside):
+                found.append(Region(e, xn.name, body, sum(macs[i] for i in _bits(body))))
+            e = idom.get(e)
+    return found, [n.name for n in nodes]
 
 
-def choose_blocks(atoms: _Atoms, k: int) -> list[tuple[int, int]]:
-    """At most k disjoint runs [i, j] of candidate atoms, each with a channel group inside, that
-    cover the most MACs; ties go to the smallest largest block. Dynamic programming, exact."""
-    n = len(atoms.names)
-    pref = [0]
-    for m in atoms.macs:
-        pref.append(pref[-1] + m)
+def choose_blocks(cands: list[Region], k: int, time_limit: float = 10.0) -> list[Region]:
+    """At most k disjoint regions covering the most MACs; among those, the smallest largest
+    block (balanced). Two exact CP-SAT solves on integer MACs (lexicographic objective), one
+    worker each so the answer is deterministic."""
+    from ortools.sat.python import cp_model
 
-    def prunable(i: int, j: int) -> bool:
-        return any(i <= a and b <= j for a, b in atoms.spans)
+    if not cands or k <= 0:
+        return []
+    size = [max(1, c.macs) for c in cands]
+    model = cp_model.CpModel()
+    use = [model.new_bool_var(f"r{i}") for i in range(len(cands))]
+    by_node: dict[int, list[int]] = {}
+    for i, c in enumerate(cands):
+        for b in _bits(c.mask):
+            by_node.setdefault(b, []).append(i)
+    for members in by_node.values():
+        if len(members) > 1:
+            model.add_at_most_one(use[i] for i in members)
+    model.add(sum(use) <= k)
+    coverage = sum(s * u for s, u in zip(size, use))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = 0
+    solver.parameters.max_time_in_seconds = time_limit
 
-    # best[p][b] = (covered MACs, -largest block MACs, runs) over atoms < p with b blocks
-    NEG = (-1, 0, ())
-    best = [[NEG] * (k + 1) for _ in range(n + 1)]
-    best[0][0] = (0, 0, ())
-    for p in range(n):
-        for b in range(k + 1):
-            cur = best[p][b]
-            if cur is NEG:
-                continue
-            if cur[:2] > best[p + 1][b][:2]:
-                best[p + 1][b] = cur
-            if b == k or not atoms.candidate[p]:
-                continue
-            for j in range(p, n):
-                if not atoms.candidate[j]:
-                    break
-                if not prunable(p, j):
-                    continue
-                size = pref[j + 1] - pref[p]
-                cand = (cur[0] + size, min(cur[1], -size), cur[2] + ((p, j),))
-                if cand[:2] > best[j + 1][b + 1][:2]:
-                    best[j + 1][b + 1] = cand
-    options = [best[n][b] for b in range(k + 1) if best[n][b] is not NEG]
-    return list(max(options, key=lambda t: (t[0], t[1], -len(t[2])))[2]) if options else []
+    def solve():
+        status = solver.solve(model)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            raise InternalError(f"block selection found no solution (CP-SAT status {solver.status_name(status)})")
+        return [solver.boolean_value(u) for u in use]
+
+    model.maximize(coverage)
+    hint = solve()
+    best = sum(s for s, u in zip(size, hint) if u)
+    model.add(coverage >= best)
+    largest = model.new_int_var(0, max(size), "largest")
+    for u, s in zip(use, size):
+        model.add(largest >= s).only_enforce_if(u)
+    model.clear_objective()
+    for u, h in zip(use, hint):
+        model.add_hint(u, h)
+    model.minimize(largest)
+    return [c for c, u in zip(cands, solve()) if u]
 
 
-def max_blocks(atoms: _Atoms) -> int:
-    """The largest number of disjoint blocks this graph allows (greedy by earliest end: optimal
-    for interval scheduling of the minimal prunable runs)."""
-    count, start = 0, 0
-    n = len(atoms.names)
-    for j in range(n):
-        if not atoms.candidate[j]:
-            start = j + 1
-            continue
-        if any(start <= a and b <= j for a, b in atoms.spans):
-            count, start = count + 1, j + 1
-    return count
+def max_blocks(cands: list[Region]) -> int:
+    """The largest number of disjoint prunable regions: greedy by earliest-ending minimal region
+    is not exact for nested regions, so this is a small CP-SAT problem too."""
+    from ortools.sat.python import cp_model
+
+    if not cands:
+        return 0
+    # only regions that contain no other candidate can be part of a maximum packing's minimal form
+    minimal = [c for c in cands if not any(o is not c and o.mask & c.mask == o.mask and o.mask != c.mask for o in cands)]
+    model = cp_model.CpModel()
+    use = [model.new_bool_var(f"r{i}") for i in range(len(minimal))]
+    by_node: dict[int, list[int]] = {}
+    for i, c in enumerate(minimal):
+        for b in _bits(c.mask):
+            by_node.setdefault(b, []).append(i)
+    for members in by_node.values():
+        if len(members) > 1:
+            model.add_at_most_one(use[i] for i in members)
+    model.maximize(sum(use))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.max_time_in_seconds = 10.0
+    solver.solve(model)
+    return int(round(solver.objective_value))
 
 
 def partition(gm: torch.fx.GraphModule, blocks: int | None = None, source: str = "the model") -> Partition:
-    cuts = cut_points(gm)
-    atoms = _atoms(gm, cuts)
-    limit = max_blocks(atoms)
+    cands, order = regions(gm)
+    limit = max_blocks(cands)
     if limit == 0:
         raise UserError(
-            f"{source} has no block to scale: no run of layers between cut points has interior "
+            f"{source} has no block to scale: no single-entry/single-exit region has interior "
             f"channels to prune (a conv feeding another conv); legoc needs at least two convs in a row"
         )
-    if blocks is not None and blocks > limit:
-        raise UserError(f"--blocks {blocks} is more than {source} allows: at most {limit} blocks; use --blocks {limit} or fewer")
     if blocks is not None and blocks < 1:
         raise UserError(f"--blocks must be at least 1, got {blocks}")
+    if blocks is not None and blocks > limit:
+        raise UserError(f"--blocks {blocks} is more than {source} allows: at most {limit} blocks; use --blocks {limit} or fewer")
     k = blocks if blocks is not None else min(DEFAULT_BLOCKS, limit)
-    runs = choose_blocks(atoms, k)
-    if blocks is not None and len(runs) < blocks:
-        raise InternalError(f"partition found {len(runs)} blocks although {blocks} are possible")
-    return _assemble(gm, atoms, runs, limit)
+    chosen = choose_blocks(cands, k)
+    if blocks is not None and len(chosen) < blocks:
+        raise InternalError(f"partition found {len(chosen)} blocks although {blocks} are possible")
+    return _assemble(gm, _pieces(gm, chosen, order), limit)
 
 
-def _assemble(gm: torch.fx.GraphModule, atoms: _Atoms, runs: list[tuple[int, int]], limit: int) -> Partition:
+def _pieces(gm: torch.fx.GraphModule, chosen: list[Region], order: list[str]) -> list[tuple[str, list[str]]]:
+    """Blocks and frame runs in a topological order of the graph with every block contracted."""
+    import heapq
+
+    pos = {name: i for i, name in enumerate(order)}
+    unit_of: dict[str, int] = {}
+    units: list[list[str]] = []
+    kinds: list[str] = []
+    for r in sorted(chosen, key=lambda r: min(_bits(r.mask))):
+        for b in _bits(r.mask):
+            unit_of[order[b]] = len(units)
+        units.append([order[b] for b in sorted(_bits(r.mask))])
+        kinds.append("block")
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name in order:
+        if name not in unit_of and by_name[name].op not in ("placeholder", "output"):
+            unit_of[name] = len(units)
+            units.append([name])
+            kinds.append("frame")
+    indeg = [0] * len(units)
+    succ: list[set[int]] = [set() for _ in units]
+    for u, names in enumerate(units):
+        for name in names:
+            for a in by_name[name].all_input_nodes:
+                v = unit_of.get(a.name)
+                if v is not None and v != u and u not in succ[v]:
+                    succ[v].add(u)
+                    indeg[u] += 1
+    heap = [(pos[units[u][0]], u) for u in range(len(units)) if indeg[u] == 0]
+    heapq.heapify(heap)
+    seq = []
+    while heap:
+        _, u = heapq.heappop(heap)
+        seq.append(u)
+        for v in succ[u]:
+            indeg[v] -= 1
+            if indeg[v] == 0:
+                heapq.heappush(heap, (pos[units[v][0]], v))
+    if len(seq) != len(units):
+        raise InternalError("the chosen blocks make the segment graph cyclic")
+    pieces: list[tuple[str, list[str]]] = []
+    for u in seq:
+        if kinds[u] == "frame" and pieces and pieces[-1][0] == "frame":
+            pieces[-1][1].extend(units[u])
+        else:
+            pieces.append((kinds[u], list(units[u])))
+    return pieces
+
+
+def _assemble(gm: torch.fx.GraphModule, pieces: list[tuple[str, list[str]]], limit: int) -> Partition:
     by_name = {n.name: n for n in gm.graph.nodes}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     graph_inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    # group atoms into segments: each run is one block; maximal stretches between runs are frames
-    pieces: list[tuple[str, list[str]]] = []
-    run_at = {i: j for i, j in runs}
-    p = 0
-    frame: list[str] = []
-    while p < len(atoms.names):
-        if p in run_at:
-            if frame:
-                pieces.append(("frame", frame))
-                frame = []
-            j = run_at[p]
-            pieces.append(("block", [x for a in range(p, j + 1) for x in atoms.names[a]]))
-            p = j + 1
-        else:
-            frame += [x for x in atoms.names[p] if by_name[x].op != "placeholder"]
-            p += 1
-    if frame:
-        pieces.append(("frame", frame))
-
     segments: list[Segment] = []
     counters = {"block": 0, "frame": 0}
     seg_of = {}
