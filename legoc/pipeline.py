@@ -21,6 +21,7 @@ class CompileConfig:
     importance: str = "l1"
     round_to: int = 1
     progress: bool = True
+    calibration_batches: int = 8
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
@@ -43,8 +44,9 @@ def default_pipeline():
     from legoc.passes.capture import Capture
     from legoc.passes.partition import PartitionPass
     from legoc.passes.prune import Prune
+    from legoc.passes.recalibrate import Recalibrate
 
-    return [Capture(), PartitionPass(), Prune()]
+    return [Capture(), PartitionPass(), Prune(), Recalibrate()]
 
 
 def _progress(enabled: bool):
@@ -70,7 +72,7 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
 
     pm = PassManager(default_pipeline())
     state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=str(spec.path),
-                         concrete_args=spec.concrete_args)
+                         concrete_args=spec.concrete_args, calibration=calibration_batches(spec, config))
     state = pm(state, config).state
     for t in pm.timings:
         timings[t.name] = t.seconds
@@ -80,6 +82,21 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
     timings["compile+write"] = time.perf_counter() - t0
     report.timings = timings
     return report
+
+
+def calibration_batches(spec, config: CompileConfig) -> list[tuple]:
+    """Up to ``config.calibration_batches`` input tuples from the model file's train_data()."""
+    if spec.train_data is None or config.calibration_batches <= 0:
+        return []
+    from legoc.modelfile import _call
+
+    batches = []
+    for batch in _call(spec.path, "train_data", spec.train_data):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        batches.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        if len(batches) >= config.calibration_batches:
+            break
+    return batches
 
 
 def build_artifact(state, spec, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
@@ -132,6 +149,7 @@ def build_artifact(state, spec, target, out: Path, config: CompileConfig, report
             "inputs": [{"name": n, **part.tensor_meta[n]} for n in part.graph_inputs],
             "output": part.output_spec,
             "retrained": False,
+            "bn_recalibrated": bool(getattr(state, "recalibrated", False)),
             "options": {"blocks": len(part.blocks), "ratios": list(config.ratios), "importance": config.importance,
                         "round_to": config.round_to},
             "segments": [

@@ -27,6 +27,8 @@ class ProgramState:
     gm: Any = None
     partition: Any = None
     variants: dict | None = None
+    calibration: list | None = None   # input tuples from train_data() for BN recalibration
+    recalibrated: bool = False
 
     def replace(self, **changes) -> "ProgramState":
         return dataclasses.replace(self, **changes)
