@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print an artifact's blocks and variants")
     i.add_argument("artifact")
+    i.add_argument("--plot", metavar="FILE", help="draw the segment graph (blocks coloured, frame grey) to FILE (.svg/.png)")
 
     sub.add_parser("targets", help="list the known targets")
     return p
@@ -81,6 +82,12 @@ def cmd_inspect(args) -> int:
                       f"{v['module']['bytes'] / 1024:.0f}")
         t.add_section()
     con.print(t)
+    con.print("structure: " + "  ".join(
+        f"{s['name']}({','.join(s['inputs'])} → {','.join(s['outputs'])})" for s in m["segments"]))
+    if args.plot:
+        from legoc.plot import plot_blocks
+
+        con.print(f"wrote {plot_blocks(m, args.plot)}")
     return 0
 
 

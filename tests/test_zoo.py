@@ -107,3 +107,29 @@ def _leaves_np(out):
     if isinstance(out, (tuple, list)):
         return [v for o in out for v in _leaves_np(o)]
     return [out]
+
+
+def test_unet_artifact_plot_shows_blocks_and_frame(tmp_path):
+    from legoc.pipeline import CompileConfig, CompileReport, build_artifact, default_pipeline
+    from legoc.passes import PassManager
+    from legoc.plot import plot_blocks, segment_graph
+    from legoc.targets.table import get_target
+    import networkx as nx
+
+    model, inputs = zoo.MODELS["unet"]()
+    cfg = CompileConfig(ratios=(0.0, 0.5), progress=False)
+    state = PassManager(default_pipeline())(ProgramState(model=model, example_inputs=inputs), cfg).state
+
+    class Spec:
+        path = Path("zoo:unet")
+
+    Spec.model = model
+    out = tmp_path / "unet.lego"
+    manifest = build_artifact(state, Spec, get_target("host"), out, cfg, CompileReport(artifact=out))
+    g = segment_graph(manifest)
+    kinds = [g.nodes[n]["kind"] for n in g.nodes]
+    assert nx.is_directed_acyclic_graph(g)
+    assert kinds.count("block") == len(state.partition.blocks) >= 2 and kinds.count("frame") >= 1
+    svg = plot_blocks(manifest, tmp_path / "blocks.svg")
+    text = svg.read_text()
+    assert text.startswith("<?xml") and "block0" in text
