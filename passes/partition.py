@@ -236,7 +236,7 @@ def max_blocks(cands: list[Region]) -> int:
     if not cands:
         return 0
     # only regions that contain no other candidate can be part of a maximum packing's minimal form
-    minimal = [c for c in cands if not any(o is not c and o.mask & c.mask == o.mask and o.mask != c.mask for o in cands)]
+    minimal = [c for c in cands if not any(o.mask != c.mask and o.mask & c.mask == o.mask for o in cands)]
     model = cp_model.CpModel()
     use = [model.new_bool_var(f"r{i}") for i in range(len(minimal))]
     by_node: dict[int, list[int]] = {}
@@ -254,20 +254,117 @@ def max_blocks(cands: list[Region]) -> int:
     return int(round(solver.objective_value))
 
 
+def select(gm: torch.fx.GraphModule, cands: list[Region], order: list[str], k: int | None):
+    """Pick at most k blocks; returns (chosen regions, the largest number of blocks possible).
+
+    The score of a choice is (MACs in blocks - BALANCE * MACs of the largest block): as much of
+    the model scalable as possible, in blocks of similar size (a U-Net is better cut into stages
+    with the skips in the frame than into one block that swallows them).
+
+    Regions whose entry and exit are both on the output's dominator chain are intervals of the
+    chain's atoms (the nodes between consecutive cuts): dynamic programming over the atoms picks
+    those exactly and fast. Regions inside one atom (a U-Net stage under a long skip, a detection
+    head) are packed per atom by CP-SAT and offered to the DP as one option per block count.
+    Regions that start inside one atom and end inside another are not considered. An atom that is
+    itself a candidate block is not also split into inner blocks."""
+    cuts = cut_points(gm)
+    pos = {name: i for i, name in enumerate(order)}
+    cut_at = {pos[c]: i for i, c in enumerate(cuts)}
+    atom_of, atom = [], 0
+    for i in range(len(order)):
+        atom_of.append(atom)
+        if i in cut_at:
+            atom += 1
+    n_atoms = atom + 1
+    intervals: dict[int, list[tuple[int, Region]]] = {}
+    single = set()
+    inner: dict[int, list[Region]] = {}
+    for r in cands:
+        e, x = pos[r.entry], pos[r.exit]
+        if e in cut_at and x in cut_at:
+            first, last = atom_of[e] + 1, atom_of[x]
+            intervals.setdefault(first, []).append((last, r))
+            if first == last:
+                single.add(first)
+        elif atom_of[min(_bits(r.mask))] == atom_of[x]:
+            inner.setdefault(atom_of[x], []).append(r)
+
+    # the most blocks: intervals plus the most disjoint inner regions of frame atoms
+    most = [0] * (n_atoms + 1)
+    inner_most = {a: max_blocks(rs) for a, rs in inner.items()}
+    for p in range(n_atoms):
+        most[p + 1] = max(most[p + 1], most[p] + inner_most.get(p, 0))
+        for q, _ in intervals.get(p, []):
+            most[q + 1] = max(most[q + 1], most[p] + 1)
+    limit = most[n_atoms]
+    if k is None:
+        k = min(DEFAULT_BLOCKS, limit)
+    if limit == 0 or k > limit:
+        return [], limit
+
+    packs: dict[int, list[tuple[int, int, int, tuple]]] = {}
+    for a, rs in inner.items():
+        if a in single and inner_most[a] < 2:
+            continue  # one inner block would only shrink the atom's own candidate
+        packs[a] = []
+        for j in range(2 if a in single else 1, min(k, inner_most[a]) + 1):
+            chosen = choose_blocks(rs, j)
+            packs[a].append((len(chosen), sum(r.macs for r in chosen), max(r.macs for r in chosen), tuple(chosen)))
+    total = max(1, analysis.graph_macs(gm))
+    sizes = sorted({r.macs for rs in intervals.values() for _, r in rs} | {pk[2] for ps in packs.values() for pk in ps})
+    caps = sorted({sizes[round(i * (len(sizes) - 1) / 23)] for i in range(24)}) if sizes else []
+    best_score, chosen = None, []
+    for cap in caps:  # the largest block allowed; score = coverage - BALANCE * largest
+        got = _dp(n_atoms, k, intervals, packs, cap)
+        if got is None:
+            continue
+        cov, neg_largest, regs = got
+        score = (cov + BALANCE * neg_largest) / total
+        if best_score is None or (score, cov) > best_score:
+            best_score, chosen = (score, cov), list(regs)
+    return chosen, limit
+
+
+BALANCE = 0.5  # how much a smaller largest block is worth against MACs left in the frame
+
+
+def _dp(n_atoms, k, intervals, packs, cap):
+    """Max coverage (then smallest largest block) with blocks of at most ``cap`` MACs."""
+    best = [[None] * (k + 1) for _ in range(n_atoms + 1)]
+    best[0][0] = (0, 0, ())
+
+    def relax(p, b, cand):
+        if b <= k and (best[p][b] is None or cand[:2] > best[p][b][:2]):
+            best[p][b] = cand
+
+    for p in range(n_atoms):
+        for b in range(k + 1):
+            cur = best[p][b]
+            if cur is None:
+                continue
+            relax(p + 1, b, cur)
+            for j, cov, largest, regs in packs.get(p, []):
+                if largest <= cap:
+                    relax(p + 1, b + j, (cur[0] + cov, min(cur[1], -largest), cur[2] + regs))
+            for q, r in intervals.get(p, []):
+                if r.macs <= cap:
+                    relax(q + 1, b + 1, (cur[0] + r.macs, min(cur[1], -r.macs), cur[2] + (r,)))
+    options = [best[n_atoms][b] for b in range(k + 1) if best[n_atoms][b] is not None and best[n_atoms][b][2]]
+    return max(options, key=lambda t: (t[0], t[1], -len(t[2]))) if options else None
+
+
 def partition(gm: torch.fx.GraphModule, blocks: int | None = None, source: str = "the model") -> Partition:
+    if blocks is not None and blocks < 1:
+        raise UserError(f"--blocks must be at least 1, got {blocks}")
     cands, order = regions(gm)
-    limit = max_blocks(cands)
+    chosen, limit = select(gm, cands, order, blocks)
     if limit == 0:
         raise UserError(
             f"{source} has no block to scale: no single-entry/single-exit region has interior "
             f"channels to prune (a conv feeding another conv); legoc needs at least two convs in a row"
         )
-    if blocks is not None and blocks < 1:
-        raise UserError(f"--blocks must be at least 1, got {blocks}")
     if blocks is not None and blocks > limit:
         raise UserError(f"--blocks {blocks} is more than {source} allows: at most {limit} blocks; use --blocks {limit} or fewer")
-    k = blocks if blocks is not None else min(DEFAULT_BLOCKS, limit)
-    chosen = choose_blocks(cands, k)
     if blocks is not None and len(chosen) < blocks:
         raise InternalError(f"partition found {len(chosen)} blocks although {blocks} are possible")
     return _assemble(gm, _pieces(gm, chosen, order), limit)
