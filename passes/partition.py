@@ -183,15 +183,11 @@ def regions(gm: torch.fx.GraphModule) -> tuple[list[Region], list[str]]:
     return found, [n.name for n in nodes]
 
 
-def choose_blocks(cands: list[Region], k: int, time_limit: float = 10.0) -> list[Region]:
-    """At most k disjoint regions covering the most MACs; among those, the smallest largest
-    block (balanced). Two exact CP-SAT solves on integer MACs (lexicographic objective), one
-    worker each so the answer is deterministic."""
+def _packing(cands: list[Region], time_limit: float):
+    """A CP-SAT model with one 0/1 variable per region and no two chosen regions sharing a node,
+    and a deterministic solver (one worker, fixed seed, time limit)."""
     from ortools.sat.python import cp_model
 
-    if not cands or k <= 0:
-        return []
-    size = [max(1, c.macs) for c in cands]
     model = cp_model.CpModel()
     use = [model.new_bool_var(f"r{i}") for i in range(len(cands))]
     by_node: dict[int, list[int]] = {}
@@ -201,12 +197,25 @@ def choose_blocks(cands: list[Region], k: int, time_limit: float = 10.0) -> list
     for members in by_node.values():
         if len(members) > 1:
             model.add_at_most_one(use[i] for i in members)
-    model.add(sum(use) <= k)
-    coverage = sum(s * u for s, u in zip(size, use))
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
     solver.parameters.max_time_in_seconds = time_limit
+    return model, use, solver
+
+
+def choose_blocks(cands: list[Region], k: int, time_limit: float = 10.0) -> list[Region]:
+    """At most k disjoint regions covering the most MACs; among those, the smallest largest
+    block (balanced). Two exact CP-SAT solves on integer MACs (lexicographic objective), one
+    worker each so the answer is deterministic."""
+    from ortools.sat.python import cp_model
+
+    if not cands or k <= 0:
+        return []
+    size = [max(1, c.macs) for c in cands]
+    model, use, solver = _packing(cands, time_limit)
+    model.add(sum(use) <= k)
+    coverage = sum(s * u for s, u in zip(size, use))
 
     def solve():
         status = solver.solve(model)
@@ -231,25 +240,12 @@ def choose_blocks(cands: list[Region], k: int, time_limit: float = 10.0) -> list
 def max_blocks(cands: list[Region]) -> int:
     """The largest number of disjoint prunable regions: greedy by earliest-ending minimal region
     is not exact for nested regions, so this is a small CP-SAT problem too."""
-    from ortools.sat.python import cp_model
-
     if not cands:
         return 0
     # only regions that contain no other candidate can be part of a maximum packing's minimal form
     minimal = [c for c in cands if not any(o.mask != c.mask and o.mask & c.mask == o.mask for o in cands)]
-    model = cp_model.CpModel()
-    use = [model.new_bool_var(f"r{i}") for i in range(len(minimal))]
-    by_node: dict[int, list[int]] = {}
-    for i, c in enumerate(minimal):
-        for b in _bits(c.mask):
-            by_node.setdefault(b, []).append(i)
-    for members in by_node.values():
-        if len(members) > 1:
-            model.add_at_most_one(use[i] for i in members)
+    model, use, solver = _packing(minimal, 10.0)
     model.maximize(sum(use))
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.max_time_in_seconds = 10.0
     solver.solve(model)
     return int(round(solver.objective_value))
 
