@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from legoc.errors import InternalError, LegocError, UserError
+from legoc.errors import InternalError, LegocError, UserError, first_line
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # InternalError or a bug we did not anticipate
         if os.environ.get("LEGOC_DEBUG"):
             traceback.print_exc()
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc) or type(exc).__name__
         kind = "" if isinstance(exc, LegocError) else f"{type(exc).__name__}: "
         print(f"legoc: internal error: {kind}{msg} (LEGOC_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
         return InternalError.exit_code

@@ -25,3 +25,19 @@ class InternalError(LegocError):
     """A bug in legoc (a pass broke an invariant, a compiled module disagrees with PyTorch)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message ('' if it has none), at most 300
+    characters: third-party errors (TVM's run to pages) reach users as one line."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= 300 else line[:297] + "..."
+    return ""
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line`` of an exception (just ``Type`` when the message is empty)."""
+    line = first_line(exc)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from legoc.errors import UserError
+from legoc.errors import UserError, first_line
 
 
 @dataclass
@@ -33,13 +33,14 @@ class ModelSpec:
         return self.path.stem
 
 
-def _call(path: Path, fn_name: str, fn: Callable, *args):
+def call_hook(path: Path, fn_name: str, fn: Callable, *args):
+    """Call a function of the model file; anything it raises becomes a one-line UserError."""
     try:
         return fn(*args)
     except UserError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         raise UserError(f"{path}: {fn_name}() raised {type(exc).__name__}: {first}; fix model.py and try again") from exc
 
 
@@ -62,16 +63,16 @@ def load_model_file(path: str | Path) -> ModelSpec:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc)
             raise UserError(f"{path}: importing it raised {type(exc).__name__}: {first}; fix model.py and try again") from exc
         for required in ("build_model", "example_inputs"):
             if not callable(getattr(module, required, None)):
                 raise UserError(f"{path}: defines no {required}(); a model file needs build_model() -> nn.Module "
                                 f"and example_inputs() -> tuple of tensors (see README)")
-        model = _call(path, "build_model", module.build_model)
+        model = call_hook(path, "build_model", module.build_model)
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"{path}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
-        inputs = _call(path, "example_inputs", module.example_inputs)
+        inputs = call_hook(path, "example_inputs", module.example_inputs)
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
         if not isinstance(inputs, (tuple, list)) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):

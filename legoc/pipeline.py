@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from legoc.errors import InternalError, LegocError, UserError
+from legoc.errors import InternalError, LegocError, UserError, describe
 from legoc.passes.prune import DEFAULT_RATIOS, IMPORTANCE
 
 
@@ -78,7 +78,7 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
         timings[t.name] = t.seconds
     report = CompileReport(artifact=out, partition=state.partition)
     t0 = time.perf_counter()
-    report.manifest = build_artifact(state, spec, target, out, config, report)
+    report.manifest = build_artifact(state, target, out, config, report)
     timings["compile+write"] = time.perf_counter() - t0
     report.timings = timings
     return report
@@ -88,10 +88,10 @@ def calibration_batches(spec, config: CompileConfig) -> list[tuple]:
     """Up to ``config.calibration_batches`` input tuples from the model file's train_data()."""
     if spec.train_data is None or config.calibration_batches <= 0:
         return []
-    from legoc.modelfile import _call
+    from legoc.modelfile import call_hook
 
     batches = []
-    for batch in _call(spec.path, "train_data", spec.train_data):
+    for batch in call_hook(spec.path, "train_data", spec.train_data):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         batches.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
         if len(batches) >= config.calibration_batches:
@@ -99,8 +99,10 @@ def calibration_batches(spec, config: CompileConfig) -> list[tuple]:
     return batches
 
 
-def build_artifact(state, spec, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
+def build_artifact(state, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
+    """Compile every variant of every segment of ``state`` for ``target`` into the artifact ``out``."""
     from legoc.artifact import ArtifactWriter
+    from legoc.passes.analysis import param_bytes
     from legoc.targets.build import build_module
 
     part = state.partition
@@ -111,8 +113,6 @@ def build_artifact(state, spec, target, out: Path, config: CompileConfig, report
             for v in state.variants[seg.name]:
                 jobs.append((seg, v.id, v.ratio, v.gm, v.macs, v.param_bytes, v.channels))
         else:
-            from legoc.passes.analysis import param_bytes
-
             jobs.append((seg, "frame", 0.0, seg.gm, seg.macs, param_bytes(seg.gm), {}))
     variants_of: dict[str, list[dict]] = {s.name: [] for s in part.segments}
     with ArtifactWriter(out) as writer, _progress(config.progress) as bar:
@@ -127,8 +127,7 @@ def build_artifact(state, spec, target, out: Path, config: CompileConfig, report
             except LegocError:
                 raise
             except Exception as exc:
-                raise InternalError(f"building {seg.name}/{vid} for {target.name} failed: {type(exc).__name__}: "
-                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+                raise InternalError(f"building {seg.name}/{vid} for {target.name} failed: {describe(exc)}") from exc
             report.compile_seconds.append((seg.name, vid, time.perf_counter() - t0))
             if built.num_outputs != len(seg.outputs):
                 raise InternalError(f"{seg.name}/{vid} compiled to {built.num_outputs} outputs, expected {len(seg.outputs)}")
@@ -142,7 +141,7 @@ def build_artifact(state, spec, target, out: Path, config: CompileConfig, report
             variants_of[seg.name].append(entry)
             bar.advance(task)
         manifest = {
-            "model": {"name": type(spec.model).__name__, "source": str(spec.path), "total_macs": part.total_macs,
+            "model": {"name": type(state.model).__name__, "source": state.source, "total_macs": part.total_macs,
                       "scalable_macs": part.scalable_macs, "scalable_share": part.scalable_share,
                       "max_blocks": part.max_blocks},
             "target": target.to_json(),

@@ -99,8 +99,11 @@ class ChannelGroup:
 
 
 class _UnionFind:
-    def __init__(self):
+    """Union-find over node names; the root of a merged set is its earliest node (deterministic)."""
+
+    def __init__(self, order: dict[str, int]):
         self.parent: dict[str, str] = {}
+        self._order = order
 
     def find(self, x: str) -> str:
         self.parent.setdefault(x, x)
@@ -112,17 +115,13 @@ class _UnionFind:
     def union(self, a: str, b: str) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            # deterministic: the name of the earlier-created root wins
             self.parent[max(ra, rb, key=self._order.get)] = min(ra, rb, key=self._order.get)
-
-    _order: dict[str, int]
 
 
 def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
     """Find every channel group of gm (shapes must be annotated; see capture.annotate_shapes)."""
     nodes = list(gm.graph.nodes)
-    uf = _UnionFind()
-    uf._order = {n.name: i for i, n in enumerate(nodes)}
+    uf = _UnionFind({n.name: i for i, n in enumerate(nodes)})
     blocked: dict[str, str] = {}
     producers: dict[str, list[str]] = {}
     members: dict[str, list[str]] = {}

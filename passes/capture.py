@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from legoc.errors import InternalError, UserError
+from legoc.errors import InternalError, UserError, describe, first_line
 from legoc.passes.infra import Pass, PassResult, ProgramState
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -29,7 +29,7 @@ def trace_error_message(model: torch.nn.Module, exc: BaseException) -> str:
     cls = type(model).__name__
     frame = _user_frame(exc)
     where = f"{frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)" if frame else "unknown line"
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc) or type(exc).__name__
     return (
         f"cannot trace {cls} with torch.fx at {where}: {reason}; try: give the value that drives "
         f"this branch in `concrete_args` in model.py, make the submodule a leaf module, or replace "
@@ -53,9 +53,8 @@ def annotate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"the model fails on its example_inputs(): {type(exc).__name__}: {first}; check that "
+            f"the model fails on its example_inputs(): {describe(exc)}; check that "
             f"example_inputs() returns tensors of the shape build_model() expects"
         ) from exc
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from legoc.errors import InternalError, LegocError, UserError
+from legoc.errors import InternalError, LegocError, UserError, describe
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,9 @@ class PassManager:
             except LegocError as exc:
                 raise type(exc)(f"pass '{p.name}' failed (after {', '.join(done) or 'no passes'}): {exc}") from exc
             except Exception as exc:  # an internal bug: name the pass
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InternalError(
                     f"pass '{p.name}' failed (after {', '.join(done) or 'no passes'}): "
-                    f"{type(exc).__name__}: {first}; this is a legoc bug, please report it"
+                    f"{describe(exc)}; this is a legoc bug, please report it"
                 ) from exc
             self.timings.append(PassTiming(p.name, time.perf_counter() - t0, result.modified))
             done.append(p.name)

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import networkx as nx
@@ -368,8 +369,6 @@ def partition(gm: torch.fx.GraphModule, blocks: int | None = None, source: str =
 
 def _pieces(gm: torch.fx.GraphModule, chosen: list[Region], order: list[str]) -> list[tuple[str, list[str]]]:
     """Blocks and frame runs in a topological order of the graph with every block contracted."""
-    import heapq
-
     pos = {name: i for i, name in enumerate(order)}
     unit_of: dict[str, int] = {}
     units: list[list[str]] = []

@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from legoc.errors import InternalError
+from legoc.runtime.artifact import build_output
 
 
 @dataclass
@@ -91,19 +92,6 @@ def output_spec_of(arg) -> Any:
     if arg is None:
         return {"none": None}
     raise InternalError(f"model output contains a {type(arg).__name__}, which legoc cannot carry")
-
-
-def build_output(spec: Any, env: dict):
-    """Inverse of output_spec_of given tensor values by name (works for torch and numpy)."""
-    if "tensor" in spec:
-        return env[spec["tensor"]]
-    if "tuple" in spec:
-        return tuple(build_output(s, env) for s in spec["tuple"])
-    if "list" in spec:
-        return [build_output(s, env) for s in spec["list"]]
-    if "dict" in spec:
-        return {k: build_output(s, env) for k, s in spec["dict"].items()}
-    return None
 
 
 def extract(gm: torch.fx.GraphModule, node_names: list[str], inputs: list[str], outputs: list[str],

@@ -57,3 +57,18 @@ def verified_path(root: str | os.PathLike, entry: dict, what: str) -> Path:
             f"{entry['sha256'][:12]}…); the file was modified or corrupted: refusing to load it"
         )
     return path
+
+
+def build_output(spec: dict, env: dict, leaf=lambda value: value):
+    """The model's output structure from the manifest's ``output`` tree and tensors by name:
+    ``{"tensor": name} | {"tuple": [...]} | {"list": [...]} | {"dict": {key: ...}}`` (``leaf``
+    converts each tensor, e.g. to numpy)."""
+    if "tensor" in spec:
+        return leaf(env[spec["tensor"]])
+    if "tuple" in spec:
+        return tuple(build_output(s, env, leaf) for s in spec["tuple"])
+    if "list" in spec:
+        return [build_output(s, env, leaf) for s in spec["list"]]
+    if "dict" in spec:
+        return {k: build_output(s, env, leaf) for k, s in spec["dict"].items()}
+    return None

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from legoc.errors import UserError
-from legoc.runtime.artifact import read_manifest, verified_path
+from legoc.runtime.artifact import build_output, read_manifest, verified_path
 
 _MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -54,7 +54,6 @@ class _Executable:
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(values[n]), device) for n in names]
         self.lib = tvm.runtime.load_module(str(so))
         self.vm = tvm.runtime.vm.VirtualMachine(self.lib, device)
-        self.nbytes = sum(int(values[n].nbytes) for n in names)
 
     def __call__(self, *inputs):
         out = self.vm["main"](*inputs, *self.params)
@@ -109,7 +108,7 @@ class Model:
                 import tvm
 
                 self._check_runs_here()
-                self._device = tvm.cpu()
+                self._device, self._tensor = tvm.cpu(), tvm.runtime.tensor
             exe = self._cache[key] = _Executable(self.path, seg, seg.variants[index], self._device)
         return exe
 
@@ -139,8 +138,6 @@ class Model:
 
     # -- inference -----------------------------------------------------------------------------
     def __call__(self, *inputs: np.ndarray) -> Any:
-        import tvm
-
         if self._plan is None:
             self.configure()
         with self._lock:
@@ -152,22 +149,10 @@ class Model:
                 x = np.ascontiguousarray(x, dtype=np.float32)
                 if tuple(x.shape) != shape:
                     raise UserError(f"input {name} must have shape {shape}, got {tuple(x.shape)}")
-                env[name] = tvm.runtime.tensor(x, self._device)
+                env[name] = self._tensor(x, self._device)
             for seg, exe in plan:
                 env.update(zip(seg.outputs, exe(*[env[n] for n in seg.inputs])))
-            return _build_output(self.manifest["output"], env)
-
-
-def _build_output(spec: dict, env: dict):
-    if "tensor" in spec:
-        return env[spec["tensor"]].numpy()
-    if "tuple" in spec:
-        return tuple(_build_output(s, env) for s in spec["tuple"])
-    if "list" in spec:
-        return [_build_output(s, env) for s in spec["list"]]
-    if "dict" in spec:
-        return {k: _build_output(s, env) for k, s in spec["dict"].items()}
-    return None
+            return build_output(self.manifest["output"], env, leaf=lambda t: t.numpy())
 
 
 def load(path: str | Path) -> Model:

@@ -35,7 +35,7 @@ import tvm.relax.frontend.torch as relax_torch
 from tvm import relax
 from tvm.support import cc as tvm_cc
 
-from legoc.errors import InternalError, UserError
+from legoc.errors import InternalError, UserError, describe
 from legoc.targets.table import TargetSpec, _machine_triple
 
 __all__ = ["BuiltModule", "build_module", "fold_batchnorm", "zig_cxx_wrapper", "cache_dir"]
@@ -50,16 +50,9 @@ class BuiltModule:
     num_outputs: int  # 1 for a tensor, else the length of the returned tuple
 
 
-def _first_line(exc: BaseException) -> str:
-    """A one-line summary of an exception: its type and the first line of its message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _bug(what: str, name: str, target: TargetSpec, exc: BaseException) -> InternalError:
     return InternalError(
-        f"{what} {name} for target {target.name}: {_first_line(exc)}; "
+        f"{what} {name} for target {target.name}: {describe(exc)}; "
         "this is a legoc bug, please report it"
     )
 
@@ -167,7 +160,7 @@ def build_module(
     except AssertionError as exc:
         if "Unsupported function types" in str(exc):
             raise UserError(
-                f"TVM 0.27 cannot import {name}: {_first_line(exc).split(': ', 1)[-1]}; "
+                f"TVM 0.27 cannot import {name}: {describe(exc).split(': ', 1)[-1]}; "
                 "rewrite the model without these operators"
             ) from exc
         raise _bug("TVM could not import", name, target, exc) from exc

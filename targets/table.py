@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from legoc.errors import UserError
+from legoc.errors import UserError, first_line
 
 DEVICES = ("cpu", "cuda")
 LINKERS = ("native", "zig-aarch64")
@@ -235,8 +235,7 @@ def load_target_file(path: Path) -> TargetSpec:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"target file '{path}' is not valid JSON: {first}") from exc
+        raise UserError(f"target file '{path}' is not valid JSON: {first_line(exc) or type(exc).__name__}") from exc
     source = f"target file '{path}'"
     if isinstance(data, dict) and data.get("name") in TARGETS:
         raise UserError(

@@ -84,13 +84,8 @@ def test_zoo_compiles_for_host_and_runs_equal(name, tmp_path):
     model, inputs = zoo.MODELS[name]()
     cfg = CompileConfig(ratios=(0.0, 0.5), progress=False)
     state = PassManager(default_pipeline())(ProgramState(model=model, example_inputs=inputs, source=name), cfg).state
-
-    class Spec:  # what build_artifact reads of a model file
-        path = Path(f"zoo:{name}")
-
-    Spec.model = model
     out = tmp_path / f"{name}.lego"
-    build_artifact(state, Spec, get_target("host"), out, cfg, CompileReport(artifact=out))
+    build_artifact(state, get_target("host"), out, cfg, CompileReport(artifact=out))
     m = load(out)
     xs = [x.numpy() for x in inputs]
     for choice in ([0] * len(m.blocks), [1] * len(m.blocks)):
@@ -120,14 +115,9 @@ def test_unet_artifact_plot_shows_blocks_and_frame(tmp_path):
 
     model, inputs = zoo.MODELS["unet"]()
     cfg = CompileConfig(ratios=(0.0, 0.5), progress=False)
-    state = PassManager(default_pipeline())(ProgramState(model=model, example_inputs=inputs), cfg).state
-
-    class Spec:
-        path = Path("zoo:unet")
-
-    Spec.model = model
+    state = PassManager(default_pipeline())(ProgramState(model=model, example_inputs=inputs, source="zoo:unet"), cfg).state
     out = tmp_path / "unet.lego"
-    manifest = build_artifact(state, Spec, get_target("host"), out, cfg, CompileReport(artifact=out))
+    manifest = build_artifact(state, get_target("host"), out, cfg, CompileReport(artifact=out))
     g = segment_graph(manifest)
     kinds = [g.nodes[n]["kind"] for n in g.nodes]
     assert nx.is_directed_acyclic_graph(g)
