@@ -22,10 +22,15 @@ class CompileConfig:
     round_to: int = 1
     progress: bool = True
     calibration_batches: int = 8
+    retrain_epochs: int = 10
+    retrain_minutes: float = 10.0
+    retrain_lr: float = 1e-3
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
             raise UserError(f"unknown importance {self.importance!r}; choose one of: {', '.join(IMPORTANCE)}")
+        if self.retrain_epochs < 0 or self.retrain_minutes < 0:
+            raise UserError("--retrain-epochs and --retrain-minutes must be 0 (no retraining) or more")
         if self.round_to < 1:
             raise UserError(f"--round-to must be at least 1, got {self.round_to}")
 
@@ -45,8 +50,9 @@ def default_pipeline():
     from legoc.passes.partition import PartitionPass
     from legoc.passes.prune import Prune
     from legoc.passes.recalibrate import Recalibrate
+    from legoc.passes.retrain import Retrain
 
-    return [Capture(), PartitionPass(), Prune(), Recalibrate()]
+    return [Capture(), PartitionPass(), Prune(), Recalibrate(), Retrain()]
 
 
 def _progress(enabled: bool):
@@ -72,7 +78,10 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
 
     pm = PassManager(default_pipeline())
     state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=str(spec.path),
-                         concrete_args=spec.concrete_args, calibration=calibration_batches(spec, config))
+                         concrete_args=spec.concrete_args, train_inputs=train_inputs(spec))
+    if not state.train_inputs:
+        warn(f"{spec.path} has no train_data(): pruned variants are neither retrained nor "
+             f"recalibrated (manifest: retrained: false)")
     state = pm(state, config).state
     for t in pm.timings:
         timings[t.name] = t.seconds
@@ -84,9 +93,17 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
     return report
 
 
-def calibration_batches(spec, config: CompileConfig) -> list[tuple]:
-    """Up to ``config.calibration_batches`` input tuples from the model file's train_data()."""
-    if spec.train_data is None or config.calibration_batches <= 0:
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    import sys
+
+    print(f"legoc: warning: {message}", file=sys.stderr)
+
+
+def train_inputs(spec) -> list[tuple]:
+    """The input tuples of the model file's train_data() batches (targets are not needed:
+    retraining distills the original blocks)."""
+    if spec.train_data is None:
         return []
     from legoc.modelfile import call_hook
 
@@ -94,8 +111,6 @@ def calibration_batches(spec, config: CompileConfig) -> list[tuple]:
     for batch in call_hook(spec.path, "train_data", spec.train_data):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         batches.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
-        if len(batches) >= config.calibration_batches:
-            break
     return batches
 
 
@@ -108,6 +123,7 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
     part = state.partition
     env = part.trace_env(*state.example_inputs)
     jobs = []   # (segment, variant id, ratio, module, macs, param_bytes, channels)
+    retrained = state.retrain_report or {}
     for seg in part.segments:
         if seg.is_block:
             for v in state.variants[seg.name]:
@@ -136,6 +152,7 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 "channels": {k: list(v) for k, v in channels.items()},
                 "module": writer.file_entry(rel),
                 "weights": writer.write_weights(f"weights/{seg.name}/{vid}.safetensors", built.param_names, built.params),
+                "retrain": retrained.get((seg.name, vid)),
                 "profile": {},
             }
             variants_of[seg.name].append(entry)
@@ -147,8 +164,8 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             "target": target.to_json(),
             "inputs": [{"name": n, **part.tensor_meta[n]} for n in part.graph_inputs],
             "output": part.output_spec,
-            "retrained": False,
-            "bn_recalibrated": bool(getattr(state, "recalibrated", False)),
+            "retrained": state.retrained,
+            "bn_recalibrated": state.recalibrated,
             "options": {"blocks": len(part.blocks), "ratios": list(config.ratios), "importance": config.importance,
                         "round_to": config.round_to},
             "segments": [

@@ -27,8 +27,10 @@ class ProgramState:
     gm: Any = None
     partition: Any = None
     variants: dict | None = None
-    calibration: list | None = None   # input tuples from train_data() for BN recalibration
+    train_inputs: list | None = None  # input tuples of the model file's train_data() batches
     recalibrated: bool = False
+    retrained: bool = False
+    retrain_report: dict | None = None  # (block, variant id) -> epochs, held-out MSE before/after
 
     def replace(self, **changes) -> "ProgramState":
         return dataclasses.replace(self, **changes)

@@ -1,5 +1,8 @@
 """recalibrate: re-estimate the BatchNorm statistics of every pruned variant on real data.
 
+It runs before retraining, which then keeps these statistics fixed (BN in eval mode), so the
+statistics a variant is trained with are the ones it is compiled with.
+
 Pruning changes the distribution that reaches each BN inside a block, so the original running
 statistics are wrong for a variant. This pass feeds the block's true inputs (recorded by
 running the full model on calibration batches from ``train_data()``) through each variant with
@@ -47,7 +50,7 @@ class Recalibrate(Pass):
             raise InternalError("recalibrate needs variants (run prune first)")
 
     def call(self, state: ProgramState, config) -> PassResult:
-        batches = state.calibration or []
+        batches = (state.train_inputs or [])[: getattr(config, "calibration_batches", 8)]
         if not batches:
             return PassResult(state, modified=False)
         envs = [state.partition.trace_env(*b) for b in batches]

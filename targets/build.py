@@ -36,6 +36,7 @@ from tvm import relax
 from tvm.support import cc as tvm_cc
 
 from legoc.errors import InternalError, UserError, describe
+from legoc.paths import cache_dir
 from legoc.targets.table import TargetSpec, _machine_triple
 
 __all__ = ["BuiltModule", "build_module", "fold_batchnorm", "zig_cxx_wrapper", "cache_dir"]
@@ -69,12 +70,6 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         return fx_opt.fuse(m, inplace=True)
     except Exception:  # noqa: BLE001 - not fx-traceable: export it unfolded
         return m
-
-
-def cache_dir() -> Path:
-    """legoc's cache folder: ``$LEGOC_CACHE`` or ``~/.cache/legoc``."""
-    env = os.environ.get("LEGOC_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "legoc"
 
 
 def zig_cxx_wrapper(triple: str = "aarch64-linux-gnu") -> Path:

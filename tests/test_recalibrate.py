@@ -25,7 +25,7 @@ def test_pass_touches_only_pruned_variants_and_reports_modified_honestly(load_ex
     state = pm(base, cfg).state
     assert Recalibrate()(state, cfg).modified is False          # no data: nothing changes
     calib = [(torch.randn(4, 3, 32, 32),) for _ in range(2)]
-    result = Recalibrate()(state.replace(calibration=calib), cfg)
+    result = Recalibrate()(state.replace(train_inputs=calib), cfg)
     assert result.modified and result.state.recalibrated
     for name, vs in result.state.variants.items():
         old = state.variants[name]
