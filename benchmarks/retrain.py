@@ -1,10 +1,12 @@
 """Accuracy of every variant before and after block-distillation retraining, and its cost.
 
-    .venv/bin/python benchmarks/retrain.py [--model examples/mnist_resnet.py] [--epochs 10]
+    .venv/bin/python benchmarks/retrain.py [--model examples/mnist_resnet.py] [--epochs 10] [--nested]
 
 For every block and ratio: validation accuracy (the model file's evaluate() on val_data()) of
 the model with that one block replaced, (a) pruned with BN recalibration only, (b) retrained.
-Then the same ratio in every block. Prints the retraining time.
+Then the same ratio in every block. Prints the retraining time. With --nested: nested variants
+(one weight set per block; before = untrained prefixes, after = incremental group training), and
+the weight storage of all variants of a block against the full block.
 """
 from __future__ import annotations
 
@@ -47,38 +49,54 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "examples" / "mnist_resnet.py"))
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--nested", action="store_true")
     args = ap.parse_args()
     spec = load_model_file(args.model)
     val = spec.val_data()
     base = spec.evaluate(spec.model, val)
-    before, _ = run(spec, CompileConfig(retrain_epochs=0, progress=False))
-    after, timing = run(spec, CompileConfig(retrain_epochs=args.epochs, retrain_minutes=args.minutes, progress=True))
+    before, _ = run(spec, CompileConfig(retrain_epochs=0, progress=False, nested=args.nested))
+    after, timing = run(spec, CompileConfig(retrain_epochs=args.epochs, retrain_minutes=args.minutes, progress=True,
+                                            nested=args.nested))
     part = after.partition
     ratios = [v.ratio for v in after.variants[part.blocks[0].name]]
+
+    def before_full(block):
+        from legoc.passes.analysis import param_bytes
+
+        return param_bytes(block.gm)
 
     def acc(state, replace):
         return spec.evaluate(Assembled(state.partition, replace), val)
 
-    t = Table(title=f"{spec.path.name}: val accuracy with one block replaced (original {base:.1%}); "
-                    f"before = pruned + BN recalibration, after = retrained")
+    kind = ("nested: before = untrained prefixes (BN folded), after = incremental group training" if args.nested
+            else "before = pruned + BN recalibration, after = retrained")
+    t = Table(title=f"{spec.path.name}: val accuracy with one block replaced (original {base:.1%}); {kind}")
     t.add_column("block")
-    for r in ratios[1:]:
+    first = 0 if args.nested else 1   # nested: the full-size variant is retrained too (its new group)
+    for r in ratios[first:]:
         t.add_column(f"r{r:.1f} before", justify="right")
         t.add_column(f"r{r:.1f} after", justify="right")
     for block in part.blocks:
         row = [block.name]
-        for i in range(1, len(ratios)):
+        for i in range(first, len(ratios)):
             row.append(f"{acc(before, {block.name: before.variants[block.name][i].gm}):.1%}")
             row.append(f"{acc(after, {block.name: after.variants[block.name][i].gm}):.1%}")
         t.add_row(*row)
     row = ["all blocks"]
-    for i in range(1, len(ratios)):
+    for i in range(first, len(ratios)):
         row.append(f"{acc(before, {b.name: before.variants[b.name][i].gm for b in part.blocks}):.1%}")
         row.append(f"{acc(after, {b.name: after.variants[b.name][i].gm for b in part.blocks}):.1%}")
     t.add_row(*row)
     con = Console(width=160)
     con.print(t)
     epochs = sorted({r["epochs"] for r in (after.retrain_report or {}).values()})
+    if args.nested:
+        for b in part.blocks:
+            vs = after.variants[b.name]
+            con.print(f"{b.name}: one shared weight set of {vs[0].param_bytes / 1024:.1f} KiB serves {len(vs)} variants; "
+                      f"separate copies would take {sum(v.param_bytes for v in vs) / 1024:.1f} KiB "
+                      f"({sum(v.param_bytes for v in vs) / vs[0].param_bytes:.2f}x); the unfolded block has "
+                      f"{before_full(b) / 1024:.1f} KiB")
     con.print(f"retraining: {timing['retrain']:.1f} s for {len(after.retrain_report or {})} variants "
               f"(epochs run: {epochs}; limit {args.epochs} epochs / {args.minutes} min), "
               f"{torch.get_num_threads()} threads")

@@ -22,6 +22,7 @@ class CompileConfig:
     round_to: int = 1
     progress: bool = True
     calibration_batches: int = 8
+    nested: bool = False
     retrain_epochs: int = 10
     retrain_minutes: float = 10.0
     retrain_lr: float = 1e-3
@@ -114,6 +115,26 @@ def train_inputs(spec) -> list[tuple]:
     return batches
 
 
+def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> dict:
+    """Weights of a nested variant: the full-size variant's weights are written once per block;
+    every variant lists its parameters as leading sub-tensors of them (checked here)."""
+    import numpy as np
+
+    from legoc.passes.prune import leading
+
+    if block not in shared:
+        if ratio != 0:
+            raise InternalError(f"nested block {block}: the full-size variant must be built first")
+        entry = writer.write_weights(f"weights/{block}/shared.safetensors", built.param_names, built.params)
+        shared[block] = ({k: entry[k] for k in ("file", "sha256", "bytes")}, dict(zip(built.param_names, built.params)))
+    file_entry, values = shared[block]
+    for name, value in zip(built.param_names, built.params):
+        if name not in values or not np.array_equal(values[name][leading(value.shape)], value):
+            raise InternalError(f"nested block {block}: weight {name} of variant r{ratio:.2f} is not a "
+                                f"leading sub-tensor of the shared weights")
+    return {"shared": file_entry, "names": list(built.param_names), "shapes": [list(v.shape) for v in built.params]}
+
+
 def build_artifact(state, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
     """Compile every variant of every segment of ``state`` for ``target`` into the artifact ``out``."""
     from legoc.artifact import ArtifactWriter
@@ -127,13 +148,14 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
     for seg in part.segments:
         if seg.is_block:
             for v in state.variants[seg.name]:
-                jobs.append((seg, v.id, v.ratio, v.gm, v.macs, v.param_bytes, v.channels))
+                jobs.append((seg, v.id, v.ratio, v.gm, v.macs, v.param_bytes, v.channels, v.nested))
         else:
-            jobs.append((seg, "frame", 0.0, seg.gm, seg.macs, param_bytes(seg.gm), {}))
+            jobs.append((seg, "frame", 0.0, seg.gm, seg.macs, param_bytes(seg.gm), {}, False))
+    shared: dict[str, tuple[dict, dict]] = {}   # nested block -> (weights entry, name -> array)
     variants_of: dict[str, list[dict]] = {s.name: [] for s in part.segments}
     with ArtifactWriter(out) as writer, _progress(config.progress) as bar:
         task = bar.add_task(f"compiling for {target.name}", total=len(jobs))
-        for seg, vid, ratio, module, macs, pbytes, channels in jobs:
+        for seg, vid, ratio, module, macs, pbytes, channels, nested in jobs:
             bar.update(task, description=f"compiling {seg.name}/{vid} for {target.name}")
             rel = f"modules/{seg.name}/{vid}.so"
             inputs = tuple(env[n] for n in seg.inputs)
@@ -147,11 +169,15 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             report.compile_seconds.append((seg.name, vid, time.perf_counter() - t0))
             if built.num_outputs != len(seg.outputs):
                 raise InternalError(f"{seg.name}/{vid} compiled to {built.num_outputs} outputs, expected {len(seg.outputs)}")
+            if nested:
+                weights = _shared_weights(writer, shared, seg.name, ratio, built)
+            else:
+                weights = writer.write_weights(f"weights/{seg.name}/{vid}.safetensors", built.param_names, built.params)
             entry = {
                 "id": vid, "ratio": ratio, "macs": int(macs), "param_bytes": int(pbytes),
                 "channels": {k: list(v) for k, v in channels.items()},
                 "module": writer.file_entry(rel),
-                "weights": writer.write_weights(f"weights/{seg.name}/{vid}.safetensors", built.param_names, built.params),
+                "weights": weights,
                 "retrain": retrained.get((seg.name, vid)),
                 "profile": {},
             }
@@ -165,6 +191,7 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             "inputs": [{"name": n, **part.tensor_meta[n]} for n in part.graph_inputs],
             "output": part.output_spec,
             "retrained": state.retrained,
+            "nested": bool(shared),
             "bn_recalibrated": state.recalibrated,
             "options": {"blocks": len(part.blocks), "ratios": list(config.ratios), "importance": config.importance,
                         "round_to": config.round_to},

@@ -51,7 +51,7 @@ class Recalibrate(Pass):
 
     def call(self, state: ProgramState, config) -> PassResult:
         batches = (state.train_inputs or [])[: getattr(config, "calibration_batches", 8)]
-        if not batches:
+        if not batches or getattr(config, "nested", False):  # nested variants share one weight set
             return PassResult(state, modified=False)
         envs = [state.partition.trace_env(*b) for b in batches]
         changed = 0

@@ -109,6 +109,22 @@ class _Job:
     before: float
     stale: int = 0
     epochs: int = 0
+    masks: list = dataclasses.field(default_factory=list)  # (param, 0/1 mask): frozen entries get 0
+
+    @classmethod
+    def start(cls, block: str, index: int, gm: torch.nn.Module, lr: float, held) -> "_Job":
+        for p in gm.parameters():
+            p.requires_grad_(True)
+        before = _held_mse(gm, held)
+        return cls(block, index, gm, torch.optim.Adam(gm.parameters(), lr=lr), before,
+                   copy.deepcopy(gm.state_dict()), before)
+
+    def finish(self) -> dict:
+        self.gm.load_state_dict(self.best_state)
+        self.gm.eval()
+        for p in self.gm.parameters():
+            p.requires_grad_(False)
+        return {"epochs": self.epochs, "held_mse_before": self.before, "held_mse_after": self.best}
 
     @property
     def done(self) -> bool:
@@ -136,8 +152,64 @@ def _progress(enabled: bool):
                     console=Console(stderr=True), disable=not enabled)
 
 
+def _train(part, jobs: list[_Job], train: list, held_pairs: dict, epochs: int, deadline: float, bar, label: str) -> None:
+    """Train ``jobs`` together: one teacher pass per batch feeds every job."""
+    blocks = {b.name: b for b in part.blocks}
+    order = list(range(len(train)))
+    rng = random.Random(0)
+    task = bar.add_task(label, total=epochs * len(train))
+    for epoch in range(epochs):
+        live = [j for j in jobs if not j.done]
+        if not live or time.monotonic() > deadline:
+            break
+        rng.shuffle(order)
+        total, count = 0.0, 0
+        for k in order:
+            env = part.trace_env(*train[k])
+            for job in live:
+                b = blocks[job.block]
+                job.gm.eval()   # fixed BN statistics; gradients still flow
+                loss = F.mse_loss(job.gm(env[b.inputs[0]]), env[b.outputs[0]])
+                job.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for param, mask in job.masks:
+                    param.grad.mul_(mask)
+                job.opt.step()
+                total, count = total + loss.item(), count + 1
+            bar.update(task, advance=1, description=f"{label}: {len(live)} variants, epoch {epoch + 1}/{epochs}, "
+                                                    f"mse {total / max(1, count):.4g}")
+            if time.monotonic() > deadline:
+                break
+        for job in live:
+            job.epochs += 1
+            mse = _held_mse(job.gm, held_pairs[job.block])
+            if mse < job.best:
+                job.best, job.best_state, job.stale = mse, copy.deepcopy(job.gm.state_dict()), 0
+            else:
+                job.stale += 1
+
+
+def _frozen_masks(gm: torch.nn.Module, previous: torch.nn.Module | None) -> list:
+    """Masks that freeze the entries a nested variant shares with the next smaller one."""
+    from legoc.passes.prune import leading
+
+    if previous is None:
+        return []
+    small = dict(previous.named_parameters())
+    masks = []
+    for n, p in gm.named_parameters():
+        m = torch.ones_like(p)
+        m[leading(small[n].shape)] = 0.0
+        masks.append((p, m))
+    return masks
+
+
 class Retrain(Pass):
-    """Block distillation of every variant with ratio > 0 (skipped, unmodified, without data)."""
+    """Block distillation of every variant with ratio > 0 (skipped, unmodified, without data).
+
+    Nested variants are trained incrementally (Xun et al. 2019): smallest first; each larger
+    variant trains only the weights the smaller ones do not have, so every variant stays a prefix
+    of one shared weight set (the full-size variant, which is trained last, on its new channels)."""
 
     name = "retrain"
 
@@ -149,6 +221,7 @@ class Retrain(Pass):
         epochs = int(getattr(config, "retrain_epochs", 0))
         minutes = float(getattr(config, "retrain_minutes", 0.0))
         lr = float(getattr(config, "retrain_lr", 1e-3))
+        nested = bool(getattr(config, "nested", False))
         batches = state.train_inputs or []
         if not batches or epochs <= 0 or minutes <= 0:
             return PassResult(state, modified=False)
@@ -157,69 +230,91 @@ class Retrain(Pass):
         held_envs = [part.trace_env(*b) for b in held]
         held_pairs = {b.name: [(e[b.inputs[0]], e[b.outputs[0]]) for e in held_envs] for b in part.blocks}
         torch.manual_seed(0)
-        settings = (epochs, minutes, lr, PATIENCE, len(train), len(held))
+        settings = (epochs, minutes, lr, PATIENCE, len(train), len(held), nested)
         data = data_digest(batches)
-        variants = {name: list(vs) for name, vs in state.variants.items()}
+        deadline = time.monotonic() + 60.0 * minutes
+        variants = {name: [dataclasses.replace(v, gm=copy.deepcopy(v.gm)) for v in vs]
+                    for name, vs in state.variants.items()}
+        with _progress(getattr(config, "progress", False)) as bar:
+            if nested:
+                report = self._nested(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar)
+            else:
+                report = self._flat(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar)
+        for name, vs in variants.items():  # untouched variants keep their identity
+            variants[name] = [old if old.ratio == 0 and not nested else new
+                              for old, new in zip(state.variants[name], vs)]
+        return PassResult(state.replace(variants=variants, retrained=True, retrain_report=report),
+                          modified=bool(report))
+
+    @staticmethod
+    def _flat(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar) -> dict:
         report, jobs, keys = {}, [], {}
         for block in part.blocks:
-            for i, v in enumerate(state.variants[block.name]):
+            for i, v in enumerate(variants[block.name]):
                 if v.ratio <= 0:
                     continue
-                gm = copy.deepcopy(v.gm)
                 key = fingerprint(block.gm, v.gm, settings, data)
-                cached = _load_cached(key, gm)
+                cached = _load_cached(key, v.gm)
                 if cached is not None:
-                    gm.eval()
-                    variants[block.name][i] = dataclasses.replace(v, gm=gm)
+                    v.gm.eval()
                     report[(block.name, v.id)] = cached
                     continue
                 keys[(block.name, i)] = key
-                for p in gm.parameters():
-                    p.requires_grad_(True)
-                before = _held_mse(gm, held_pairs[block.name])
-                jobs.append(_Job(block.name, i, gm, torch.optim.Adam(gm.parameters(), lr=lr), before,
-                                 copy.deepcopy(gm.state_dict()), before))
-        blocks = {b.name: b for b in part.blocks}
-        order = list(range(len(train)))
-        deadline = time.monotonic() + 60.0 * minutes
-        rng = random.Random(0)
-        with _progress(getattr(config, "progress", False)) as bar:
-            task = bar.add_task("retraining", total=epochs * len(train))
-            for epoch in range(epochs):
-                live = [j for j in jobs if not j.done]
-                if not live or time.monotonic() > deadline:
-                    break
-                rng.shuffle(order)
-                total, count = 0.0, 0
-                for k in order:
-                    env = part.trace_env(*train[k])          # one teacher pass feeds every variant
-                    for job in live:
-                        b = blocks[job.block]
-                        job.gm.eval()   # fixed BN statistics; gradients still flow
-                        loss = F.mse_loss(job.gm(env[b.inputs[0]]), env[b.outputs[0]])
-                        job.opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        job.opt.step()
-                        total, count = total + loss.item(), count + 1
-                    bar.update(task, advance=1, description=f"retraining {len(live)} variants, epoch {epoch + 1}/{epochs}, "
-                                                            f"mse {total / max(1, count):.4g}")
-                    if time.monotonic() > deadline:
-                        break
-                for job in live:
-                    job.epochs += 1
-                    mse = _held_mse(job.gm, held_pairs[job.block])
-                    if mse < job.best:
-                        job.best, job.best_state, job.stale = mse, copy.deepcopy(job.gm.state_dict()), 0
-                    else:
-                        job.stale += 1
+                jobs.append(_Job.start(block.name, i, v.gm, lr, held_pairs[block.name]))
+        _train(part, jobs, train, held_pairs, epochs, deadline, bar, "retraining")
         for job in jobs:
-            job.gm.load_state_dict(job.best_state)
-            job.gm.eval()
-            for p in job.gm.parameters():
-                p.requires_grad_(False)
-            old = variants[job.block][job.index]
-            variants[job.block][job.index] = dataclasses.replace(old, gm=job.gm)
-            info = {"epochs": job.epochs, "held_mse_before": job.before, "held_mse_after": job.best}
+            info = job.finish()
             _save_cached(keys[(job.block, job.index)], job.gm, info)
-            report[(job.block, old.id)] = {**info, "cached": False}
-        return PassResult(state.replace(variants=variants, retrained=True, retrain_report=report), modified=bool(report))
+            report[(job.block, variants[job.block][job.index].id)] = {**info, "cached": False}
+        return report
+
+    @staticmethod
+    def _nested(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar) -> dict:
+        from legoc.passes.prune import copy_leading
+
+        report, todo, keys = {}, [], {}
+        for block in part.blocks:
+            vs = variants[block.name]
+            full = next(v for v in vs if v.ratio == 0)
+            key = fingerprint(block.gm, full.gm, settings + (tuple(v.ratio for v in vs),), data)
+            cached = _load_cached(key, full.gm)
+            if cached is None:
+                todo.append(block.name)
+                keys[block.name] = key
+            for v in vs:
+                if v is not full:
+                    copy_leading(full.gm, v.gm)
+                if cached is not None:
+                    report[(block.name, v.id)] = cached
+        levels = sorted(range(len(variants[part.blocks[0].name])),
+                        key=lambda i: -variants[part.blocks[0].name][i].ratio)   # smallest first
+        for step, level in enumerate(levels):
+            jobs = []
+            for name in todo:
+                vs = variants[name]
+                full = next(v for v in vs if v.ratio == 0)
+                v = vs[level]
+                if v is not full:
+                    copy_leading(full.gm, v.gm)      # earlier levels' trained weights
+                job = _Job.start(name, level, v.gm, lr, held_pairs[name])
+                job.masks = _frozen_masks(v.gm, vs[levels[step - 1]].gm if step else None)
+                jobs.append(job)
+            share = (deadline - time.monotonic()) / (len(levels) - step)
+            _train(part, jobs, train, held_pairs, epochs, time.monotonic() + max(0.0, share), bar,
+                   f"nested level {step + 1}/{len(levels)}")
+            for job in jobs:
+                vs = variants[job.block]
+                full = next(v for v in vs if v.ratio == 0)
+                info = job.finish()
+                if job.gm is not full.gm:
+                    copy_leading(full.gm, job.gm, into_src=True)
+                report[(job.block, vs[job.index].id)] = {**info, "cached": False}
+        for name in todo:
+            vs = variants[name]
+            full = next(v for v in vs if v.ratio == 0)
+            for v in vs:
+                if v is not full:
+                    copy_leading(full.gm, v.gm)
+            _save_cached(keys[name], full.gm, {"epochs": max(report[(name, v.id)]["epochs"] for v in vs),
+                                               "held_mse_before": float("nan"), "held_mse_after": float("nan")})
+        return report

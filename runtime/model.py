@@ -42,16 +42,19 @@ class Segment:
 class _Executable:
     """One compiled module with its weights, ready to run."""
 
-    def __init__(self, root: Path, seg: Segment, var: Variant, device):
+    def __init__(self, root: Path, seg: Segment, var: Variant, device, weight_files: "_WeightFiles"):
         import tvm  # the TVM runtime; with TVM_USE_RUNTIME_LIB=1 only the runtime library loads
-        from safetensors.numpy import load_file
 
         what = f"{seg.name} variant {var.id}"
         so = verified_path(root, var.entry["module"], what)
-        weights = verified_path(root, var.entry["weights"], what + " weights")
-        values = load_file(str(weights))
-        names = var.entry["weights"]["names"]
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(values[n]), device) for n in names]
+        w = var.entry["weights"]
+        if "shared" in w:  # nested: leading sub-tensors of the block's shared weights
+            values = weight_files.get(w["shared"], f"{seg.name} shared weights")
+            arrays = [values[n][tuple(slice(0, s) for s in shape)] for n, shape in zip(w["names"], w["shapes"])]
+        else:
+            values = weight_files.get(w, what + " weights")
+            arrays = [values[n] for n in w["names"]]
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
         self.lib = tvm.runtime.load_module(str(so))
         self.vm = tvm.runtime.vm.VirtualMachine(self.lib, device)
 
@@ -60,6 +63,22 @@ class _Executable:
         if hasattr(out, "numpy"):
             return (out,)
         return tuple(out)
+
+
+class _WeightFiles:
+    """Weight files read once each (after their checksum): nested variants of a block all slice
+    the same shared file, so switching between them reads no weights from disk."""
+
+    def __init__(self, root: Path):
+        self.root, self.values, self.reads = root, {}, 0
+
+    def get(self, entry: dict, what: str) -> dict:
+        if entry["file"] not in self.values:
+            from safetensors.numpy import load_file
+
+            self.values[entry["file"]] = load_file(str(verified_path(self.root, entry, what)))
+            self.reads += 1
+        return self.values[entry["file"]]
 
 
 class Model:
@@ -84,6 +103,7 @@ class Model:
         self.input_shapes = [tuple(i["shape"]) for i in self.manifest["inputs"]]
         self.target = self.manifest["target"]
         self._cache: dict[tuple[str, int], _Executable] = {}
+        self._weights = _WeightFiles(self.path)
         self._lock = threading.Lock()
         self._device = None
         self._plan: tuple[tuple[Segment, _Executable], ...] | None = None
@@ -109,7 +129,7 @@ class Model:
 
                 self._check_runs_here()
                 self._device, self._tensor = tvm.cpu(), tvm.runtime.tensor
-            exe = self._cache[key] = _Executable(self.path, seg, seg.variants[index], self._device)
+            exe = self._cache[key] = _Executable(self.path, seg, seg.variants[index], self._device, self._weights)
         return exe
 
     def configure(self, variants: Sequence[int] | None = None) -> "Model":

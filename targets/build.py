@@ -17,7 +17,6 @@ Arguments must be ``tvm.runtime.Tensor`` (raw numpy arrays crash the VM). ``out`
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import shutil
@@ -29,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.fx
-import torch.fx.experimental.optimization as fx_opt
 import tvm
 import tvm.relax.frontend.torch as relax_torch
 from tvm import relax
 from tvm.support import cc as tvm_cc
 
 from legoc.errors import InternalError, UserError, describe
+from legoc.passes.fold import fold_batchnorm
 from legoc.paths import cache_dir
 from legoc.targets.table import TargetSpec, _machine_triple
 
@@ -56,20 +55,6 @@ def _bug(what: str, name: str, target: TargetSpec, exc: BaseException) -> Intern
         f"{what} {name} for target {target.name}: {describe(exc)}; "
         "this is a legoc bug, please report it"
     )
-
-
-def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """An eval-mode copy of ``module`` with every Conv/Linear -> BatchNorm pair folded.
-
-    BatchNorms that cannot be folded (functional, or the conv output has other users) stay.
-    """
-    m = copy.deepcopy(module).eval()
-    if isinstance(m, torch.fx.GraphModule):
-        return fx_opt.fuse(m, inplace=True, no_trace=True)
-    try:
-        return fx_opt.fuse(m, inplace=True)
-    except Exception:  # noqa: BLE001 - not fx-traceable: export it unfolded
-        return m
 
 
 def zig_cxx_wrapper(triple: str = "aarch64-linux-gnu") -> Path:

@@ -50,12 +50,12 @@ def artifact(tmp_path_factory):
 
     cache = {}
 
-    def get(model: str, target: str = "host", ratios=(0.0, 0.5), blocks=None):
-        key = (model, target, tuple(ratios), blocks)
+    def get(model: str, target: str = "host", ratios=(0.0, 0.5), blocks=None, **options):
+        key = (model, target, tuple(ratios), blocks, tuple(sorted(options.items())))
         if key not in cache:
             path = Path(model) if model.endswith(".py") else EXAMPLES / f"{model}.py"
             out = tmp_path_factory.mktemp("artifacts") / f"{path.stem}-{target}.lego"
-            cfg = CompileConfig(target=target, output=out, ratios=tuple(ratios), blocks=blocks, progress=False)
+            cfg = CompileConfig(target=target, output=out, ratios=tuple(ratios), blocks=blocks, progress=False, **options)
             cache[key] = compile_model(path, cfg)
         return cache[key]
 
