@@ -20,7 +20,7 @@ from rich.table import Table
 
 from legoc.modelfile import load_model_file
 from legoc.passes import PassManager, ProgramState
-from legoc.pipeline import CompileConfig, default_pipeline, train_inputs
+from legoc.pipeline import CompileConfig, default_pipeline, train_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ class Assembled(torch.nn.Module):
 
 def run(spec, cfg):
     state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=str(spec.path),
-                         train_inputs=train_inputs(spec))
+                         **train_batches(spec))
     pm = PassManager(default_pipeline())
     state = pm(state, cfg).state
     return state, {t.name: t.seconds for t in pm.timings}

@@ -79,7 +79,7 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
 
     pm = PassManager(default_pipeline())
     state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=str(spec.path),
-                         concrete_args=spec.concrete_args, train_inputs=train_inputs(spec))
+                         concrete_args=spec.concrete_args, **train_batches(spec))
     if not state.train_inputs:
         warn(f"{spec.path} has no train_data(): pruned variants are neither retrained nor "
              f"recalibrated (manifest: retrained: false)")
@@ -101,18 +101,19 @@ def warn(message: str) -> None:
     print(f"legoc: warning: {message}", file=sys.stderr)
 
 
-def train_inputs(spec) -> list[tuple]:
-    """The input tuples of the model file's train_data() batches (targets are not needed:
-    retraining distills the original blocks)."""
+def train_batches(spec) -> dict:
+    """``train_inputs`` (input tuples) and ``train_targets`` of the model file's train_data()
+    batches. Retraining distills the original blocks and needs no targets; Taylor importance does."""
     if spec.train_data is None:
-        return []
+        return {"train_inputs": [], "train_targets": []}
     from legoc.modelfile import call_hook
 
-    batches = []
+    inputs, targets = [], []
     for batch in call_hook(spec.path, "train_data", spec.train_data):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        batches.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
-    return batches
+        inputs.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        targets.append(batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None)
+    return {"train_inputs": inputs, "train_targets": targets}
 
 
 def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> dict:

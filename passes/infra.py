@@ -28,6 +28,7 @@ class ProgramState:
     partition: Any = None
     variants: dict | None = None
     train_inputs: list | None = None  # input tuples of the model file's train_data() batches
+    train_targets: list | None = None  # their targets (None where a batch has none)
     recalibrated: bool = False
     retrained: bool = False
     retrain_report: dict | None = None  # (block, variant id) -> epochs, held-out MSE before/after

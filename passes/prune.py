@@ -27,7 +27,8 @@ from legoc.passes import analysis
 from legoc.passes.infra import Pass, PassResult, ProgramState
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
-IMPORTANCE = ("l1", "bn")
+IMPORTANCE = ("l1", "bn", "taylor")
+TAYLOR_BATCHES = 8
 
 
 @dataclass
@@ -54,8 +55,56 @@ def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
     return int(min(channels, max(keep, round_to if round_to <= channels else 1, 1)))
 
 
-def _importance(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, how: str) -> torch.Tensor:
+def taylor_scores(gm: torch.fx.GraphModule, inputs: list, targets: list, source: str = "the model") -> dict:
+    """First-order Taylor importance (Molchanov et al. 2017) of every conv's output channels:
+    mean over samples of |sum over positions of activation x d(loss)/d(activation)|, with the
+    task loss on the model file's training data (cross-entropy for class targets, else MSE).
+    Keys are conv module names, which the blocks share with the traced model."""
+    convs = {n.target for n in gm.graph.nodes if n.op == "call_module"
+             and isinstance(gm.get_submodule(n.target), nn.modules.conv._ConvNd)}
+    pairs = [(x, t) for x, t in zip(inputs, targets) if t is not None][:TAYLOR_BATCHES]
+    if not pairs:
+        raise UserError(f"--importance taylor needs train_data() in {source} to yield (input, target) batches")
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(mod, args, out):  # returns None: the output is not replaced
+            out.retain_grad()
+            acts[name] = out
+        return hook
+
+    hooks = [gm.get_submodule(t).register_forward_hook(keep(t)) for t in convs]
+    scores: dict[str, torch.Tensor] = {}
+    try:
+        for x, t in pairs:
+            gm.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                out = gm(*x)
+                if isinstance(out, torch.Tensor) and out.dim() == 2 and not t.is_floating_point():
+                    loss = nn.functional.cross_entropy(out, t)
+                elif isinstance(out, torch.Tensor) and out.shape == t.shape:
+                    loss = nn.functional.mse_loss(out, t.to(out.dtype))
+                else:
+                    raise UserError(f"--importance taylor: cannot pick a loss for {source}'s output and targets "
+                                    f"(needs class logits with integer targets, or targets shaped like the output)")
+                loss.backward()
+            for name, a in acts.items():
+                contrib = (a * a.grad).flatten(2).sum(2).abs().mean(0) if a.dim() > 2 else (a * a.grad).abs().mean(0)
+                scores[name] = scores.get(name, 0) + contrib.detach()
+    finally:
+        for h in hooks:
+            h.remove()
+        gm.zero_grad(set_to_none=True)
+    return scores
+
+
+def _importance(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, how: str,
+                taylor: dict | None = None) -> torch.Tensor:
     score = torch.zeros(group.channels)
+    if how == "taylor":
+        for t in group.producers:
+            score += taylor[t]
+        return score
     if how == "bn":
         bns = [gm.get_submodule(t) for t in group.members]
         bns = [b for b in bns if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.weight is not None]
@@ -107,7 +156,7 @@ def prune_group(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, idx: tor
 
 
 def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratio: float,
-                importance: str = "l1", round_to: int = 1, name: str = "block") -> Variant:
+                importance: str = "l1", round_to: int = 1, name: str = "block", taylor: dict | None = None) -> Variant:
     """A pruned copy of ``block_gm`` (never modified) at ``ratio``."""
     gm = copy.deepcopy(block_gm)
     ShapeProp(gm).propagate(example_input)
@@ -118,7 +167,7 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
                 continue
             keep = kept_channels(group.channels, ratio, round_to)
             if keep < group.channels:
-                score = _importance(gm, group, importance)
+                score = _importance(gm, group, importance, taylor)
                 idx = torch.sort(torch.topk(score, keep, sorted=False).indices).values
                 prune_group(gm, group, idx)
             channels[group.root] = (group.channels, keep)
@@ -129,7 +178,7 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
 
 
 def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratios, importance: str = "l1",
-               round_to: int = 1, name: str = "block") -> list[Variant]:
+               round_to: int = 1, name: str = "block", taylor: dict | None = None) -> list[Variant]:
     """Nested variants of ``block_gm`` (never modified), one per ratio, sharing one weight set."""
     from legoc.passes.fold import fold_batchnorm
 
@@ -137,7 +186,7 @@ def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rati
     ShapeProp(full).propagate(example_input)
     groups = [g for g in analysis.channel_groups(full) if g.prunable]
     for g in groups:  # most important channels first
-        order = torch.argsort(_importance(full, g, importance), descending=True, stable=True)
+        order = torch.argsort(_importance(full, g, importance, taylor), descending=True, stable=True)
         prune_group(full, g, order)
     full.recompile()
     variants = []
@@ -198,14 +247,18 @@ class Prune(Pass):
         importance = getattr(config, "importance", "l1")
         round_to = getattr(config, "round_to", 1)
         env = state.partition.trace_env(*state.example_inputs)
+        taylor = None
+        if importance == "taylor":
+            taylor = taylor_scores(copy.deepcopy(state.gm), state.train_inputs or [], state.train_targets or [],
+                                   state.source)
         variants = {}
         for block in state.partition.blocks:
             x = env[block.inputs[0]]
             if getattr(config, "nested", False):
-                variants[block.name] = nest_block(block.gm, x, ratios, importance, round_to, name=block.name)
+                variants[block.name] = nest_block(block.gm, x, ratios, importance, round_to, block.name, taylor)
             else:
                 variants[block.name] = [
-                    prune_block(block.gm, x, r, importance, round_to, name=block.name) for r in ratios
+                    prune_block(block.gm, x, r, importance, round_to, block.name, taylor) for r in ratios
                 ]
         return PassResult(state.replace(variants=variants), modified=any(r > 0 for r in ratios))
 

@@ -110,3 +110,21 @@ def test_variants_of_examples_recompose(name, compiled_state):
             assert out.shape == ref.shape
             full = state.partition.run(*x, replace={block.name: variants[0].gm})
             assert torch.allclose(full, ref, atol=1e-5)
+
+
+def test_taylor_importance_scores_channels_by_their_effect_on_the_loss():
+    from legoc.passes.prune import taylor_scores
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+    with torch.no_grad():
+        model[4].weight[:, 2] = 0.0          # channel 2 of the conv cannot change the loss
+    gm = _gm(model, torch.randn(1, 3, 8, 8))
+    xs = [(torch.randn(16, 3, 8, 8),) for _ in range(2)]
+    ys = [torch.randint(0, 4, (16,)) for _ in range(2)]
+    scores = taylor_scores(gm, xs, ys)
+    s = scores["0"]
+    assert s.shape == (6,) and float(s[2]) == 0.0 and float(s.max()) > 0.0
+    assert all(p.grad is None for p in gm.parameters())   # no gradient left behind
+    with pytest.raises(UserError, match="--importance taylor needs train_data"):
+        taylor_scores(gm, xs, [None, None], "m.py")
