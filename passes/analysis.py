@@ -88,14 +88,31 @@ class ChannelGroup:
     root: str
     nodes: list[str]
     channels: int
-    producers: list[str] = field(default_factory=list)   # conv module targets (out channels)
+    producers: list[str] = field(default_factory=list)   # conv / Linear targets (out channels)
     members: list[str] = field(default_factory=list)     # BN / depthwise conv targets (per-channel)
     consumers: list[str] = field(default_factory=list)   # conv / Linear targets (in channels)
     blocked: str | None = None                           # why it cannot be pruned, or None
+    shared_layout: bool = False                          # some module sees it beside other groups (a concat)
 
     @property
     def prunable(self) -> bool:
         return self.blocked is None
+
+
+@dataclass
+class ChannelPlan:
+    """Every channel group of a graph, and how each module's channel axes are laid out in groups.
+
+    ``layouts[(target, "out")]``: the groups along a producer's output axis or a member's
+    per-channel axis; ``layouts[(target, "in")]``: along a consumer's input axis. A layout is a
+    list of (group root, length): one entry for an ordinary tensor, several after a concat.
+    """
+
+    groups: list[ChannelGroup]
+    layouts: dict[tuple[str, str], list[tuple[str, int]]]
+
+    def group(self, root: str) -> ChannelGroup:
+        return next(g for g in self.groups if g.root == root)
 
 
 class _UnionFind:
@@ -119,13 +136,25 @@ class _UnionFind:
 
 
 def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
-    """Find every channel group of gm (shapes must be annotated; see capture.annotate_shapes)."""
+    """Every channel group of gm (shapes must be annotated; see capture.annotate_shapes)."""
+    return channel_plan(gm).groups
+
+
+def _cat_dim(n: torch.fx.Node):
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    rank = len(shape_of(n) or ())
+    return dim + rank if isinstance(dim, int) and dim < 0 else dim
+
+
+def channel_plan(gm: torch.fx.GraphModule) -> ChannelPlan:
+    """Channel groups of gm and the channel layout of every module that touches them."""
     nodes = list(gm.graph.nodes)
     uf = _UnionFind({n.name: i for i, n in enumerate(nodes)})
-    blocked: dict[str, str] = {}
-    producers: dict[str, list[str]] = {}
-    members: dict[str, list[str]] = {}
-    consumers: dict[str, list[str]] = {}
+    blocked: dict[str, str] = {}          # node -> reason (expanded over the node's layout at the end)
+    entries: list[tuple[str, str, str]] = []   # (module target, "out" | "in", node whose layout it has)
+    producers: dict[str, list[str]] = {}  # node -> targets producing it
+    composite: dict[str, list[str]] = {}  # cat node -> its input nodes (in order)
+    alias: dict[str, str] = {}            # channel-preserving op on a concat -> its source
     module_uses: dict[str, int] = {}
     for n in nodes:
         if n.op == "call_module":
@@ -135,15 +164,21 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
         s = shape_of(x) if isinstance(x, torch.fx.Node) else None
         return s is not None and len(s) >= 2
 
+    def is_composite(x: torch.fx.Node) -> bool:
+        return x.name in composite or x.name in alias
+
     def block(x, why: str) -> None:
         if isinstance(x, torch.fx.Node) and has_channels(x):
             blocked.setdefault(x.name, why)
 
-    def union(a: torch.fx.Node, b: torch.fx.Node, why_not: str) -> None:
+    def same_channels(a: torch.fx.Node, b: torch.fx.Node, why_not: str) -> None:
+        """b carries a's channels one to one (elementwise along channels)."""
         sa, sb = shape_of(a), shape_of(b)
         if sa is None or sb is None or len(sa) < 2 or len(sb) < 2 or sa[1] != sb[1]:
             block(a, why_not)
             block(b, why_not)
+        elif is_composite(a):
+            alias[b.name] = a.name
         else:
             uf.union(a.name, b.name)
 
@@ -176,45 +211,65 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
             if isinstance(mod, nn.modules.conv._ConvNd) and not isinstance(mod, nn.modules.conv._ConvTransposeNd):
                 if mod.groups == 1:
                     producers.setdefault(n.name, []).append(n.target)
-                    consumers.setdefault(src.name, []).append(n.target)
+                    entries += [(n.target, "out", n.name), (n.target, "in", src.name)]
                 elif mod.groups == mod.in_channels == mod.out_channels:
-                    union(src, n, f"depthwise conv {n.target}")
-                    members.setdefault(n.name, []).append(n.target)
+                    same_channels(src, n, f"depthwise conv {n.target}")
+                    entries.append((n.target, "out", n.name))
                 else:
                     block_all(n, f"grouped conv {n.target}")
             elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                union(src, n, f"batch norm {n.target}")
-                members.setdefault(n.name, []).append(n.target)
+                same_channels(src, n, f"batch norm {n.target}")
+                entries.append((n.target, "out", n.name))
             elif isinstance(mod, nn.Linear):
                 s = shape_of(src)
                 if s is not None and len(s) == 2:
-                    consumers.setdefault(src.name, []).append(n.target)
+                    entries.append((n.target, "in", src.name))
                 else:
                     block(src, f"linear {n.target} on a tensor of rank != 2")
-                block(n, f"linear output {n.target}")
+                if len(shape_of(n) or ()) == 2:
+                    producers.setdefault(n.name, []).append(n.target)
+                    entries.append((n.target, "out", n.name))
+                else:
+                    block(n, f"linear output {n.target} of rank != 2")
             elif isinstance(mod, _CHANNEL_MODULES):
-                union(src, n, f"{type(mod).__name__} {n.target}")
+                same_channels(src, n, f"{type(mod).__name__} {n.target}")
             else:
                 block_all(n, f"unsupported module {type(mod).__name__} ({n.target})")
             continue
         # call_function / call_method
         tgt = n.target
         is_method = n.op == "call_method"
-        if (not is_method and tgt in _CHANNEL_FUNCTIONS) or (is_method and tgt in _CHANNEL_METHODS):
-            union(tensor_args[0], n, f"{getattr(tgt, '__name__', tgt)} at {n.name}")
+        if not is_method and tgt is torch.cat:
+            parts = n.args[0] if n.args else n.kwargs.get("tensors", ())
+            if _cat_dim(n) == 1 and parts and all(isinstance(a, torch.fx.Node) and has_channels(a) for a in parts):
+                composite[n.name] = [a.name for a in parts]
+            else:
+                for a in parts:
+                    block(a, f"concat {n.name} along another axis")
+                block(n, f"concat {n.name} along another axis")
+        elif (not is_method and tgt in _CHANNEL_FUNCTIONS) or (is_method and tgt in _CHANNEL_METHODS):
+            same_channels(tensor_args[0], n, f"{getattr(tgt, '__name__', tgt)} at {n.name}")
             for a in tensor_args[1:]:
                 block(a, f"extra operand of {n.name}")
         elif (not is_method and tgt in _BINARY_FUNCTIONS) or (is_method and tgt in _BINARY_METHODS):
             out = shape_of(n)
+            coupled = []
             for a in tensor_args:
                 s = shape_of(a)
                 if s is not None and out is not None and len(s) == len(out) and len(s) >= 2 and s[1] == out[1]:
-                    union(a, n, f"elementwise {n.name}")
+                    coupled.append(a)
                 elif s is not None and out is not None and len(s) == len(out) and len(s) >= 2 and s[1] == 1:
                     pass  # broadcast along channels: no channel coupling
                 else:
                     block(a, f"broadcast in {n.name}")
                     block(n, f"broadcast in {n.name}")
+            if any(is_composite(a) for a in coupled):
+                for a in coupled:
+                    block(a, f"elementwise {n.name} on a concatenation")
+                block(n, f"elementwise {n.name} on a concatenation")
+            else:
+                for a in coupled:
+                    same_channels(a, n, f"elementwise {n.name}")
         elif (not is_method and tgt in _RESHAPE_FUNCTIONS) or (is_method and tgt in _RESHAPE_METHODS) or (
             is_method and tgt in _MEAN_METHODS
         ):
@@ -228,15 +283,23 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
                 and all(d == 1 for d in out[2:])
             )
             if keeps_channels and not (tgt in _MEAN_METHODS and _reduces_channel_axis(n)):
-                union(src, n, f"reshape {n.name}")
+                same_channels(src, n, f"reshape {n.name}")
             else:
                 block_all(n, f"reshape or reduction {n.name} moves the channel axis")
         else:
             block_all(n, f"unsupported op {getattr(tgt, '__name__', tgt)} at {n.name}")
 
+    def layout(name: str) -> list[tuple[str, int]]:
+        if name in alias:
+            return layout(alias[name])
+        if name in composite:
+            return [seg for part in composite[name] for seg in layout(part)]
+        return [(uf.find(name), shape_of(by_name[name])[1])]
+
+    by_name = {n.name: n for n in nodes}
     groups: dict[str, ChannelGroup] = {}
     for n in nodes:
-        if not has_channels(n):
+        if not has_channels(n) or is_composite(n):
             continue
         root = uf.find(n.name)
         g = groups.get(root)
@@ -244,16 +307,31 @@ def channel_groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
             g = groups[root] = ChannelGroup(root=root, nodes=[], channels=shape_of(n)[1])
         g.nodes.append(n.name)
         g.producers += producers.get(n.name, [])
-        g.members += members.get(n.name, [])
-        g.consumers += consumers.get(n.name, [])
-        if n.name in blocked and g.blocked is None:
-            g.blocked = blocked[n.name]
+    for name, why in blocked.items():
+        for root, _ in layout(name):
+            if groups[root].blocked is None:
+                groups[root].blocked = why
+    layouts: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for target, role, node in entries:
+        lay = layouts[(target, role)] = layout(node)
+        for root, _ in lay:
+            g = groups[root]
+            if role == "in":
+                g.consumers.append(target)
+            elif target not in g.producers:
+                g.members.append(target)
+            if len(lay) > 1:
+                g.shared_layout = True
+    for name in list(composite) + list(alias):  # concat nodes belong to the groups they carry
+        for root, _ in layout(name):
+            if name not in groups[root].nodes:
+                groups[root].nodes.append(name)
     for g in groups.values():
         if g.blocked is None and not g.producers:
             g.blocked = "no conv produces these channels"
         if g.blocked is None and g.channels < 2:
             g.blocked = "fewer than 2 channels"
-    return list(groups.values())
+    return ChannelPlan(list(groups.values()), layouts)
 
 
 def _reduces_channel_axis(n: torch.fx.Node) -> bool:

@@ -98,7 +98,7 @@ def taylor_scores(gm: torch.fx.GraphModule, inputs: list, targets: list, source:
     return scores
 
 
-def _importance(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, how: str,
+def _importance(gm: torch.fx.GraphModule, plan: analysis.ChannelPlan, group: analysis.ChannelGroup, how: str,
                 taylor: dict | None = None) -> torch.Tensor:
     score = torch.zeros(group.channels)
     if how == "taylor":
@@ -106,16 +106,28 @@ def _importance(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, how: str
             score += taylor[t]
         return score
     if how == "bn":
-        bns = [gm.get_submodule(t) for t in group.members]
-        bns = [b for b in bns if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.weight is not None]
-        if bns:
-            for b in bns:
-                score += b.weight.detach().abs()
+        found = False
+        for t in group.members:
+            mod = gm.get_submodule(t)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
+                offset = _offset(plan.layouts[(t, "out")], group.root)
+                score += mod.weight.detach()[offset:offset + group.channels].abs()
+                found = True
+        if found:
             return score
     for t in group.producers:  # L1 norm of each output filter
         w = gm.get_submodule(t).weight.detach()
         score += w.abs().reshape(w.shape[0], -1).sum(1)
     return score
+
+
+def _offset(layout: list[tuple[str, int]], root: str) -> int:
+    offset = 0
+    for r, length in layout:
+        if r == root:
+            return offset
+        offset += length
+    raise InternalError(f"channel group {root} is not in the layout {layout}")
 
 
 def _slice_param(mod: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
@@ -129,30 +141,38 @@ def _slice_param(mod: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None
         setattr(mod, name, new)
 
 
-def prune_group(gm: torch.fx.GraphModule, group: analysis.ChannelGroup, idx: torch.Tensor) -> None:
-    keep = int(idx.numel())
-    for t in group.producers:
-        conv = gm.get_submodule(t)
-        _slice_param(conv, "weight", idx, 0)
-        _slice_param(conv, "bias", idx, 0)
-        conv.out_channels = keep
-    for t in group.members:
-        mod = gm.get_submodule(t)
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+def apply_channels(gm: torch.fx.GraphModule, plan: analysis.ChannelPlan, keep: dict[str, torch.Tensor]) -> None:
+    """Keep (and order) the channels ``keep[group root]`` of every listed group, in every module
+    that touches it: producers' outputs, BN/depthwise per-channel parameters, consumers' inputs.
+    A module whose axis holds several groups (after a concat) is sliced once, group by group."""
+    for (target, role), layout in plan.layouts.items():
+        parts, offset = [], 0
+        for root, length in layout:
+            parts.append(offset + (keep[root] if root in keep else torch.arange(length)))
+            offset += length
+        idx = torch.cat(parts)
+        if torch.equal(idx, torch.arange(offset)):
+            continue
+        mod, n = gm.get_submodule(target), int(idx.numel())
+        if role == "in":
+            _slice_param(mod, "weight", idx, 1)
+            if isinstance(mod, nn.Linear):
+                mod.in_features = n
+            else:
+                mod.in_channels = n
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             for name in ("weight", "bias", "running_mean", "running_var"):
                 _slice_param(mod, name, idx, 0)
-            mod.num_features = keep
-        else:  # depthwise conv
+            mod.num_features = n
+        else:
             _slice_param(mod, "weight", idx, 0)
             _slice_param(mod, "bias", idx, 0)
-            mod.in_channels = mod.out_channels = mod.groups = keep
-    for t in group.consumers:
-        mod = gm.get_submodule(t)
-        _slice_param(mod, "weight", idx, 1)
-        if isinstance(mod, nn.Linear):
-            mod.in_features = keep
-        else:
-            mod.in_channels = keep
+            if isinstance(mod, nn.Linear):
+                mod.out_features = n
+            elif mod.groups > 1:  # depthwise
+                mod.in_channels = mod.out_channels = mod.groups = n
+            else:
+                mod.out_channels = n
 
 
 def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratio: float,
@@ -162,15 +182,17 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
     ShapeProp(gm).propagate(example_input)
     channels = {}
     if ratio > 0:
-        for group in analysis.channel_groups(gm):
+        plan = analysis.channel_plan(gm)
+        keep = {}
+        for group in plan.groups:
             if not group.prunable:
                 continue
-            keep = kept_channels(group.channels, ratio, round_to)
-            if keep < group.channels:
-                score = _importance(gm, group, importance, taylor)
-                idx = torch.sort(torch.topk(score, keep, sorted=False).indices).values
-                prune_group(gm, group, idx)
-            channels[group.root] = (group.channels, keep)
+            n = kept_channels(group.channels, ratio, round_to)
+            if n < group.channels:
+                score = _importance(gm, plan, group, importance, taylor)
+                keep[group.root] = torch.sort(torch.topk(score, n, sorted=False).indices).values
+            channels[group.root] = (group.channels, n)
+        apply_channels(gm, plan, keep)
         gm.recompile()
         ShapeProp(gm).propagate(example_input)
     return Variant(block=name, ratio=ratio, gm=gm.eval(), macs=analysis.graph_macs(gm),
@@ -179,25 +201,29 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
 
 def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratios, importance: str = "l1",
                round_to: int = 1, name: str = "block", taylor: dict | None = None) -> list[Variant]:
-    """Nested variants of ``block_gm`` (never modified), one per ratio, sharing one weight set."""
+    """Nested variants of ``block_gm`` (never modified), one per ratio, sharing one weight set.
+    Groups that share a module axis with other groups (after a concat) stay whole: a prefix of
+    one of them would not be a leading sub-tensor of that module's weights."""
     from legoc.passes.fold import fold_batchnorm
 
     full = fold_batchnorm(block_gm)
     ShapeProp(full).propagate(example_input)
-    groups = [g for g in analysis.channel_groups(full) if g.prunable]
-    for g in groups:  # most important channels first
-        order = torch.argsort(_importance(full, g, importance, taylor), descending=True, stable=True)
-        prune_group(full, g, order)
+    plan = analysis.channel_plan(full)
+    groups = [g for g in plan.groups if g.prunable and not g.shared_layout]
+    order = {g.root: torch.argsort(_importance(full, plan, g, importance, taylor), descending=True, stable=True)
+             for g in groups}   # most important channels first: a permutation, same function
+    apply_channels(full, plan, order)
     full.recompile()
     variants = []
     for r in ratios:
         gm = copy.deepcopy(full)
-        channels = {}
+        keep, channels = {}, {}
         for g in groups:
-            keep = kept_channels(g.channels, r, round_to) if r > 0 else g.channels
-            if keep < g.channels:
-                prune_group(gm, g, torch.arange(keep))
-            channels[g.root] = (g.channels, keep)
+            n = kept_channels(g.channels, r, round_to) if r > 0 else g.channels
+            if n < g.channels:
+                keep[g.root] = torch.arange(n)
+            channels[g.root] = (g.channels, n)
+        apply_channels(gm, plan, keep)
         gm.recompile()
         ShapeProp(gm).propagate(example_input)
         variants.append(Variant(block=name, ratio=r, gm=gm.eval(), macs=analysis.graph_macs(gm),

@@ -128,3 +128,55 @@ def test_taylor_importance_scores_channels_by_their_effect_on_the_loss():
     assert all(p.grad is None for p in gm.parameters())   # no gradient left behind
     with pytest.raises(UserError, match="--importance taylor needs train_data"):
         taylor_scores(gm, xs, [None, None], "m.py")
+
+
+class DenseLayer(nn.Module):
+    """x -> cat([x, relu(bn(conv(x)))]) -> bn -> relu -> 1x1 conv: a concat inside a block."""
+
+    def __init__(self, c=8, growth=6):
+        super().__init__()
+        self.conv = nn.Conv2d(c, growth, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(growth)
+        self.bn2 = nn.BatchNorm2d(c + growth)
+        self.out = nn.Conv2d(c + growth, c, 1)
+        self.fc1, self.fc2 = nn.Linear(c, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.cat([x, torch.relu(self.bn(self.conv(x)))], 1)
+        z = self.out(torch.relu(self.bn2(y)))
+        return self.fc2(torch.relu(self.fc1(z.mean((2, 3)))))
+
+
+def test_concat_and_linear_groups_are_pruned_at_their_offsets():
+    from legoc.passes.analysis import channel_plan
+
+    torch.manual_seed(0)
+    model = DenseLayer().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    dead = torch.tensor([0, 3])
+    with torch.no_grad():   # conv channels 0 and 3 contribute nothing after the concat
+        model.conv.weight[dead] = 0.0
+        model.bn.bias[dead] = -5.0
+        model.bn.running_mean[dead] = 0.0
+        model.out.weight[:, 8 + dead] = 0.0
+        model.out.weight[5:] = 0.0       # channels 5..7 of `out` are zero (3 of 8 pruned at 1/3)
+        model.out.bias[5:] = 0.0
+        model.fc1.weight[4:] *= 0.001    # the least important hidden units of fc1 ...
+        model.fc2.weight[:, 4:] = 0.0    # ... do not reach the output
+    x = torch.randn(2, 8, 6, 6)
+    gm = _gm(model, x)
+    plan = channel_plan(gm)
+    grown = next(g for g in plan.groups if g.producers == ["conv"])
+    assert grown.prunable and grown.shared_layout and "bn2" in grown.members and "out" in grown.consumers
+    assert plan.layouts[("bn2", "out")] == [("x", 8), (grown.root, 6)]
+    hidden = next(g for g in plan.groups if g.producers == ["fc1"])
+    assert hidden.prunable and hidden.consumers == ["fc2"]
+    v = prune_block(gm, x, ratio=4 / 12)   # keeps 4 of 6 grown channels, 5 of 8, 8 of 12 hidden units
+    assert sorted(v.channels.values()) == [(6, 4), (8, 5), (12, 8)]
+    assert v.gm.get_submodule("bn2").num_features == 8 + 4 and v.gm.get_submodule("out").in_channels == 12
+    assert v.gm.get_submodule("fc1").out_features == 8 and v.gm.get_submodule("fc2").in_features == 8
+    with torch.no_grad():
+        assert torch.allclose(v.gm(x), model(x), atol=1e-5)
