@@ -53,3 +53,36 @@ def test_compile_without_train_data_warns_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 0
     assert err.count("legoc: warning:") == 1 and "has no train_data()" in err
+
+
+MODEL = '''
+import torch, torch.nn as nn
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1)).eval()
+def example_inputs():
+    return (torch.randn(1, 3, 8, 8),)
+def train_data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.zeros(4)) for _ in range(5)]
+'''
+
+
+def test_the_manifest_records_retraining(tmp_path, monkeypatch):
+    import json
+
+    from legoc.cli import main
+
+    monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model.py").write_text(MODEL)
+    out = tmp_path / "m.lego"
+    assert main(["compile", str(tmp_path / "model.py"), "-o", str(out), "--ratios", "0,0.5",
+                 "--retrain-epochs", "2", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["retrained"] is True and manifest["bn_recalibrated"] is True
+    block = next(s for s in manifest["segments"] if s["kind"] == "block")
+    assert block["variants"][0]["retrain"] is None
+    info = block["variants"][1]["retrain"]
+    assert 1 <= info["epochs"] <= 2 and info["held_mse_after"] <= info["held_mse_before"]
