@@ -239,6 +239,8 @@ def channel_plan(gm: torch.fx.GraphModule) -> ChannelPlan:
         # call_function / call_method
         tgt = n.target
         is_method = n.op == "call_method"
+        if (is_method and tgt in ("size", "dim")) or (not is_method and tgt is getattr and n.args[1:2] == ("shape",)):
+            continue  # reads a shape, not the channels: no coupling
         if not is_method and tgt is torch.cat:
             parts = n.args[0] if n.args else n.kwargs.get("tensors", ())
             if _cat_dim(n) == 1 and parts and all(isinstance(a, torch.fx.Node) and has_channels(a) for a in parts):

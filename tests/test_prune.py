@@ -180,3 +180,18 @@ def test_concat_and_linear_groups_are_pruned_at_their_offsets():
     assert v.gm.get_submodule("fc1").out_features == 8 and v.gm.get_submodule("fc2").in_features == 8
     with torch.no_grad():
         assert torch.allclose(v.gm(x), model(x), atol=1e-5)
+
+
+def test_reading_a_shape_does_not_block_pruning():
+    class ViewHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3), keepdim=True)
+            return self.fc(y.view(y.size(0), -1))        # size(0) reads the batch, not channels
+
+    x = torch.randn(2, 3, 10, 10)
+    v = prune_block(_gm(ViewHead().eval(), x), x, 0.5)
+    assert v.channels == {"a": (8, 4), "b": (8, 4)} and v.gm(x).shape == (2, 4)
