@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/compile_time.py [--target host] [--models vgg_chain,cifar_resnet,...]
 
-Prints one row per model: load, capture, partition, prune, TVM compile per variant (mean and
-total), and the whole compile+write stage.
+Prints one row per model: load, capture, partition, prune, BN recalibration + retraining (only
+models with train_data(); cached retraining takes no time), TVM compile per variant (mean), and
+the whole compile+write stage. Delete ~/.cache/legoc/retrain to time retraining afresh.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()
     table = Table(title=f"legoc compile stage times (s), target {args.target}, default options")
-    for col in ("model", "blocks×variants", "load", "capture", "partition", "prune", "compile/variant",
-                "compile+write", "total"):
+    for col in ("model", "blocks×variants", "load", "capture", "partition", "prune", "recalibrate+retrain",
+                "compile/variant", "compile+write", "total"):
         table.add_column(col, justify="left" if col == "model" else "right")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -42,6 +43,7 @@ def main() -> None:
             nb = len(rep.partition.blocks)
             table.add_row(name, f"{nb}×{len(rep.manifest['options']['ratios'])}", f"{t['load']:.2f}",
                           f"{t['capture']:.2f}", f"{t['partition']:.2f}", f"{t['prune']:.2f}",
+                          f"{t.get('recalibrate', 0) + t.get('retrain', 0):.1f}",
                           f"{statistics.mean(per):.2f}", f"{t['compile+write']:.1f}", f"{total:.1f}")
     Console(width=140).print(table)
 

@@ -11,6 +11,8 @@ the weight storage of all variants of a block against the full block.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,13 +52,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--nested", action="store_true")
+    ap.add_argument("--importance", default="l1", help="l1, bn or taylor")
     args = ap.parse_args()
-    spec = load_model_file(args.model)
+    spec = load_model_file(args.model)   # (its trained weights come from the usual cache)
+    # measure retraining itself: an empty retraining cache, not results of an earlier compile
+    os.environ["LEGOC_CACHE"] = tempfile.mkdtemp(prefix="legoc-bench-cache-")
     val = spec.val_data()
     base = spec.evaluate(spec.model, val)
-    before, _ = run(spec, CompileConfig(retrain_epochs=0, progress=False, nested=args.nested))
+    before, _ = run(spec, CompileConfig(retrain_epochs=0, progress=False, nested=args.nested,
+                                        importance=args.importance))
     after, timing = run(spec, CompileConfig(retrain_epochs=args.epochs, retrain_minutes=args.minutes, progress=True,
-                                            nested=args.nested))
+                                            nested=args.nested, importance=args.importance))
     part = after.partition
     ratios = [v.ratio for v in after.variants[part.blocks[0].name]]
 
