@@ -11,6 +11,7 @@ fixed: a block's input and output tensors are placeholder/output nodes of the bl
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 # Modules and functions that keep the channel axis (elementwise along channels, or spatial only).
 _CHANNEL_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
     nn.Sigmoid, nn.Tanh, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d,
     nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
@@ -93,6 +94,7 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)   # conv / Linear targets (in channels)
     blocked: str | None = None                           # why it cannot be pruned, or None
     shared_layout: bool = False                          # some module sees it beside other groups (a concat)
+    divisions: int = 1   # equal consecutive runs (grouped conv / GroupNorm groups): prune the same number in each
 
     @property
     def prunable(self) -> bool:
@@ -155,6 +157,7 @@ def channel_plan(gm: torch.fx.GraphModule) -> ChannelPlan:
     producers: dict[str, list[str]] = {}  # node -> targets producing it
     composite: dict[str, list[str]] = {}  # cat node -> its input nodes (in order)
     alias: dict[str, str] = {}            # channel-preserving op on a concat -> its source
+    divisions: dict[str, int] = {}        # node -> number of equal channel runs an op requires
     module_uses: dict[str, int] = {}
     for n in nodes:
         if n.op == "call_module":
@@ -215,11 +218,22 @@ def channel_plan(gm: torch.fx.GraphModule) -> ChannelPlan:
                 elif mod.groups == mod.in_channels == mod.out_channels:
                     same_channels(src, n, f"depthwise conv {n.target}")
                     entries.append((n.target, "out", n.name))
+                elif mod.in_channels == mod.out_channels and not is_composite(src):
+                    # grouped conv (ResNeXt): channel c of every group maps to itself; pruned
+                    # by the same number in each group, the group count stays
+                    same_channels(src, n, f"grouped conv {n.target}")
+                    entries.append((n.target, "out", n.name))
+                    divisions[n.name] = mod.groups
                 else:
                     block_all(n, f"grouped conv {n.target}")
             elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 same_channels(src, n, f"batch norm {n.target}")
                 entries.append((n.target, "out", n.name))
+            elif isinstance(mod, nn.GroupNorm) and not is_composite(src):
+                same_channels(src, n, f"group norm {n.target}")
+                if mod.affine:
+                    entries.append((n.target, "out", n.name))
+                divisions[n.name] = mod.num_groups
             elif isinstance(mod, nn.Linear):
                 s = shape_of(src)
                 if s is not None and len(s) == 2:
@@ -328,7 +342,12 @@ def channel_plan(gm: torch.fx.GraphModule) -> ChannelPlan:
         for root, _ in layout(name):
             if name not in groups[root].nodes:
                 groups[root].nodes.append(name)
+    for name, d in divisions.items():
+        g = groups[uf.find(name)]
+        g.divisions = math.lcm(g.divisions, d)
     for g in groups.values():
+        if g.divisions > 1 and (g.channels % g.divisions or g.shared_layout) and g.blocked is None:
+            g.blocked = f"{g.channels} channels in {g.divisions} groups cannot be pruned evenly"
         if g.blocked is None and not g.producers:
             g.blocked = "no conv produces these channels"
         if g.blocked is None and g.channels < 2:

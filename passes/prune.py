@@ -154,6 +154,14 @@ def apply_channels(gm: torch.fx.GraphModule, plan: analysis.ChannelPlan, keep: d
         if torch.equal(idx, torch.arange(offset)):
             continue
         mod, n = gm.get_submodule(target), int(idx.numel())
+        if isinstance(mod, nn.modules.conv._ConvNd) and role == "out" and 1 < mod.groups < mod.in_channels:
+            _slice_grouped_conv(mod, idx)
+            continue
+        if isinstance(mod, nn.GroupNorm):
+            _slice_param(mod, "weight", idx, 0)
+            _slice_param(mod, "bias", idx, 0)
+            mod.num_channels = n
+            continue
         if role == "in":
             _slice_param(mod, "weight", idx, 1)
             if isinstance(mod, nn.Linear):
@@ -175,6 +183,30 @@ def apply_channels(gm: torch.fx.GraphModule, plan: analysis.ChannelPlan, keep: d
                 mod.out_channels = n
 
 
+def _slice_grouped_conv(conv: nn.modules.conv._ConvNd, idx: torch.Tensor) -> None:
+    """Keep channels ``idx`` (the same number in every conv group) on both axes of a grouped conv
+    whose input and output channels pair up: group j keeps rows idx_j and, of its local input
+    columns, idx_j - j * width."""
+    g, width = conv.groups, conv.in_channels // conv.groups
+    per = idx.numel() // g
+    rows = []
+    for j in range(g):
+        kj = idx[j * per:(j + 1) * per]
+        if not bool(((kj >= j * width) & (kj < (j + 1) * width)).all()):
+            raise InternalError(f"uneven channels for grouped conv with {g} groups: {idx.tolist()}")
+        rows.append(conv.weight.detach()[kj][:, kj - j * width])
+    conv.weight = nn.Parameter(torch.cat(rows).clone(), requires_grad=conv.weight.requires_grad)
+    _slice_param(conv, "bias", idx, 0)
+    conv.in_channels = conv.out_channels = int(idx.numel())
+
+
+def _choose(score: torch.Tensor, n_per: int, divisions: int) -> torch.Tensor:
+    """Indices of the top ``n_per`` scores in each of ``divisions`` equal runs, ascending."""
+    per = score.numel() // divisions
+    parts = [j * per + torch.topk(score[j * per:(j + 1) * per], n_per, sorted=False).indices for j in range(divisions)]
+    return torch.sort(torch.cat(parts)).values
+
+
 def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratio: float,
                 importance: str = "l1", round_to: int = 1, name: str = "block", taylor: dict | None = None) -> Variant:
     """A pruned copy of ``block_gm`` (never modified) at ``ratio``."""
@@ -187,10 +219,11 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
         for group in plan.groups:
             if not group.prunable:
                 continue
-            n = kept_channels(group.channels, ratio, round_to)
+            d = group.divisions
+            n = kept_channels(group.channels // d, ratio, round_to) * d
             if n < group.channels:
                 score = _importance(gm, plan, group, importance, taylor)
-                keep[group.root] = torch.sort(torch.topk(score, n, sorted=False).indices).values
+                keep[group.root] = _choose(score, n // d, d)
             channels[group.root] = (group.channels, n)
         apply_channels(gm, plan, keep)
         gm.recompile()
@@ -203,13 +236,14 @@ def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rati
                round_to: int = 1, name: str = "block", taylor: dict | None = None) -> list[Variant]:
     """Nested variants of ``block_gm`` (never modified), one per ratio, sharing one weight set.
     Groups that share a module axis with other groups (after a concat) stay whole: a prefix of
-    one of them would not be a leading sub-tensor of that module's weights."""
+    one of them would not be a leading sub-tensor of that module's weights; so do groups pruned
+    evenly across conv groups (ResNeXt), for the same reason."""
     from legoc.passes.fold import fold_batchnorm
 
     full = fold_batchnorm(block_gm)
     ShapeProp(full).propagate(example_input)
     plan = analysis.channel_plan(full)
-    groups = [g for g in plan.groups if g.prunable and not g.shared_layout]
+    groups = [g for g in plan.groups if g.prunable and not g.shared_layout and g.divisions == 1]
     order = {g.root: torch.argsort(_importance(full, plan, g, importance, taylor), descending=True, stable=True)
              for g in groups}   # most important channels first: a permutation, same function
     apply_channels(full, plan, order)

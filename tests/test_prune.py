@@ -195,3 +195,52 @@ def test_reading_a_shape_does_not_block_pruning():
     x = torch.randn(2, 3, 10, 10)
     v = prune_block(_gm(ViewHead().eval(), x), x, 0.5)
     assert v.channels == {"a": (8, 4), "b": (8, 4)} and v.gm(x).shape == (2, 4)
+
+
+class GroupedBlock(nn.Module):
+    """1x1 reduce -> GroupNorm -> grouped 3x3 (4 groups of 4) -> BN -> 1x1 expand (ResNeXt-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(8, 16, 1, bias=False)
+        self.gn = nn.GroupNorm(4, 16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.gn(self.reduce(x)))
+        return x + self.expand(torch.relu(self.bn(self.grouped(y))))
+
+
+def test_grouped_conv_and_group_norm_are_pruned_evenly_per_group():
+    from legoc.passes.analysis import channel_plan
+
+    torch.manual_seed(0)
+    model = GroupedBlock().eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm = _gm(model, x)
+    g = next(g for g in channel_plan(gm).groups if g.producers == ["reduce"])
+    assert g.prunable and g.divisions == 4 and {"gn", "grouped", "bn"} <= set(g.members)
+    v = prune_block(gm, x, ratio=0.5)                   # 2 of 4 channels in each of the 4 groups
+    grouped = v.gm.get_submodule("grouped")
+    assert grouped.groups == 4 and grouped.in_channels == grouped.out_channels == 8
+    assert v.gm.get_submodule("gn").num_channels == 8 and v.gm.get_submodule("expand").in_channels == 8
+    with torch.no_grad():
+        assert v.gm(x).shape == model(x).shape
+
+
+def test_pruning_dead_channels_of_a_grouped_conv_changes_nothing():
+    torch.manual_seed(1)
+    model = GroupedBlock().eval()
+    model.gn = nn.Identity()                             # (GroupNorm statistics would change)
+    dead = torch.tensor([1, 2, 5, 6, 8, 11, 12, 15])     # two in each group of four
+    with torch.no_grad():
+        model.reduce.weight[dead] = 0.0
+        model.grouped.weight[dead] = 0.0
+        model.bn.bias[dead] = -3.0
+        model.bn.running_mean[dead] = 0.0
+    x = torch.randn(2, 8, 6, 6)
+    v = prune_block(_gm(model, x), x, ratio=0.5)
+    with torch.no_grad():
+        assert torch.allclose(v.gm(x), model(x), atol=1e-5)
