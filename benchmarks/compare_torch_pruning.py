@@ -237,23 +237,21 @@ def legoc_analyse(gm: torch.fx.GraphModule, x: torch.Tensor):
 
 
 def legoc_try(gm: torch.fx.GraphModule, x: torch.Tensor, k: int, out_shape) -> str:
-    """Prune channel 0 of legoc's k-th prunable group on a copy; see `verdict`."""
+    """Prune channel 0 of legoc's k-th prunable group on a copy (channel 0 of every conv group
+    when the group must be pruned evenly across a grouped conv); see `verdict`."""
     gm = copy.deepcopy(gm)
     ShapeProp(gm).propagate(x)
-    keep_of = lambda g: torch.arange(1, g.channels)  # noqa: E731
-    if hasattr(analysis, "channel_plan"):  # concat-aware analysis: modules may hold several groups
-        plan = analysis.channel_plan(gm)
-        g = [g for g in plan.groups if g.prunable][k]
-        zero_at = []
-        for (target, role), layout in plan.layouts.items():
-            if role == "out" and any(r == g.root for r, _ in layout):
-                zero_at.append((target, lg_prune._offset(layout, g.root)))
-        prune = lambda m: lg_prune.apply_channels(m, plan, {g.root: keep_of(g)})  # noqa: E731
-    else:
-        g = [g for g in analysis.channel_groups(gm) if g.prunable][k]
-        zero_at = [(t, 0) for t in g.producers + g.members]
-        prune = lambda m: lg_prune.prune_group(m, g, keep_of(g))  # noqa: E731
-    zero = lambda m: [_zero(m.get_submodule(t), [i]) for t, i in zero_at]  # noqa: E731
+    plan = analysis.channel_plan(gm)
+    g = [g for g in plan.groups if g.prunable][k]
+    per = g.channels // g.divisions
+    dropped = [j * per for j in range(g.divisions)]
+    keep = torch.tensor([c for c in range(g.channels) if c not in dropped])
+    zero_at = []
+    for (target, role), layout in plan.layouts.items():
+        if role == "out" and any(r == g.root for r, _ in layout):
+            zero_at.append((target, lg_prune._offset(layout, g.root)))
+    prune = lambda m: lg_prune.apply_channels(m, plan, {g.root: keep})  # noqa: E731
+    zero = lambda m: [_zero(m.get_submodule(t), [off + c for c in dropped]) for t, off in zero_at]  # noqa: E731
     return verdict(gm, x, zero, prune, out_shape)
 
 
