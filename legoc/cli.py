@@ -77,7 +77,8 @@ def cmd_inspect(args) -> int:
               f"({tgt['triple']}, {tgt['device']}); {model['scalable_share']:.1%} of "
               f"{model['total_macs'] / 1e6:.2f} M MACs in blocks; retrained: {m['retrained']}")
     t = Table(title="segments (in execution order)")
-    for col in ("segment", "kind", "in → out", "variant", "ratio", "MACs (M)", "params (KiB)", "module (KiB)"):
+    for col in ("segment", "kind", "in → out", "variant", "ratio", "MACs (M)", "params (KiB)", "peak act. (KiB)",
+                "latency (ms)", "module (KiB)"):
         t.add_column(col, justify="right" if col not in ("segment", "kind", "in → out", "variant") else "left")
     for s in m["segments"]:
         shapes = " → ".join(",".join("×".join(map(str, s["tensors"][n]["shape"])) for n in names)
@@ -85,6 +86,7 @@ def cmd_inspect(args) -> int:
         for k, v in enumerate(s["variants"]):
             t.add_row(s["name"] if k == 0 else "", s["kind"] if k == 0 else "", shapes if k == 0 else "",
                       v["id"], f"{v['ratio']:.2f}", f"{v['macs'] / 1e6:.2f}", f"{v['param_bytes'] / 1024:.1f}",
+                      _profile(v, "peak_activation_bytes", 1 / 1024, ".1f"), _profile(v, "latency_ms", 1, ".2f"),
                       f"{v['module']['bytes'] / 1024:.0f}")
         t.add_section()
     con.print(t)
@@ -95,6 +97,15 @@ def cmd_inspect(args) -> int:
 
         con.print(f"wrote {plot_blocks(m, args.plot)}")
     return 0
+
+
+def _profile(variant: dict, key: str, scale: float, fmt: str) -> str:
+    """A profile figure with its source marked: ~ estimated, * measured over RPC, - none."""
+    fig = variant.get("profile", {}).get(key)
+    if not fig or fig.get("value") is None:
+        return "-"
+    mark = {"estimated": "~", "measured-rpc": "*"}.get(fig.get("source"), "")
+    return f"{mark}{fig['value'] * scale:{fmt}}"
 
 
 def cmd_targets(args) -> int:

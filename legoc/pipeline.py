@@ -139,8 +139,8 @@ def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> di
 def build_artifact(state, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
     """Compile every variant of every segment of ``state`` for ``target`` into the artifact ``out``."""
     from legoc.artifact import ArtifactWriter
-    from legoc.passes.analysis import param_bytes
-    from legoc.targets.build import build_module
+    from legoc.passes.analysis import param_bytes, peak_activation_bytes
+    from legoc.targets.build import build_module, measure_local
 
     part = state.partition
     env = part.trace_env(*state.example_inputs)
@@ -174,13 +174,22 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 weights = _shared_weights(writer, shared, seg.name, ratio, built)
             else:
                 weights = writer.write_weights(f"weights/{seg.name}/{vid}.safetensors", built.param_names, built.params)
+            profile = {"peak_activation_bytes": {"value": peak_activation_bytes(module),
+                                                 "source": "static (shapes and tensor liveness)"}}
+            if target.runs_here:
+                ms = measure_local(built.path, tuple(t.numpy() for t in inputs), built.params)
+                profile["latency_ms"] = {"value": ms, "source": "measured-local",
+                                         "how": "TVM time_evaluator, median of 3 x 5 runs, batch of example_inputs()"}
+            else:
+                profile["latency_ms"] = {"value": None, "source": "unmeasured",
+                                         "how": f"{target.name} does not run here; measure over TVM RPC"}
             entry = {
                 "id": vid, "ratio": ratio, "macs": int(macs), "param_bytes": int(pbytes),
                 "channels": {k: list(v) for k, v in channels.items()},
                 "module": writer.file_entry(rel),
                 "weights": weights,
                 "retrain": retrained.get((seg.name, vid)),
-                "profile": {},
+                "profile": profile,
             }
             variants_of[seg.name].append(entry)
             bar.advance(task)

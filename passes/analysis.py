@@ -76,6 +76,39 @@ def graph_macs(gm: torch.fx.GraphModule) -> int:
     return sum(node_macs(gm, n) for n in gm.graph.nodes)
 
 
+def _tensor_bytes(n: torch.fx.Node) -> int:
+    meta = n.meta.get("tensor_meta")
+    metas = [meta] if hasattr(meta, "shape") else (meta if isinstance(meta, (tuple, list)) else [])
+    total = 0
+    for m in metas:
+        if m is not None and hasattr(m, "shape"):
+            numel = 1
+            for d in m.shape:
+                numel *= d
+            total += numel * m.dtype.itemsize
+    return total
+
+
+def peak_activation_bytes(gm: torch.fx.GraphModule) -> int:
+    """The most bytes of activations alive at once when gm runs its nodes in order: a tensor
+    lives from the node that makes it (or the input) to its last user. Weights not counted."""
+    nodes = list(gm.graph.nodes)
+    last_use = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last_use[a.name] = i
+    live: dict[str, int] = {}
+    peak = 0
+    for i, n in enumerate(nodes):
+        if n.op not in ("get_attr", "output"):
+            live[n.name] = _tensor_bytes(n)
+        peak = max(peak, sum(live.values()))
+        for a in n.all_input_nodes:
+            if last_use.get(a.name) == i:
+                live.pop(a.name, None)
+    return peak
+
+
 def param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers() if b.is_floating_point()

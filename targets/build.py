@@ -38,7 +38,7 @@ from legoc.passes.fold import fold_batchnorm
 from legoc.paths import cache_dir
 from legoc.targets.table import TargetSpec, _machine_triple
 
-__all__ = ["BuiltModule", "build_module", "fold_batchnorm", "zig_cxx_wrapper", "cache_dir"]
+__all__ = ["BuiltModule", "build_module", "fold_batchnorm", "measure_local", "zig_cxx_wrapper", "cache_dir"]
 
 
 @dataclass
@@ -197,6 +197,17 @@ def build_module(
         num_inputs=num_inputs,
         num_outputs=num_outputs,
     )
+
+
+def measure_local(path: Path, inputs: tuple[np.ndarray, ...], params: list[np.ndarray],
+                  number: int = 5, repeat: int = 3) -> float:
+    """Median latency in ms of a module built for a target that runs here (TVM time evaluator)."""
+    lib = tvm.runtime.load_module(str(path))
+    dev = tvm.cpu()
+    vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (*inputs, *params)]
+    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+    return float(timer(*args).median) * 1e3
 
 
 def _to_numpy(value) -> np.ndarray:

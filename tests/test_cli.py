@@ -101,8 +101,12 @@ def test_compile_and_inspect(tmp_path):
         for v in s["variants"]:
             assert len(v["module"]["sha256"]) == 64 and v["macs"] > 0 and v["param_bytes"] > 0
             assert (out / v["module"]["file"]).is_file() and (out / v["weights"]["file"]).is_file()
+    for s in manifest["segments"]:
+        for v in s["variants"]:
+            assert v["profile"]["latency_ms"]["source"] == "measured-local" and v["profile"]["latency_ms"]["value"] > 0
+            assert v["profile"]["peak_activation_bytes"]["value"] >= 4 * 3 * 32 * 32   # at least the input
     r = _run("inspect", str(out))
-    assert r.returncode == 0 and "block1" in r.stdout and "r0.50" in r.stdout
+    assert r.returncode == 0 and "block1" in r.stdout and "r0.50" in r.stdout and "latency (ms)" in r.stdout
     assert not list(out.rglob("*.pkl")) and not list(out.rglob("*.pt"))
 
 
@@ -118,5 +122,8 @@ def test_cross_targets_build_aarch64_libraries(target, artifact):
         for v in seg["variants"]:
             head = (rep.artifact / v["module"]["file"]).read_bytes()[:20]
             assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    assert all(v["profile"]["latency_ms"] == {"value": None, "source": "unmeasured",
+                                              "how": f"{target} does not run here; measure over TVM RPC"}
+               for s in manifest["segments"] for v in s["variants"])
     with pytest.raises(UserError, match=f"compiled for target '{target}'.*cannot run"):
         load(rep.artifact).configure()

@@ -244,3 +244,21 @@ def test_pruning_dead_channels_of_a_grouped_conv_changes_nothing():
     v = prune_block(_gm(model, x), x, ratio=0.5)
     with torch.no_grad():
         assert torch.allclose(v.gm(x), model(x), atol=1e-5)
+
+
+def test_peak_activation_bytes_follows_tensor_liveness():
+    from legoc.passes.analysis import peak_activation_bytes
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return x + self.b(self.a(x))   # x stays alive across both convs
+
+    x = torch.randn(1, 4, 5, 5)
+    gm = _gm(Skip().eval(), x)
+    unit = 5 * 5 * 4                                   # bytes per channel of a float32 5x5 map
+    # at conv a: x (4 ch) + a (8 ch); at conv b: x + a + b (4 ch) = 16 channels alive
+    assert peak_activation_bytes(gm) == 16 * unit
