@@ -49,11 +49,16 @@ class ArtifactWriter:
         entry["names"] = list(names)
         return entry
 
-    def commit(self, manifest: dict) -> Path:
+    def draft(self, manifest: dict) -> Path:
+        """Write the manifest into the unfinished artifact, so it can be loaded (e.g. to measure
+        combinations) before it is committed; returns the temporary directory."""
         manifest = {"schema": SCHEMA, "legoc_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
-        mf = self.tmp / MANIFEST
-        mf.write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        return self.tmp
+
+    def commit(self, manifest: dict) -> Path:
+        self.draft(manifest)
         old = None
         if self.dest.exists():
             old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")

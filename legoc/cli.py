@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print an artifact's blocks and variants")
     i.add_argument("artifact")
-    i.add_argument("--plot", metavar="FILE", help="draw the segment graph (blocks coloured, frame grey) to FILE (.svg/.png)")
+    i.add_argument("--plot", metavar="FILE", help="draw estimated accuracy vs latency (Pareto front, same-ratio baseline, "
+                                                  "validated points) to FILE (.png/.svg)")
+    i.add_argument("--graph", metavar="FILE", help="draw the segment graph (blocks coloured, frame grey) to FILE (.svg/.png)")
 
     sub.add_parser("targets", help="list the known targets")
     return p
@@ -78,7 +80,7 @@ def cmd_inspect(args) -> int:
               f"{model['total_macs'] / 1e6:.2f} M MACs in blocks; retrained: {m['retrained']}")
     t = Table(title="segments (in execution order)")
     for col in ("segment", "kind", "in → out", "variant", "ratio", "MACs (M)", "params (KiB)", "peak act. (KiB)",
-                "latency (ms)", "module (KiB)"):
+                "latency (ms)", "acc. drop", "module (KiB)"):
         t.add_column(col, justify="right" if col not in ("segment", "kind", "in → out", "variant") else "left")
     for s in m["segments"]:
         shapes = " → ".join(",".join("×".join(map(str, s["tensors"][n]["shape"])) for n in names)
@@ -87,16 +89,44 @@ def cmd_inspect(args) -> int:
             t.add_row(s["name"] if k == 0 else "", s["kind"] if k == 0 else "", shapes if k == 0 else "",
                       v["id"], f"{v['ratio']:.2f}", f"{v['macs'] / 1e6:.2f}", f"{v['param_bytes'] / 1024:.1f}",
                       _profile(v, "peak_activation_bytes", 1 / 1024, ".1f"), _profile(v, "latency_ms", 1, ".2f"),
+                      _profile(v, "accuracy_drop", 1, "+.4f"),
                       f"{v['module']['bytes'] / 1024:.0f}")
         t.add_section()
     con.print(t)
     con.print("structure: " + "  ".join(
         f"{s['name']}({','.join(s['inputs'])} → {','.join(s['outputs'])})" for s in m["segments"]))
-    if args.plot:
+    _print_estimates(con, m)
+    if args.graph:
         from legoc.plot import plot_blocks
 
-        con.print(f"wrote {plot_blocks(m, args.plot)}")
+        con.print(f"wrote {plot_blocks(m, args.graph)}")
+    if args.plot:
+        from legoc.plot import plot_pareto
+
+        con.print(f"wrote {plot_pareto(m, args.plot)}")
     return 0
+
+
+def _print_estimates(con, m: dict) -> None:
+    """Accuracy source, and the compile-time validation of the combination estimators."""
+    acc = m.get("accuracy")
+    if acc:
+        con.print(f"accuracy: {acc['metric']} = {acc['baseline']:.4f} at full size; drops per variant from "
+                  f"{acc['how']}")
+    val = (m.get("combination") or {}).get("validation") or []
+    if not val:
+        return
+    from rich.table import Table
+
+    t = Table(title="combinations measured at compile time: estimate vs measurement")
+    for col in ("variants", "acc. est.", "acc. meas.", "latency est. (ms)", "latency meas. (ms)", "memory est. (MiB)"):
+        t.add_column(col, justify="left" if col == "variants" else "right")
+    for v in val:
+        e, me = v["estimated"], v["measured"]
+        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        t.add_row(" ".join(map(str, v["choice"])), fmt(e["accuracy"], ".4f"), fmt(me.get("accuracy"), ".4f"),
+                  fmt(e["latency_ms"], ".2f"), fmt(me["latency_ms"], ".2f"), f"{e['memory_bytes'] / 2**20:.2f}")
+    con.print(t)
 
 
 def _profile(variant: dict, key: str, scale: float, fmt: str) -> str:

@@ -43,6 +43,7 @@ class CompileReport:
     compile_seconds: list[tuple[str, str, float]] = field(default_factory=list)  # (segment, variant, s)
     partition: object = None
     manifest: dict = field(default_factory=dict)
+    latency_reused: int = 0   # variants whose latency came from the profile cache
 
 
 def default_pipeline():
@@ -53,7 +54,9 @@ def default_pipeline():
     from legoc.passes.recalibrate import Recalibrate
     from legoc.passes.retrain import Retrain
 
-    return [Capture(), PartitionPass(), Prune(), Recalibrate(), Retrain()]
+    from legoc.passes.profile import ProfileAccuracy
+
+    return [Capture(), PartitionPass(), Prune(), Recalibrate(), Retrain(), ProfileAccuracy()]
 
 
 def _progress(enabled: bool):
@@ -79,7 +82,7 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
 
     pm = PassManager(default_pipeline())
     state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=str(spec.path),
-                         concrete_args=spec.concrete_args, **train_batches(spec))
+                         concrete_args=spec.concrete_args, **train_batches(spec), **val_batches(spec))
     if not state.train_inputs:
         warn(f"{spec.path} has no train_data(): pruned variants are neither retrained nor "
              f"recalibrated (manifest: retrained: false)")
@@ -116,6 +119,124 @@ def train_batches(spec) -> dict:
     return {"train_inputs": inputs, "train_targets": targets}
 
 
+def val_batches(spec) -> dict:
+    """``val_batches`` (the model file's val_data() batches) and its ``evaluate`` function."""
+    if spec.val_data is None:
+        return {"val_batches": None, "evaluate": spec.evaluate}
+    from legoc.modelfile import call_hook
+
+    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in call_hook(spec.path, "val_data", spec.val_data)]
+    return {"val_batches": batches or None, "evaluate": spec.evaluate}
+
+
+def _accuracy_summary(state) -> dict | None:
+    acc = state.accuracy
+    if acc is None:
+        return None
+    return {k: acc[k] for k in ("metric", "source", "how", "samples", "baseline", "contexts", "evaluations", "reused")}
+
+
+def _variant_profile(state, seg, vid, module, inputs, built, target, macs, report) -> dict:
+    """Every figure of one variant with its source: static, measured-local, estimated or unmeasured."""
+    from legoc.passes.analysis import peak_activation_bytes
+    from legoc.targets import measure
+    from legoc.targets.calibration import estimate_latency_ms
+
+    profile = {"peak_activation_bytes": {"value": peak_activation_bytes(module),
+                                         "source": "static (shapes and tensor liveness)"}}
+    if target.runs_here:
+        key = measure.fingerprint(module, inputs, target.to_json())
+        data, reused = measure.measure(key, built.path, tuple(t.numpy() for t in inputs), built.params)
+        report.latency_reused += int(reused)
+        how = f"TVM time_evaluator, median of {measure.REPEAT} x {measure.NUMBER} runs, batch of example_inputs()"
+        profile["latency_ms"] = {"value": data["latency_ms"], "source": "measured-local", "how": how}
+        profile["load_ms"] = {"value": data["load_ms"], "source": "measured-local",
+                              "how": f"load library + create VM + copy weights, median of {measure.LOAD_REPEAT}"}
+    else:
+        profile["latency_ms"] = estimate_latency_ms(target.name, target.device, macs)
+    acc = state.accuracy
+    if seg.is_block and acc is not None:
+        drop = acc["variants"][(seg.name, vid)]
+        profile["accuracy_drop"] = {"value": drop["value"], "contexts": drop["contexts"], "metric": acc["metric"],
+                                    "source": "measured-local", "how": acc["how"] + "; mean over contexts (PyTorch)"}
+    return profile
+
+
+VALIDATE_POINTS = 6
+
+
+def _combination(state, target, draft: Path, config, bar) -> dict:
+    """Combination-level figures: the per-call overhead and, where the target runs here, a few
+    configurations (the estimated Pareto front and the uniform ones) measured end to end."""
+    from legoc.runtime.estimate import DEFAULT_CALL_OVERHEAD_MS, MODULE_OVERHEAD_BYTES
+
+    out = {"call_overhead_ms": {"value": DEFAULT_CALL_OVERHEAD_MS, "source": "estimated",
+                                "how": "default; the target does not run here"},
+           "module_overhead_bytes": MODULE_OVERHEAD_BYTES, "validation": []}
+    if not target.runs_here or not getattr(config, "validate", True):
+        return out
+    from legoc.passes.profile import AccuracyProfiler
+    from legoc.runtime.estimate import Profiles
+    from legoc.runtime.model import Model
+    from legoc.runtime.artifact import read_manifest
+
+    manifest = read_manifest(draft)
+    model = Model(draft)
+    profiles = Profiles(manifest)
+    x = [t.numpy() for t in state.example_inputs]
+    full = [0] * len(profiles.blocks)
+    measured_full = _runtime_latency(model, full, x)
+    sum_full = sum(v.latency_ms for v in profiles.chosen(full) + profiles.frame)
+    overhead = max(0.0, (measured_full - sum_full) / profiles.num_segments)
+    out["call_overhead_ms"] = {"value": overhead, "source": "measured-local",
+                               "how": "(runtime latency of the full configuration - sum of its modules' latencies) / segments"}
+    manifest["combination"] = out
+    profiles = Profiles(manifest)
+    prof = AccuracyProfiler(state, state.val_batches, state.evaluate) if state.accuracy else None
+    picks = _validation_choices(profiles)
+    task = bar.add_task(f"validating {len(picks)} combinations", total=len(picks))
+    for choice in picks:
+        est = profiles.estimate(choice)
+        measured = {"latency_ms": _runtime_latency(model, list(choice), x)}
+        if prof is not None:
+            measured["accuracy"] = prof.metric(dict(zip(profiles.block_names, choice)))
+        out["validation"].append({"choice": list(choice),
+                                  "estimated": {"accuracy": est.accuracy, "latency_ms": est.latency_ms,
+                                                "memory_bytes": est.memory_bytes},
+                                  "measured": measured})
+        bar.advance(task)
+    out["validation_how"] = ("latency: legoc.runtime end to end, median of 20 calls after 3 warm-up; "
+                             "accuracy: the same metric as the profiles, whole model in PyTorch")
+    del model
+    return out
+
+
+def _validation_choices(profiles) -> list[tuple[int, ...]]:
+    """Up to VALIDATE_POINTS configurations spread along the estimated Pareto front, plus the
+    uniform ones (the same variant index in every block)."""
+    n = min(len(vs) for vs in profiles.blocks)
+    picks = [tuple([i] * len(profiles.blocks)) for i in range(n)]
+    front = [c for c, _ in profiles.pareto_front()]
+    if front:
+        step = max(1, len(front) // VALIDATE_POINTS)
+        picks += [c for c in front[::step] if c not in picks]
+    return picks
+
+
+def _runtime_latency(model, choice: list[int], x: list, calls: int = 20) -> float:
+    import statistics
+
+    model.configure(variants=choice)
+    for _ in range(3):
+        model(*x)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        model(*x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> dict:
     """Weights of a nested variant: the full-size variant's weights are written once per block;
     every variant lists its parameters as leading sub-tensors of them (checked here)."""
@@ -139,8 +260,8 @@ def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> di
 def build_artifact(state, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
     """Compile every variant of every segment of ``state`` for ``target`` into the artifact ``out``."""
     from legoc.artifact import ArtifactWriter
-    from legoc.passes.analysis import param_bytes, peak_activation_bytes
-    from legoc.targets.build import build_module, measure_local
+    from legoc.passes.analysis import param_bytes
+    from legoc.targets.build import build_module
 
     part = state.partition
     env = part.trace_env(*state.example_inputs)
@@ -174,15 +295,7 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 weights = _shared_weights(writer, shared, seg.name, ratio, built)
             else:
                 weights = writer.write_weights(f"weights/{seg.name}/{vid}.safetensors", built.param_names, built.params)
-            profile = {"peak_activation_bytes": {"value": peak_activation_bytes(module),
-                                                 "source": "static (shapes and tensor liveness)"}}
-            if target.runs_here:
-                ms = measure_local(built.path, tuple(t.numpy() for t in inputs), built.params)
-                profile["latency_ms"] = {"value": ms, "source": "measured-local",
-                                         "how": "TVM time_evaluator, median of 3 x 5 runs, batch of example_inputs()"}
-            else:
-                profile["latency_ms"] = {"value": None, "source": "unmeasured",
-                                         "how": f"{target.name} does not run here; measure over TVM RPC"}
+            profile = _variant_profile(state, seg, vid, module, inputs, built, target, macs, report)
             entry = {
                 "id": vid, "ratio": ratio, "macs": int(macs), "param_bytes": int(pbytes),
                 "channels": {k: list(v) for k, v in channels.items()},
@@ -194,6 +307,8 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             variants_of[seg.name].append(entry)
             bar.advance(task)
         manifest = {
+            "accuracy": _accuracy_summary(state),
+            "combination": {"call_overhead_ms": None, "module_overhead_bytes": None, "validation": []},
             "model": {"name": type(state.model).__name__, "source": state.source, "total_macs": part.total_macs,
                       "scalable_macs": part.scalable_macs, "scalable_share": part.scalable_share,
                       "max_blocks": part.max_blocks},
@@ -212,5 +327,6 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 for s in part.segments
             ],
         }
+        manifest["combination"] = _combination(state, target, writer.draft(manifest), config, bar)
         writer.commit(manifest)
     return manifest

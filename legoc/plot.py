@@ -68,3 +68,57 @@ def plot_blocks(manifest: dict, path: str | Path) -> Path:
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_pareto(manifest: dict, path: str | Path) -> Path:
+    """Estimated accuracy against latency: every combination (grey), the estimated Pareto front
+    (line), the model-grained baseline (the same ratio in every block, squares) and the
+    combinations validated by measurement at compile time (measured value, linked to its estimate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from legoc.errors import UserError
+    from legoc.runtime.estimate import Profiles
+
+    prof = Profiles(manifest)
+    front = prof.pareto_front()
+    if not front:
+        raise UserError("the artifact has no accuracy or latency figure for some variant, so there is no Pareto "
+                        "front to draw; compile with val_data() (or train_data()) in model.py, and for a board "
+                        "measure latency with `legoc profile ART --rpc …`")
+    scale = 100.0 if prof.metric in ("evaluate", "top1") else 1.0
+    unit = "%" if scale == 100.0 else ""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    if prof.combinations() <= 20000:
+        pts = [(prof.latency_ms(c), prof.accuracy(c)) for c in prof.all_choices()]
+        ax.scatter([p[0] for p in pts], [p[1] * scale for p in pts], s=4, c="#cccccc",
+                   label=f"all {len(pts)} combinations (estimated)")
+    ax.plot([e.latency_ms for _, e in front], [e.accuracy * scale for _, e in front], "-o", ms=3, c="tab:blue",
+            label=f"Pareto front (estimated, {len(front)} points)")
+    n = min(len(vs) for vs in prof.blocks)
+    uni = [prof.estimate([i] * len(prof.blocks)) for i in range(n)]
+    ax.plot([e.latency_ms for e in uni], [e.accuracy * scale for e in uni], "s--", c="tab:orange", ms=6,
+            label="model-grained: same ratio in every block (estimated)")
+    val = (manifest.get("combination") or {}).get("validation") or []
+    if val:
+        for v in val:
+            e, m = v["estimated"], v["measured"]
+            if m.get("accuracy") is not None and e.get("accuracy") is not None:
+                ax.plot([e["latency_ms"], m["latency_ms"]], [e["accuracy"] * scale, m["accuracy"] * scale],
+                        c="tab:red", lw=0.8, alpha=0.6)
+        ax.scatter([v["measured"]["latency_ms"] for v in val if v["measured"].get("accuracy") is not None],
+                   [v["measured"]["accuracy"] * scale for v in val if v["measured"].get("accuracy") is not None],
+                   marker="x", s=40, c="tab:red", label=f"validated: measured ({len(val)} combinations)", zorder=5)
+    src = sorted({v.latency_source for vs in prof.blocks for v in vs})
+    ax.set_xlabel(f"latency per inference, ms ({', '.join(src)})")
+    ax.set_ylabel(f"accuracy{' (' + unit + ')' if unit else ''} — {prof.metric}")
+    m = manifest["model"]
+    ax.set_title(f"{m['name']} on {manifest['target']['name']}: accuracy vs latency", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    path = Path(path)
+    fig.savefig(path, bbox_inches="tight", dpi=120)
+    plt.close(fig)
+    return path

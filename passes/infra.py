@@ -32,6 +32,9 @@ class ProgramState:
     recalibrated: bool = False
     retrained: bool = False
     retrain_report: dict | None = None  # (block, variant id) -> epochs, held-out MSE before/after
+    val_batches: list | None = None  # the model file's val_data() batches (never test data)
+    evaluate: Any = None  # the model file's evaluate(model, data) -> float, if any
+    accuracy: dict | None = None  # set by profile-accuracy: metric, baseline, drop per variant
 
     def replace(self, **changes) -> "ProgramState":
         return dataclasses.replace(self, **changes)

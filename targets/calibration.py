@@ -1,0 +1,54 @@
+"""Latency estimates for targets that do not run here (until they are measured over TVM RPC).
+
+``estimated latency = 2 * MACs / (peak FLOP/s * efficiency) + per-call overhead``
+
+* peak: fp32 FLOP/s of the board from its published core counts and clocks (CPU: cores x clock x
+  FLOP per cycle of its NEON units; GPU: CUDA cores x clock x 2);
+* efficiency: the share of peak TVM's code reaches. For CPUs it was measured on this machine
+  (``benchmarks/estimators.py --calibrate``: achieved FLOP/s of every MNIST host variant over this
+  machine's measured sgemm peak, median); for GPUs nothing here can measure it, so it is an
+  assumption and the manifest says so.
+
+These are guesses with a stated basis, recorded with ``source: estimated``; ``legoc profile ART
+--rpc`` replaces them with measurements from the board.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Calibration:
+    peak_gflops: float        # fp32, whole device
+    basis: str                # where the peak comes from
+
+
+# Board peaks (fp32) from published specifications.
+PEAKS = {
+    "raspberry-pi-3": Calibration(38.4, "4x Cortex-A53 @ 1.2 GHz x 8 FLOP/cycle (NEON FMA)"),
+    "raspberry-pi-4": Calibration(96.0, "4x Cortex-A72 @ 1.5 GHz x 16 FLOP/cycle (2 NEON FMA pipes)"),
+    "raspberry-pi-5": Calibration(153.6, "4x Cortex-A76 @ 2.4 GHz x 16 FLOP/cycle (2 NEON FMA pipes)"),
+    "jetson-nano": Calibration(236.0, "128 Maxwell CUDA cores @ 921 MHz x 2"),
+    "jetson-tx2": Calibration(665.0, "256 Pascal CUDA cores @ 1.3 GHz x 2"),
+    "jetson-xavier-nx": Calibration(845.0, "384 Volta CUDA cores @ 1.1 GHz x 2"),
+    "jetson-orin-nano": Calibration(1280.0, "1024 Ampere CUDA cores @ 625 MHz x 2"),
+}
+# Share of peak reached by legoc's compiled code. cpu: measured here (see module docstring);
+# cuda: assumed (no GPU on the build machine).
+EFFICIENCY = {"cpu": (0.01, "measured on the x86-64 build host, untuned TVM"),
+              "cuda": (0.05, "assumed; no GPU on the build machine to measure it")}
+CALL_OVERHEAD_MS = {"cpu": 0.02, "cuda": 0.05}
+
+
+def estimate_latency_ms(target_name: str, device: str, macs: int) -> dict:
+    """A latency figure ``{"value", "source": "estimated", "how"}`` (value None if the target has no
+    calibration: a custom target)."""
+    cal = PEAKS.get(target_name)
+    eff, eff_basis = EFFICIENCY.get(device, EFFICIENCY["cpu"])
+    if cal is None:
+        return {"value": None, "source": "unmeasured",
+                "how": f"no calibration for custom target {target_name}; measure it over TVM RPC (legoc profile --rpc)"}
+    value = 2.0 * macs / (cal.peak_gflops * 1e9 * eff) * 1e3 + CALL_OVERHEAD_MS.get(device, 0.02)
+    return {"value": value, "source": "estimated",
+            "how": f"2 x MACs / ({cal.peak_gflops:g} GFLOP/s peak [{cal.basis}] x efficiency {eff:g} [{eff_basis}])"
+                   f" + {CALL_OVERHEAD_MS.get(device, 0.02)} ms per call"}
