@@ -26,6 +26,8 @@ class CompileConfig:
     retrain_epochs: int = 10
     retrain_minutes: float = 10.0
     retrain_lr: float = 1e-3
+    profile_accuracy: bool = True   # measure every variant's accuracy drop (val_data, else fidelity)
+    validate: bool = True           # measure a few combinations end to end (targets that run here)
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
@@ -173,7 +175,7 @@ def _combination(state, target, draft: Path, config, bar) -> dict:
     out = {"call_overhead_ms": {"value": DEFAULT_CALL_OVERHEAD_MS, "source": "estimated",
                                 "how": "default; the target does not run here"},
            "module_overhead_bytes": MODULE_OVERHEAD_BYTES, "validation": []}
-    if not target.runs_here or not getattr(config, "validate", True):
+    if not target.runs_here or not config.validate:
         return out
     from legoc.passes.profile import AccuracyProfiler
     from legoc.runtime.estimate import Profiles

@@ -261,7 +261,7 @@ class ProfileAccuracy(Pass):
             raise InternalError("profile-accuracy needs a partition and variants (run partition and prune first)")
 
     def call(self, state: ProgramState, config) -> PassResult:
-        if not getattr(config, "profile_accuracy", True):
+        if not config.profile_accuracy:
             return PassResult(state, False)
         prof = AccuracyProfiler(state, state.val_batches, state.evaluate)
         contexts = contexts_of(state.variants)

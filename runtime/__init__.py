@@ -1,8 +1,11 @@
-"""legoc.runtime: load a legoc artifact and run it, choosing one variant per block.
+"""legoc.runtime: load a legoc artifact and run it, choosing one variant per block by hand or by
+budget (CP-SAT), for one model or several sharing a device.
 
-Runs on the device: imports numpy, safetensors and the TVM runtime only (never torch, never
-legoc.passes).
+Runs on the device: imports numpy, safetensors, OR-Tools (when selecting) and the TVM runtime
+only (never torch, never legoc.passes).
 """
 from legoc.runtime.model import Model, load
+from legoc.runtime.scheduler import Scheduler
+from legoc.runtime.solver import Budget, Selection
 
-__all__ = ["Model", "load"]
+__all__ = ["Budget", "Model", "Scheduler", "Selection", "load"]

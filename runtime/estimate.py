@@ -22,8 +22,8 @@ from typing import Sequence
 
 # Resident memory the runtime adds per loaded module beyond its .so file, weights and
 # activations (VM object, allocator bookkeeping, relocations): measured by
-# benchmarks/estimators.py on x86-64 (see README); a conservative round figure.
-MODULE_OVERHEAD_BYTES = 256 * 1024
+# benchmarks/estimators.py on x86-64: about 280 KiB per module for MNIST; 384 KiB leaves a margin.
+MODULE_OVERHEAD_BYTES = 384 * 1024
 # Per-segment call overhead (Python dispatch, VM invoke) when nothing was measured.
 DEFAULT_CALL_OVERHEAD_MS = 0.02
 
@@ -48,6 +48,7 @@ class VariantCost:
     activation_bytes: int
     shared_file: str | None      # nested: the block's shared weight file, held once
     shared_bytes: int
+    load_ms: float | None = None   # measured time to load module + weights, if measured
 
     @property
     def load_bytes(self) -> int:
@@ -80,7 +81,7 @@ def _cost(v: dict) -> VariantCost:
         drop=acc.get("value"), latency_ms=lat.get("value"), latency_source=lat.get("source", "unmeasured"),
         weight_bytes=wb, module_bytes=int(v["module"]["bytes"]),
         activation_bytes=int((prof.get("peak_activation_bytes") or {}).get("value") or 0),
-        shared_file=shared, shared_bytes=sb,
+        shared_file=shared, shared_bytes=sb, load_ms=(prof.get("load_ms") or {}).get("value"),
     )
 
 

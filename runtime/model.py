@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,7 +50,7 @@ class _Executable:
         so = verified_path(root, var.entry["module"], what)
         w = var.entry["weights"]
         if "shared" in w:  # nested: leading sub-tensors of the block's shared weights
-            values = weight_files.get(w["shared"], f"{seg.name} shared weights")
+            values = weight_files.get(w["shared"], f"{seg.name} shared weights", keep=True)
             arrays = [values[n][tuple(slice(0, s) for s in shape)] for n, shape in zip(w["names"], w["shapes"])]
         else:
             values = weight_files.get(w, what + " weights")
@@ -66,19 +67,24 @@ class _Executable:
 
 
 class _WeightFiles:
-    """Weight files read once each (after their checksum): nested variants of a block all slice
-    the same shared file, so switching between them reads no weights from disk."""
+    """Weight files, each checked against its sha256 before it is read. A nested block's shared
+    file is kept after the first read (every variant of the block slices it, so switching between
+    them reads nothing from disk); a variant's own file is read, copied into TVM tensors and
+    dropped, so its weights are not held twice."""
 
     def __init__(self, root: Path):
         self.root, self.values, self.reads = root, {}, 0
 
-    def get(self, entry: dict, what: str) -> dict:
-        if entry["file"] not in self.values:
-            from safetensors.numpy import load_file
+    def get(self, entry: dict, what: str, keep: bool = False) -> dict:
+        if entry["file"] in self.values:
+            return self.values[entry["file"]]
+        from safetensors.numpy import load_file
 
-            self.values[entry["file"]] = load_file(str(verified_path(self.root, entry, what)))
-            self.reads += 1
-        return self.values[entry["file"]]
+        values = load_file(str(verified_path(self.root, entry, what)))
+        self.reads += 1
+        if keep:
+            self.values[entry["file"]] = values
+        return values
 
 
 class Model:
@@ -102,9 +108,14 @@ class Model:
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
         self.input_shapes = [tuple(i["shape"]) for i in self.manifest["inputs"]]
         self.target = self.manifest["target"]
-        self._cache: dict[tuple[str, int], _Executable] = {}
+        self._cache: OrderedDict[tuple[str, int], _Executable] = OrderedDict()   # LRU: most recent last
         self._weights = _WeightFiles(self.path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # the plan swap and inference (TVM VMs are not thread-safe)
+        self._config_lock = threading.RLock()  # one reconfiguration at a time
+        self._profiles = None
+        self.cache_limit_bytes: int | None = None   # set by configure(memory_mb=…)
+        self.modules_loaded = self.modules_evicted = self.last_switch_loaded = 0
+        self.last_selection = None
         self._device = None
         self._plan: tuple[tuple[Segment, _Executable], ...] | None = None
         self.choice: tuple[int, ...] = ()
@@ -129,25 +140,115 @@ class Model:
 
                 self._check_runs_here()
                 self._device, self._tensor = tvm.cpu(), tvm.runtime.tensor
-            exe = self._cache[key] = _Executable(self.path, seg, seg.variants[index], self._device, self._weights)
+            exe = _Executable(self.path, seg, seg.variants[index], self._device, self._weights)
+            self._cache[key] = exe
+            self.modules_loaded += 1
+        self._cache.move_to_end(key)   # most recently used last
         return exe
 
-    def configure(self, variants: Sequence[int] | None = None) -> "Model":
-        """Pick one variant per block (indices into ``block.variants``; default: all full size).
-        Loads only modules not already loaded; the switch is atomic for concurrent callers."""
-        if variants is None:
-            variants = [0] * len(self.blocks)
+    @property
+    def profiles(self):
+        """Per-variant costs and the combination estimators (legoc.runtime.estimate.Profiles)."""
+        if self._profiles is None:
+            from legoc.runtime.estimate import Profiles
+
+            self._profiles = Profiles(self.manifest)
+        return self._profiles
+
+    def _indices(self, variants: Sequence[int]) -> list[int]:
         variants = [int(v) for v in variants]
         if len(variants) != len(self.blocks):
             raise UserError(f"configure(variants=…) needs one index per block: {len(self.blocks)} blocks, got {len(variants)}")
         for b, v in zip(self.blocks, variants):
             if not 0 <= v < len(b.variants):
                 raise UserError(f"{b.name} has variants 0..{len(b.variants) - 1}, got {v}")
-        choice = dict(zip((b.name for b in self.blocks), variants))
-        plan = tuple((s, self._executable(s, choice.get(s.name, 0))) for s in self.segments)
-        with self._lock:
-            self._plan, self.choice = plan, tuple(variants)
+        return variants
+
+    def problem(self, budget=None, name: str | None = None, weight: float = 1.0):
+        """This model as one item of a selection (see legoc.runtime.solver)."""
+        from legoc.runtime.solver import Budget, Problem
+
+        index = {s.name: b for b, s in enumerate(self.blocks)}
+        loaded = {(index[n], i) for n, i in self._cache if n in index}
+        return Problem(self.profiles, budget or Budget(), weight, list(self.choice) if self.choice else None,
+                       loaded, name or self.path.name)
+
+    def select(self, latency_ms: float | None = None, memory_mb: float | None = None,
+               min_accuracy: float | None = None, *, block_latency_ms: dict | None = None,
+               allowed: dict | None = None, switch_penalty: float | None = None,
+               time_limit_s: float | None = None):
+        """The optimal configuration for a budget (CP-SAT), without switching to it."""
+        from legoc.runtime import solver
+
+        budget = solver.Budget(latency_ms, memory_mb, min_accuracy, dict(block_latency_ms or {}), dict(allowed or {}))
+        return solver.solve([self.problem(budget)],
+                            switch_penalty=solver.DEFAULT_SWITCH_PENALTY if switch_penalty is None else switch_penalty,
+                            time_limit_s=time_limit_s or solver.DEFAULT_TIME_LIMIT_S)
+
+    def configure(self, variants: Sequence[int] | None = None, *, latency_ms: float | None = None,
+                  memory_mb: float | None = None, min_accuracy: float | None = None, **options) -> "Model":
+        """Switch to a configuration: explicit ``variants`` (one index per block; default all full
+        size), or the most accurate one within a budget (``latency_ms``, ``memory_mb`` in MiB,
+        ``min_accuracy``; see ``select`` for the other options). Loads only modules not already
+        loaded; with a memory budget, least recently used modules beyond it are dropped. The switch
+        is atomic for concurrent callers: every inference runs wholly on the old or the new one."""
+        with self._config_lock:
+            if variants is None and (latency_ms is not None or memory_mb is not None or min_accuracy is not None
+                                     or options):
+                self.last_selection = self.select(latency_ms, memory_mb, min_accuracy, **options)
+                variants = self.last_selection.choice
+            if memory_mb is not None:
+                self.cache_limit_bytes = int(memory_mb * (1 << 20))
+            variants = self._indices([0] * len(self.blocks) if variants is None else variants)
+            choice = dict(zip((b.name for b in self.blocks), variants))
+            before = self.modules_loaded
+            plan = tuple((s, self._executable(s, choice.get(s.name, 0))) for s in self.segments)
+            with self._lock:
+                self._plan, self.choice = plan, tuple(variants)
+            self.last_switch_loaded = self.modules_loaded - before
+            self._evict({(s.name, choice.get(s.name, 0)) for s in self.segments})
         return self
+
+    def preload(self, variants: Sequence[int]) -> "Model":
+        """Load the modules of a configuration into the cache without switching to it."""
+        with self._config_lock:
+            variants = self._indices(variants)
+            for b, v in zip(self.blocks, variants):
+                self._executable(b, v)
+            for s in self.frame:
+                self._executable(s, 0)
+            keep = {(b.name, v) for b, v in zip(self.blocks, self.choice)} if self.choice else set()
+            self._evict(keep | {(b.name, v) for b, v in zip(self.blocks, variants)})
+        return self
+
+    def _evict(self, keep: set) -> None:
+        """Drop least recently used modules not in ``keep`` while the held ones exceed the limit."""
+        if self.cache_limit_bytes is None:
+            return
+        prof = self.profiles
+        index = {s.name: k for k, s in enumerate(self.segments)}
+
+        def cost(key):
+            seg = self.manifest["segments"][index[key[0]]]
+            from legoc.runtime.estimate import _cost
+
+            return _cost(seg["variants"][key[1]])
+
+        for key in list(self._cache):
+            if prof.memory_of([cost(k) for k in self._cache]) <= self.cache_limit_bytes:
+                break
+            if key not in keep:
+                del self._cache[key]
+                self.modules_evicted += 1
+
+    @property
+    def held_bytes(self) -> int:
+        """Estimated resident bytes of every module the cache holds (configuration included)."""
+        from legoc.runtime.estimate import _cost
+
+        index = {s.name: k for k, s in enumerate(self.segments)}
+        return self.profiles.memory_of([_cost(self.manifest["segments"][index[n]]["variants"][i])
+                                        for n, i in self._cache])
 
     @property
     def loaded(self) -> list[tuple[str, str]]:

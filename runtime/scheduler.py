@@ -1,0 +1,53 @@
+"""Several models sharing one device, configured jointly.
+
+    s = Scheduler([m1, m2], weights=[2.0, 1.0])
+    s.configure(memory_mb=64, latency_ms=[20, 30])     # per-model latency budgets
+    s.configure(memory_mb=64, period_ms=25)             # or one processor-time budget per period
+
+One CP-SAT model over every block of every model (legoc.runtime.solver): a shared memory budget,
+and either a latency budget per model or one shared processor-time budget (the sum of the
+models' latencies, each model running once per period); the weighted sum of estimated
+accuracies is maximised. Each model then switches to its part of the optimum, loading only its
+changed modules.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from legoc.errors import UserError
+from legoc.runtime import solver
+
+
+class Scheduler:
+    def __init__(self, models: Sequence, weights: Sequence[float] | None = None):
+        if not models:
+            raise UserError("Scheduler needs at least one model")
+        self.models = list(models)
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.models)
+        if len(self.weights) != len(self.models):
+            raise UserError(f"Scheduler got {len(self.models)} models but {len(self.weights)} weights")
+        self.last_selection: solver.Selection | None = None
+
+    def select(self, memory_mb: float | None = None, latency_ms: Sequence[float | None] | float | None = None,
+               period_ms: float | None = None, min_accuracy: Sequence[float | None] | None = None, *,
+               switch_penalty: float = solver.DEFAULT_SWITCH_PENALTY,
+               time_limit_s: float = solver.DEFAULT_TIME_LIMIT_S) -> solver.Selection:
+        n = len(self.models)
+        if latency_ms is not None and period_ms is not None:
+            raise UserError("give either per-model latency_ms or one period_ms (shared processor time), not both")
+        lat = list(latency_ms) if isinstance(latency_ms, (list, tuple)) else [latency_ms] * n
+        acc = list(min_accuracy) if min_accuracy is not None else [None] * n
+        if len(lat) != n or len(acc) != n:
+            raise UserError(f"latency_ms and min_accuracy need one value per model ({n})")
+        problems = [m.problem(solver.Budget(latency_ms=lat[k], min_accuracy=acc[k]), name=f"model {k} ({m.path.name})",
+                              weight=self.weights[k]) for k, m in enumerate(self.models)]
+        return solver.solve(problems, memory_mb=memory_mb, shared_latency_ms=period_ms,
+                            switch_penalty=switch_penalty, time_limit_s=time_limit_s)
+
+    def configure(self, memory_mb: float | None = None, latency_ms=None, period_ms: float | None = None,
+                  min_accuracy=None, **options) -> solver.Selection:
+        sel = self.select(memory_mb, latency_ms, period_ms, min_accuracy, **options)
+        for m, choice in zip(self.models, sel.choices):
+            m.configure(variants=choice)
+        self.last_selection = sel
+        return sel

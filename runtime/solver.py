@@ -1,0 +1,214 @@
+"""Choosing one variant per block under budgets: a multiple-choice knapsack solved with OR-Tools
+CP-SAT, in process, for one model or jointly for several that share a device.
+
+Data → model → variables → constraints → objective → solve (time limit) → check status:
+
+* variables: ``x[m][b][v]`` (model m, block b uses variant v), exactly one per block;
+* constraints: per-model latency (or one shared processor-time budget: the sum of the models'
+  latencies), a shared memory budget, per-model minimum accuracy, optional per-block latency
+  limits and allowed variants;
+* objective: maximise the weighted estimated accuracy minus a charge for every module that must
+  be loaded relative to what is loaded now (so a small budget change does not reshuffle blocks).
+
+Integer scaling: accuracy to 1e-6 of the metric (rounded), latency to 1 µs rounded *up* and
+memory in bytes (exact). Rounding latency up keeps every returned configuration within the real
+budget; the optimum can only be missed by a configuration whose true latency lies within
+(number of blocks) µs of the budget, and the objective is exact to (number of blocks) x 5e-7.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from legoc.errors import InternalError, UserError
+from legoc.runtime.estimate import Estimate, Profiles
+
+ACC_SCALE = 1_000_000      # objective units per metric unit
+LAT_SCALE = 1_000          # latency units (µs) per ms
+MIB = 1 << 20
+DEFAULT_TIME_LIMIT_S = 1.0
+DEFAULT_SWITCH_PENALTY = 1e-3   # metric units per ms of module loading (0.1 accuracy points per ms)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits for one model. ``memory_mb`` is MiB (2**20 bytes) of resident memory the runtime adds."""
+
+    latency_ms: float | None = None
+    memory_mb: float | None = None
+    min_accuracy: float | None = None
+    block_latency_ms: dict = field(default_factory=dict)     # block name -> max latency of its variant
+    allowed: dict = field(default_factory=dict)              # block name -> allowed variant indices
+
+    def __post_init__(self):
+        for name in ("latency_ms", "memory_mb"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise UserError(f"{name} must be a positive number, got {v}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    choices: tuple[tuple[int, ...], ...]   # per model, one variant index per block
+    estimates: tuple[Estimate, ...]
+    optimal: bool
+    status: str
+    solve_ms: float
+    objective: float
+
+    @property
+    def choice(self) -> tuple[int, ...]:
+        return self.choices[0]
+
+    @property
+    def estimate(self) -> Estimate:
+        return self.estimates[0]
+
+
+@dataclass
+class Problem:
+    """One model in a selection: its profiles, budget, weight and current state."""
+
+    profiles: Profiles
+    budget: Budget = field(default_factory=Budget)
+    weight: float = 1.0
+    current: Sequence[int] | None = None     # the configuration now in use (None: nothing loaded)
+    loaded: set = field(default_factory=set)  # (block index, variant index) already in memory
+    name: str = "model"
+
+
+def _check_profiles(p: Problem) -> None:
+    prof = p.profiles
+    if prof.baseline is None or any(v.drop is None for vs in prof.blocks for v in vs):
+        raise UserError(f"{p.name}: the artifact has no accuracy profile; compile it with val_data() or "
+                        "train_data() in model.py to select by budget, or use configure(variants=[...])")
+    if (p.budget.latency_ms is not None or p.budget.block_latency_ms) and any(
+            v.latency_ms is None for vs in prof.blocks + [prof.frame] for v in vs):
+        raise UserError(f"{p.name}: some variants have no latency figure for target "
+                        f"{prof.manifest.get('target', {}).get('name')}; measure them with `legoc profile ART --rpc …` "
+                        "or select without latency_ms")
+
+
+def _load_ms(v) -> float:
+    return v.load_ms if v.load_ms is not None else v.load_bytes / 200e6 * 1e3   # ~200 MB/s if unmeasured
+
+
+def _bounds(problems: list[Problem], shared_latency_ms: float | None) -> str:
+    """The smallest latency and memory any configuration reaches (for infeasibility messages)."""
+    parts = []
+    for p in problems:
+        prof = p.profiles
+        lat = None
+        if all(v.latency_ms is not None for vs in prof.blocks for v in vs) and all(
+                v.latency_ms is not None for v in prof.frame):
+            lat = prof.latency_ms([min(range(len(vs)), key=lambda i: vs[i].latency_ms) for vs in prof.blocks])
+        mem = prof.memory_bytes([min(range(len(vs)), key=lambda i: prof.memory_of([vs[i]])) for vs in prof.blocks])
+        acc = prof.accuracy([min(range(len(vs)), key=lambda i: vs[i].drop) for vs in prof.blocks])
+        who = f"{p.name}: " if len(problems) > 1 else ""
+        parts.append(f"{who}smallest latency {lat:.2f} ms, smallest memory {mem / MIB:.2f} MiB, "
+                     f"best accuracy {acc:.4f}" if lat is not None else
+                     f"{who}smallest memory {mem / MIB:.2f} MiB, best accuracy {acc:.4f}")
+    return "; ".join(parts)
+
+
+def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_latency_ms: float | None = None,
+          switch_penalty: float = DEFAULT_SWITCH_PENALTY, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+          workers: int = 1) -> Selection:
+    """The optimal variant choice for every model (see the module docstring)."""
+    import time
+
+    from ortools.sat.python import cp_model
+
+    t0 = time.perf_counter()
+    for p in problems:
+        _check_profiles(p)
+    if memory_mb is not None and not (memory_mb > 0 and math.isfinite(memory_mb)):
+        raise UserError(f"memory_mb must be a positive number, got {memory_mb}")
+    if shared_latency_ms is not None and not (shared_latency_ms > 0 and math.isfinite(shared_latency_ms)):
+        raise UserError(f"shared latency budget must be a positive number, got {shared_latency_ms}")
+
+    # -- data: integer coefficients --------------------------------------------------------------
+    model = cp_model.CpModel()
+    xs: list[list[list]] = []
+    lat_terms, mem_terms, objective = [], [], []
+    fixed_lat, fixed_mem = 0, 0
+    for m, p in enumerate(problems):
+        prof, budget = p.profiles, p.budget
+        names = prof.block_names
+        unknown = set(budget.block_latency_ms) | set(budget.allowed)
+        if unknown - set(names):
+            raise UserError(f"{p.name}: unknown block(s) {sorted(unknown - set(names))}; blocks are {names}")
+        frame_lat = sum(v.latency_ms or 0.0 for v in prof.frame) + prof.call_overhead_ms * prof.num_segments
+        frame_lat_int = math.ceil(frame_lat * LAT_SCALE)
+        frame_mem = prof.memory_of(prof.frame)
+        # -- variables
+        x = [[model.new_bool_var(f"x_{m}_{b}_{v}") for v in range(len(vs))] for b, vs in enumerate(prof.blocks)]
+        xs.append(x)
+        m_lat, m_mem, m_acc = [], [], []
+        for b, vs in enumerate(prof.blocks):
+            model.add_exactly_one(x[b])
+            allowed = budget.allowed.get(names[b])
+            limit = budget.block_latency_ms.get(names[b])
+            shared = max((v.shared_bytes for v in vs if v.shared_file), default=0)
+            for v, cost in enumerate(vs):
+                if (allowed is not None and v not in allowed) or (limit is not None and cost.latency_ms > limit):
+                    model.add(x[b][v] == 0)
+                lat = math.ceil((cost.latency_ms or 0.0) * LAT_SCALE)
+                mem = prof.memory_of([cost]) - (cost.shared_bytes if cost.shared_file else 0) + shared
+                acc = round(-cost.drop * ACC_SCALE)
+                charge = 0
+                if p.current is not None and (b, v) not in p.loaded and p.current[b] != v:
+                    charge = round(switch_penalty * _load_ms(cost) * ACC_SCALE)
+                m_lat.append((lat, x[b][v]))
+                m_mem.append((mem, x[b][v]))
+                m_acc.append((acc, x[b][v]))
+                objective.append((round(p.weight * acc) - round(p.weight * charge), x[b][v]))
+        # -- constraints
+        lat_expr = sum(c * var for c, var in m_lat) + frame_lat_int
+        if budget.latency_ms is not None:
+            model.add(lat_expr <= math.floor(budget.latency_ms * LAT_SCALE))
+        if budget.memory_mb is not None:
+            model.add(sum(c * var for c, var in m_mem) + frame_mem <= int(budget.memory_mb * MIB))
+        if budget.min_accuracy is not None:
+            base = round(prof.baseline * ACC_SCALE)
+            model.add(sum(c * var for c, var in m_acc) + base >= math.ceil(budget.min_accuracy * ACC_SCALE))
+        lat_terms.append(lat_expr)
+        mem_terms.extend(m_mem)
+        fixed_mem += frame_mem
+        fixed_lat += frame_lat_int
+    if memory_mb is not None:
+        model.add(sum(c * var for c, var in mem_terms) + fixed_mem <= int(memory_mb * MIB))
+    if shared_latency_ms is not None:
+        model.add(sum(lat_terms) <= math.floor(shared_latency_ms * LAT_SCALE))
+    # -- objective
+    model.maximize(sum(c * var for c, var in objective))
+    # -- solve with a time limit
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = workers
+    status = solver.solve(model)
+    name = solver.status_name(status)
+    # -- check the status
+    if status == cp_model.INFEASIBLE:
+        asked = []
+        for p in problems:
+            b = p.budget
+            who = f"{p.name}: " if len(problems) > 1 else ""
+            asked += [f"{who}latency ≤ {b.latency_ms} ms"] * (b.latency_ms is not None)
+            asked += [f"{who}memory ≤ {b.memory_mb} MiB"] * (b.memory_mb is not None)
+            asked += [f"{who}accuracy ≥ {b.min_accuracy}"] * (b.min_accuracy is not None)
+        asked += [f"shared memory ≤ {memory_mb} MiB"] * (memory_mb is not None)
+        asked += [f"total latency ≤ {shared_latency_ms} ms"] * (shared_latency_ms is not None)
+        raise UserError(f"no configuration meets the budget ({', '.join(asked) or 'per-block limits'}): "
+                        f"{_bounds(problems, shared_latency_ms)}; relax the budget")
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if status == cp_model.MODEL_INVALID:
+            raise InternalError(f"CP-SAT rejected the selection model: {model.validate()}")
+        raise UserError(f"the solver found no configuration within its time limit of {time_limit_s} s "
+                        f"(status {name}); raise time_limit_s")
+    choices = tuple(tuple(next(v for v, var in enumerate(row) if solver.boolean_value(var)) for row in x) for x in xs)
+    return Selection(
+        choices=choices, estimates=tuple(p.profiles.estimate(c) for p, c in zip(problems, choices)),
+        optimal=status == cp_model.OPTIMAL, status=name, solve_ms=(time.perf_counter() - t0) * 1e3,
+        objective=solver.objective_value / ACC_SCALE)
