@@ -4,7 +4,9 @@
 
 For each configuration (every block at its full variant, at its middle variant, at its smallest
 variant) it prints the chosen pruning ratios, total MACs, top-1 accuracy on the 1,000 held-out
-digits (batch-1 inference) and the median latency per inference.
+digits (batch-1 inference) and the median latency per inference. Then it follows a budget that
+changes over time: at every step the runtime picks the most accurate variants within the
+latency (and memory) budget with CP-SAT, loading only the blocks that change.
 
 Device-side: imports numpy, legoc.runtime and mnist_digits only; never torch.
 """
@@ -97,7 +99,65 @@ def print_table(rows: list[tuple[str, dict]], title: str) -> None:
         table.add_column(h, justify="left" if i < 2 else "right")
     for c in cells:
         table.add_row(*c)
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
+
+
+BUDGET_TRACE = [  # (what happens on the device, latency budget ms, memory budget MiB or None)
+    ("idle board", 20.0, None),
+    ("camera app starts", 10.0, None),
+    ("board heats up", 6.0, None),
+    ("battery saver", 3.0, None),
+    ("memory pressure", 10.0, 2.7),
+    ("back to idle", 20.0, None),
+]
+
+
+def follow_budget(model, x: np.ndarray, y: np.ndarray, trace=BUDGET_TRACE, limit: int = 300) -> list[dict]:
+    """Reconfigure by budget at every step (CP-SAT), then measure what the chosen configuration does."""
+    rows = []
+    x, y = x[:limit], y[:limit]
+    for event, latency_ms, memory_mb in trace:
+        loaded_before = model.modules_loaded
+        t0 = time.perf_counter()
+        model.configure(latency_ms=latency_ms, memory_mb=memory_mb)
+        switch_ms = (time.perf_counter() - t0) * 1e3
+        sel = model.last_selection
+        for i in range(WARMUP):
+            model(x[i:i + 1])
+        correct, times = 0, []
+        for i in range(len(x)):
+            t1 = time.perf_counter()
+            out = model(x[i:i + 1])
+            times.append(time.perf_counter() - t1)
+            correct += int(np.argmax(_logits(out)) == y[i])
+        rows.append({"event": event, "latency_budget": latency_ms, "memory_budget": memory_mb,
+                     "choice": list(sel.choice), "est_accuracy": sel.estimate.accuracy,
+                     "est_latency_ms": sel.estimate.latency_ms, "est_memory_mb": sel.estimate.memory_bytes / 2**20,
+                     "accuracy": correct / len(x), "median_ms": statistics.median(times) * 1e3,
+                     "loaded": model.modules_loaded - loaded_before, "switch_ms": switch_ms, "solve_ms": sel.solve_ms})
+    return rows
+
+
+def print_trace(rows: list[dict], title: str) -> None:
+    header = ("step", "budget", "variants", "est. acc", "acc", "est. ms", "ms", "modules loaded", "switch ms")
+    cells = [(r["event"], f"≤{r['latency_budget']:g} ms" + (f", ≤{r['memory_budget']:g} MiB" if r["memory_budget"] else ""),
+              " ".join(map(str, r["choice"])), f"{r['est_accuracy'] * 100:.1f}%", f"{r['accuracy'] * 100:.1f}%",
+              f"{r['est_latency_ms']:.2f}", f"{r['median_ms']:.2f}", str(r["loaded"]), f"{r['switch_ms']:.1f}")
+             for r in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for line in [header, *cells]:
+            print("  ".join(line))
+        return
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 3 else "right")
+    for c in cells:
+        table.add_row(*c)
+    Console(width=max(120, Console().width)).print(table)
 
 
 def main(argv=None) -> int:
@@ -121,6 +181,13 @@ def main(argv=None) -> int:
         print(f"demo_app: {exc}", file=sys.stderr)
         return 1
     print_table(rows, f"{Path(args.artifact).name} on {len(x_val)} held-out MNIST digits (batch 1)")
+    try:
+        trace = follow_budget(model, x_val, y_val, limit=min(300, len(x_val)))
+    except UserError as exc:
+        print(f"demo_app: {exc}", file=sys.stderr)
+        return 1
+    print_trace(trace, f"following a changing budget: CP-SAT picks the variants at each step "
+                       f"(accuracy and latency measured on {min(300, len(x_val))} digits)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""legoc's command line: compile, inspect, targets.
+"""legoc's command line: compile, inspect, select, run, targets.
 
 Exit codes: 0 ok, 2 user error (bad model, target, options, artifact), 1 internal error.
 Errors print one line; LEGOC_DEBUG=1 adds the traceback.
@@ -44,8 +44,88 @@ def _parser() -> argparse.ArgumentParser:
                                                   "validated points) to FILE (.png/.svg)")
     i.add_argument("--graph", metavar="FILE", help="draw the segment graph (blocks coloured, frame grey) to FILE (.svg/.png)")
 
+    sel = sub.add_parser("select", help="choose the most accurate variants within a budget (CP-SAT) and print them")
+    sel.add_argument("artifact")
+    _budget_args(sel)
+
+    r = sub.add_parser("run", help="run an artifact on an input .npy (configured by variants or by budget)")
+    r.add_argument("artifact")
+    r.add_argument("--input", "-i", required=True, action="append", help="input .npy (repeat for several inputs)")
+    r.add_argument("--output", "-o", help="write the output here (.npy; .npz for a tuple/dict output)")
+    r.add_argument("--variants", help="one variant index per block, comma-separated (instead of a budget)")
+    _budget_args(r)
+
     sub.add_parser("targets", help="list the known targets")
     return p
+
+
+def _budget_args(p) -> None:
+    p.add_argument("--latency-ms", type=float, help="latency budget per inference (ms)")
+    p.add_argument("--memory-mb", type=float, help="memory budget (MiB of resident memory the runtime adds)")
+    p.add_argument("--min-accuracy", type=float, help="lowest acceptable estimated accuracy (metric units, e.g. 0.97)")
+    p.add_argument("--time-limit", type=float, default=1.0, help="solver time limit in seconds (default 1)")
+
+
+def _select(m, args):
+    return m.select(args.latency_ms, args.memory_mb, args.min_accuracy, time_limit_s=args.time_limit)
+
+
+def cmd_select(args) -> int:
+    from legoc.runtime.model import Model
+
+    m = Model(args.artifact)
+    sel = _select(m, args)
+    e = sel.estimate
+    print(f"{args.artifact}: {'optimal' if sel.optimal else 'feasible (time limit hit; may not be optimal)'} "
+          f"in {sel.solve_ms:.1f} ms")
+    for b, i in zip(m.blocks, sel.choice):
+        v = b.variants[i]
+        print(f"  {b.name}: variant {i} ({v.id}, ratio {v.ratio:.2f}, {v.macs / 1e6:.2f} M MACs)")
+    lat = "-" if e.latency_ms is None else f"{e.latency_ms:.2f} ms ({', '.join(e.sources['latency'])})"
+    print(f"estimated accuracy {e.accuracy:.4f} ({e.sources['accuracy']}), latency {lat}, "
+          f"memory {e.memory_bytes / 2**20:.2f} MiB")
+    print(f"variants: {','.join(map(str, sel.choice))}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import time
+
+    import numpy as np
+
+    from legoc.runtime.model import Model
+
+    m = Model(args.artifact)
+    xs = []
+    for path in args.input:
+        try:
+            xs.append(np.load(path))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: cannot read it as a .npy array ({exc}); save the input with numpy.save") from exc
+    if args.variants:
+        try:
+            m.configure(variants=[int(v) for v in args.variants.split(",")])
+        except ValueError:
+            raise UserError(f"--variants takes comma-separated integers like 0,2,1,4, got {args.variants!r}")
+    elif args.latency_ms is not None or args.memory_mb is not None or args.min_accuracy is not None:
+        m.configure(variants=_select(m, args).choice)
+    else:
+        m.configure()
+    t0 = time.perf_counter()
+    out = m(*xs)
+    ms = (time.perf_counter() - t0) * 1e3
+    print(f"variants {','.join(map(str, m.choice))}: ran in {ms:.2f} ms")
+    if args.output:
+        if isinstance(out, np.ndarray):
+            np.save(args.output, out)
+        else:
+            leaves = out.items() if isinstance(out, dict) else enumerate(out)
+            np.savez(args.output, **{str(k): np.asarray(v) for k, v in leaves})
+        print(f"wrote {args.output}")
+    else:
+        print(np.array2string(np.asarray(out) if isinstance(out, np.ndarray) else np.asarray(out[0]), precision=4,
+                              threshold=20))
+    return 0
 
 
 def cmd_compile(args) -> int:
@@ -155,7 +235,8 @@ def cmd_targets(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"compile": cmd_compile, "inspect": cmd_inspect, "targets": cmd_targets}[args.command]
+    handler = {"compile": cmd_compile, "inspect": cmd_inspect, "targets": cmd_targets, "select": cmd_select,
+               "run": cmd_run}[args.command]
     try:
         return handler(args)
     except UserError as exc:
