@@ -12,7 +12,8 @@ each per-variant figure carries its source (``measured-local``, ``measured-rpc``
   per-module overhead: an upper bound of the resident memory the runtime adds (nested blocks
   hold their shared weight file once). The estimate is meant never to be below the measured peak.
 * switching = bytes of modules and weights that must be loaded to go from one configuration to
-  another (blocks whose variant is unchanged cost nothing).
+  another, and the sum of their measured switch-in times (blocks whose variant is unchanged cost
+  nothing).
 """
 from __future__ import annotations
 
@@ -141,6 +142,17 @@ class Profiles:
         for b, vs in enumerate(self.blocks):
             if old is None or old[b] != new[b]:
                 total += vs[new[b]].load_bytes
+        return total
+
+    def switch_ms(self, old: Sequence[int] | None, new: Sequence[int]) -> float | None:
+        """Time to switch from ``old`` to ``new`` when the changed modules are not cached: the sum
+        of their measured switch-in times (None if some was not measured)."""
+        total = 0.0
+        for b, vs in enumerate(self.blocks):
+            if old is None or old[b] != new[b]:
+                if vs[new[b]].load_ms is None:
+                    return None
+                total += vs[new[b]].load_ms
         return total
 
     def estimate(self, choice: Sequence[int]) -> Estimate:

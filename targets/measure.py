@@ -1,5 +1,5 @@
 """Measurements on this machine, cached per (module, target) so a re-compile re-measures only
-what changed: a module's latency (TVM time evaluator) and its load time (dlopen + VM + weights).
+what changed: a module's latency (TVM time evaluator).
 
 The cache key is a fingerprint of the torch module (code and weights), the input shapes, the
 target and the measurement settings; entries live in ``<cache>/profile/latency``."""
@@ -9,14 +9,12 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = "latency/1"
+CACHE_VERSION = "latency/2"
 NUMBER, REPEAT = 5, 3
-LOAD_REPEAT = 3
 
 
 def fingerprint(module, inputs, target_json: dict) -> str:
@@ -26,7 +24,7 @@ def fingerprint(module, inputs, target_json: dict) -> str:
     _digest_module(h, module)
     h.update(repr([tuple(t.shape) for t in inputs]).encode())
     h.update(json.dumps(target_json, sort_keys=True).encode())
-    h.update(repr((NUMBER, REPEAT, LOAD_REPEAT)).encode())
+    h.update(repr((NUMBER, REPEAT)).encode())
     return h.hexdigest()[:32]
 
 
@@ -39,7 +37,7 @@ def _path(key: str) -> Path:
 def cached(key: str) -> dict | None:
     try:
         data = json.loads(_path(key).read_text())
-        return data if {"latency_ms", "load_ms"} <= set(data) else None
+        return data if "latency_ms" in data else None
     except (OSError, ValueError):
         return None
 
@@ -53,30 +51,13 @@ def store(key: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def measure_load_ms(so: Path, params: list[np.ndarray]) -> float:
-    """Median time to make a module runnable: load the library, create its VM, copy its weights."""
-    import tvm
-
-    dev = tvm.cpu()
-    times = []
-    for _ in range(LOAD_REPEAT):
-        t0 = time.perf_counter()
-        lib = tvm.runtime.load_module(str(so))
-        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-        tensors = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
-        times.append((time.perf_counter() - t0) * 1e3)
-        del vm, lib, tensors
-    return float(np.median(times))
-
-
 def measure(key: str, so: Path, inputs: tuple[np.ndarray, ...], params: list[np.ndarray]) -> tuple[dict, bool]:
-    """``({"latency_ms", "load_ms"}, reused)``: from the cache, or measured now and cached."""
+    """``({"latency_ms"}, reused)``: from the cache, or measured now and cached."""
     from legoc.targets.build import measure_local
 
     hit = cached(key)
     if hit is not None:
         return hit, True
-    data = {"latency_ms": measure_local(so, inputs, params, number=NUMBER, repeat=REPEAT),
-            "load_ms": measure_load_ms(so, params)}
+    data = {"latency_ms": measure_local(so, inputs, params, number=NUMBER, repeat=REPEAT)}
     store(key, data)
     return data, False
