@@ -153,7 +153,7 @@ def cmd_inspect(args) -> int:
     from legoc.runtime.artifact import read_manifest
 
     m = read_manifest(args.artifact)
-    con = Console(width=max(120, Console().width))
+    con = Console(width=max(170, Console().width))
     model, tgt = m["model"], m["target"]
     con.print(f"[bold]{args.artifact}[/]: model {model['name']} ({model['source']}), target {tgt['name']} "
               f"({tgt['triple']}, {tgt['device']}); {model['scalable_share']:.1%} of "
