@@ -176,7 +176,9 @@ class Profiles:
         Exhaustive up to ``limit`` combinations; beyond that a DP over blocks keeps, per block
         prefix, only the Pareto-optimal (latency, accuracy) partial sums, which is exact for
         additive estimators."""
-        if any(v.latency_ms is None or v.drop is None for vs in self.blocks for v in vs):
+        if self.baseline is None or any(v.latency_ms is None or v.drop is None for vs in self.blocks for v in vs):
+            return []
+        if any(v.latency_ms is None for v in self.frame):
             return []
         partial: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
         for vs in self.blocks:

@@ -122,8 +122,7 @@ def test_cross_targets_build_aarch64_libraries(target, artifact):
         for v in seg["variants"]:
             head = (rep.artifact / v["module"]["file"]).read_bytes()[:20]
             assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
-    assert all(v["profile"]["latency_ms"] == {"value": None, "source": "unmeasured",
-                                              "how": f"{target} does not run here; measure over TVM RPC"}
+    assert all(v["profile"]["latency_ms"]["source"] == "estimated" and v["profile"]["latency_ms"]["value"] > 0
                for s in manifest["segments"] for v in s["variants"])
     with pytest.raises(UserError, match=f"compiled for target '{target}'.*cannot run"):
         load(rep.artifact).configure()
