@@ -39,6 +39,7 @@ from legoc.runtime import load
 from legoc.runtime.artifact import read_manifest
 from legoc.runtime.estimate import Profiles
 from legoc.runtime.memory import measure_in_subprocess
+from legoc.runtime.model import median_latency_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,17 +63,6 @@ class RuntimeAsTorch(torch.nn.Module):
                 out = self.model(xi)
             outs.append(torch.from_numpy(np.asarray(out)))
         return torch.cat(outs)
-
-
-def runtime_latency(model, x, warmup: int = 5, calls: int = 50) -> float:
-    for _ in range(warmup):
-        model(*x)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        model(*x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def gemm_peak_gflops(n: int = 1024, repeat: int = 10) -> float:
@@ -119,7 +109,7 @@ def main(argv=None) -> int:
             est = prof.estimate(choice)
             model.configure(variants=list(choice))
             acc = float(spec.evaluate(RuntimeAsTorch(model), val))
-            lat = runtime_latency(model, x)
+            lat = median_latency_ms(model, x, warmup=5, calls=50)
             mem = measure_in_subprocess(art, choice)["peak_bytes"]
             rows.append({"choice": list(choice), "est_accuracy": est.accuracy, "accuracy": acc,
                          "est_latency_ms": est.latency_ms, "latency_ms": lat,

@@ -85,18 +85,24 @@ def print_table(rows: list[tuple[str, dict]], title: str) -> None:
     cells = [(name, describe_ratios(r["ratios"]), f"{r['macs'] / 1e6:.2f}",
               f"{r['param_bytes'] / 1024:.1f}", f"{r['accuracy'] * 100:.1f}%",
               f"{r['median_ms']:.3f}") for name, r in rows]
+    _print_cells(header, cells, title, left=2)
+
+
+def _print_cells(header, cells, title: str, left: int) -> None:
+    """A table with rich, or plain aligned text on devices without it (first ``left`` columns
+    left-aligned, the rest right-aligned)."""
     try:
         from rich.console import Console
         from rich.table import Table
-    except ImportError:  # plain aligned text on devices without rich
+    except ImportError:
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
         print(title)
         for line in [header, *cells]:
-            print("  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
+            print("  ".join(s.ljust(w) if i < left else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
         return
     table = Table(title=title)
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 2 else "right")
+        table.add_column(h, justify="left" if i < left else "right")
     for c in cells:
         table.add_row(*c)
     Console(width=max(120, Console().width)).print(table)
@@ -144,20 +150,7 @@ def print_trace(rows: list[dict], title: str) -> None:
               " ".join(map(str, r["choice"])), f"{r['est_accuracy'] * 100:.1f}%", f"{r['accuracy'] * 100:.1f}%",
               f"{r['est_latency_ms']:.2f}", f"{r['median_ms']:.2f}", str(r["loaded"]), f"{r['switch_ms']:.1f}")
              for r in rows]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        for line in [header, *cells]:
-            print("  ".join(line))
-        return
-    table = Table(title=title)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 3 else "right")
-    for c in cells:
-        table.add_row(*c)
-    Console(width=max(120, Console().width)).print(table)
+    _print_cells(header, cells, title, left=3)
 
 
 def main(argv=None) -> int:

@@ -203,7 +203,6 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
            "module_overhead_bytes": MODULE_OVERHEAD_BYTES, "validation": []}
     if not target.runs_here or not config.validate:
         return out
-    from legoc.passes.profile import AccuracyProfiler
     from legoc.runtime.estimate import Profiles
     from legoc.runtime.model import Model
 
@@ -219,7 +218,7 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
                                "how": "(runtime latency of the full configuration - sum of its modules' latencies) / segments"}
     manifest["combination"] = out
     profiles = Profiles(manifest)
-    prof = AccuracyProfiler(state, state.val_batches, state.evaluate) if state.accuracy else None
+    prof = state.accuracy["profiler"] if state.accuracy else None   # reuses its cached block inputs
     picks = _validation_choices(profiles)
     task = bar.add_task(f"validating {len(picks)} combinations", total=len(picks))
     for choice in picks:
@@ -250,18 +249,11 @@ def _validation_choices(profiles) -> list[tuple[int, ...]]:
     return picks
 
 
-def _runtime_latency(model, choice: list[int], x: list, calls: int = 20) -> float:
-    import statistics
+def _runtime_latency(model, choice: list[int], x: list) -> float:
+    from legoc.runtime.model import median_latency_ms
 
     model.configure(variants=choice)
-    for _ in range(3):
-        model(*x)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        model(*x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_latency_ms(model, x, warmup=3, calls=20)
 
 
 def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> dict:

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -59,19 +56,16 @@ def _cache_file(key: str):
 
 
 def _cached(key: str) -> float | None:
-    try:
-        return float(json.loads(_cache_file(key).read_text())["value"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    from legoc.paths import read_json_cache
+
+    value = (read_json_cache(_cache_file(key)) or {}).get("value")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _store(key: str, value: float) -> None:
-    path = _cache_file(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"value": value}, f)
-    os.replace(tmp, path)
+    from legoc.paths import write_json_cache
+
+    write_json_cache(_cache_file(key), {"value": value})
 
 
 class _Replay(torch.nn.Module):
@@ -281,5 +275,6 @@ class ProfileAccuracy(Pass):
             "metric": prof.kind.kind, "source": "measured-local", "how": prof.kind.source,
             "samples": prof.kind.samples, "baseline": base, "contexts": context_metric,
             "variants": per_variant, "evaluations": prof.computed, "reused": prof.reused,
+            "profiler": prof,   # kept for measuring whole combinations later (not written to the manifest)
         }
         return PassResult(state.replace(accuracy=report), True)

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 # Resident memory the runtime adds per loaded module beyond its .so file, weights and
-# activations (VM object, allocator bookkeeping, relocations): measured by
-# benchmarks/estimators.py on x86-64: about 280 KiB per module for MNIST; 384 KiB leaves a margin.
+# activations (VM object, allocator bookkeeping, relocations). Measured with
+# `python -m legoc.runtime.memory` on the 4-block MNIST host artifact (x86-64): about 280 KiB per
+# module; 384 KiB leaves a margin (benchmarks/estimators.py checks the estimate stays above).
 MODULE_OVERHEAD_BYTES = 384 * 1024
 # Per-segment call overhead (Python dispatch, VM invoke) when nothing was measured.
 DEFAULT_CALL_OVERHEAD_MS = 0.02
@@ -72,7 +73,7 @@ def _prod(shape) -> int:
     return out
 
 
-def _cost(v: dict) -> VariantCost:
+def variant_cost(v: dict) -> VariantCost:
     prof = v.get("profile", {})
     lat = prof.get("latency_ms") or {}
     acc = prof.get("accuracy_drop") or {}
@@ -93,8 +94,8 @@ class Profiles:
         self.manifest = manifest
         segs = manifest["segments"]
         self.block_names = [s["name"] for s in segs if s["kind"] == "block"]
-        self.blocks: list[list[VariantCost]] = [[_cost(v) for v in s["variants"]] for s in segs if s["kind"] == "block"]
-        self.frame: list[VariantCost] = [_cost(s["variants"][0]) for s in segs if s["kind"] != "block"]
+        self.blocks: list[list[VariantCost]] = [[variant_cost(v) for v in s["variants"]] for s in segs if s["kind"] == "block"]
+        self.frame: list[VariantCost] = [variant_cost(s["variants"][0]) for s in segs if s["kind"] != "block"]
         acc = manifest.get("accuracy") or {}
         self.baseline: float | None = acc.get("baseline")
         self.metric: str | None = acc.get("metric")
@@ -102,7 +103,6 @@ class Profiles:
         overhead = comb.get("call_overhead_ms") or {}
         value = overhead.get("value")
         self.call_overhead_ms = float(DEFAULT_CALL_OVERHEAD_MS if value is None else value)
-        self.overhead_source = overhead.get("source", "estimated")
         self.module_overhead_bytes = int(comb.get("module_overhead_bytes") or MODULE_OVERHEAD_BYTES)
         self.num_segments = len(segs)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from legoc.errors import UserError
 from legoc.runtime.artifact import build_output, read_manifest, verified_path
+from legoc.runtime.estimate import variant_cost
 
 _MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -113,6 +114,7 @@ class Model:
         self._lock = threading.Lock()          # the plan swap and inference (TVM VMs are not thread-safe)
         self._config_lock = threading.RLock()  # one reconfiguration at a time
         self._profiles = None
+        self._segment_entries = {s["name"]: s for s in self.manifest["segments"]}
         self.cache_limit_bytes: int | None = None   # set by configure(memory_mb=…)
         self.modules_loaded = self.modules_evicted = self.last_switch_loaded = 0
         self.last_selection = None
@@ -221,34 +223,25 @@ class Model:
             self._evict(keep | {(b.name, v) for b, v in zip(self.blocks, variants)})
         return self
 
+    def _variant_cost(self, key: tuple[str, int]):
+        return variant_cost(self._segment_entries[key[0]]["variants"][key[1]])
+
     def _evict(self, keep: set) -> None:
         """Drop least recently used modules not in ``keep`` while the held ones exceed the limit."""
         if self.cache_limit_bytes is None:
             return
-        prof = self.profiles
-        index = {s.name: k for k, s in enumerate(self.segments)}
-
-        def cost(key):
-            seg = self.manifest["segments"][index[key[0]]]
-            from legoc.runtime.estimate import _cost
-
-            return _cost(seg["variants"][key[1]])
-
-        for key in list(self._cache):
-            if prof.memory_of([cost(k) for k in self._cache]) <= self.cache_limit_bytes:
+        held = {key: self._variant_cost(key) for key in self._cache}
+        for key in list(self._cache):   # least recently used first
+            if self.profiles.memory_of(list(held.values())) <= self.cache_limit_bytes:
                 break
             if key not in keep:
-                del self._cache[key]
+                del self._cache[key], held[key]
                 self.modules_evicted += 1
 
     @property
     def held_bytes(self) -> int:
         """Estimated resident bytes of every module the cache holds (configuration included)."""
-        from legoc.runtime.estimate import _cost
-
-        index = {s.name: k for k, s in enumerate(self.segments)}
-        return self.profiles.memory_of([_cost(self.manifest["segments"][index[n]]["variants"][i])
-                                        for n, i in self._cache])
+        return self.profiles.memory_of([self._variant_cost(key) for key in self._cache])
 
     @property
     def loaded(self) -> list[tuple[str, str]]:
@@ -274,6 +267,22 @@ class Model:
             for seg, exe in plan:
                 env.update(zip(seg.outputs, exe(*[env[n] for n in seg.inputs])))
             return build_output(self.manifest["output"], env, leaf=lambda t: t.numpy())
+
+
+def median_latency_ms(model, inputs: Sequence[np.ndarray], warmup: int = 3, calls: int = 20) -> float:
+    """Median wall time in ms of ``model(*inputs)`` in its current configuration, after ``warmup``
+    untimed calls."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        model(*inputs)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        model(*inputs)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def load(path: str | Path) -> Model:

@@ -94,7 +94,7 @@ def _load_ms(v) -> float:
     return v.load_ms if v.load_ms is not None else v.load_bytes / 200e6 * 1e3   # ~200 MB/s if unmeasured
 
 
-def _bounds(problems: list[Problem], shared_latency_ms: float | None) -> str:
+def _bounds(problems: list[Problem]) -> str:
     """The smallest latency and memory any configuration reaches (for infeasibility messages)."""
     parts = []
     for p in problems:
@@ -207,7 +207,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
         asked += [f"shared memory ≤ {memory_mb} MiB"] * (memory_mb is not None)
         asked += [f"total latency ≤ {shared_latency_ms} ms"] * (shared_latency_ms is not None)
         raise UserError(f"no configuration meets the budget ({', '.join(asked) or 'per-block limits'}): "
-                        f"{_bounds(problems, shared_latency_ms)}; relax the budget")
+                        f"{_bounds(problems)}; relax the budget")
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if status == cp_model.MODEL_INVALID:
             raise InternalError(f"CP-SAT rejected the selection model: {model.validate()}")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,20 +33,16 @@ def _path(key: str) -> Path:
 
 
 def cached(key: str) -> dict | None:
-    try:
-        data = json.loads(_path(key).read_text())
-        return data if "latency_ms" in data else None
-    except (OSError, ValueError):
-        return None
+    from legoc.paths import read_json_cache
+
+    data = read_json_cache(_path(key))
+    return data if data is not None and "latency_ms" in data else None
 
 
 def store(key: str, data: dict) -> None:
-    path = _path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    from legoc.paths import write_json_cache
+
+    write_json_cache(_path(key), data)
 
 
 def measure(key: str, so: Path, inputs: tuple[np.ndarray, ...], params: list[np.ndarray]) -> tuple[dict, bool]:

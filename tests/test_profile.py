@@ -2,12 +2,10 @@
 combination estimators, caching, and the Pareto plot."""
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
