@@ -1,0 +1,456 @@
+"""Default schedules for CPU PrimFuncs (no tuning), hosted by dlight's ``ApplyDefaultSchedule``.
+
+TVM 0.27's CPU pipeline legalizes and fuses but schedules nothing: every fused PrimFunc runs as
+one thread of naive loops. These rules recognise the PrimFuncs legoc's models produce and give
+them parallel outer loops, vectorized inner loops sized to the target's vector width, register
+blocking and, for ordinary convolutions, a packed weight layout.
+
+A rule is a ``dlight.ScheduleRule``: it gets a PrimFunc and returns a scheduled ``s_tir.Schedule``
+or None when it does not apply. Rules are tried in order (:func:`default_rules`); the first that
+returns a schedule wins. Every primitive used (split, reorder, cache_write, reverse_compute_inline,
+transform_layout, parallel, vectorize, ...) is checked by TVM for legality, so a rule either
+produces an equivalent program or raises; a raising rule counts as "does not apply" and the next
+one is tried. :class:`Fallback` only parallelizes outer data-parallel loops, and a PrimFunc no rule
+takes is left as TVM made it (correct, slow).
+
+The rules:
+
+* :class:`Conv2dNCHWPacked` - an ordinary (groups=1) NCHW conv2d with its fused epilogue (bias,
+  residual add, ReLU, ...). Weights are run-time inputs, so the PrimFunc itself repacks them
+  ``OIHW -> O/L I H W L`` once per call (a pass over the weights, small next to the conv), then
+  runs a register-blocked micro-kernel: ``FB`` vectors of ``L`` output channels times ``XB``
+  output columns of accumulators; per reduction step one vector load of packed weights per
+  channel vector and one broadcast input scalar per column. The epilogue is inlined into the
+  accumulator write-back; (batch, channel-block, row) are fused and run in parallel.
+* :class:`ReductionVectorized` - any PrimFunc with one reduction block over S...R... iterators
+  (depthwise and grouped conv2d, dense/matmul, pooling, mean): the innermost non-trivial spatial
+  axis is vectorized with the reduction loops outside it and the accumulators in registers,
+  outer spatial loops run in parallel, the epilogue is inlined into the write-back.
+* :class:`Injective` - PrimFuncs with spatial blocks only (elementwise, broadcast, pad, reshape,
+  transpose): each block's loops are fused, the inner part vectorized, the outer part parallel.
+* :class:`Fallback` - anything else: outer data-parallel loops in parallel, nothing more.
+
+Vector width comes from LLVM for the target (AVX-512: 16 floats, AVX2: 8, NEON: 4).
+"""
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+__all__ = [
+    "Conv2dNCHWPacked",
+    "Fallback",
+    "Injective",
+    "ReductionVectorized",
+    "ApplyCPUSchedules",
+    "scheduled_by",
+    "cpu_pipeline",
+    "default_rules",
+    "lowering_passes",
+]
+
+_DATA_PAR = 0  # tirx.IterVar.DataPar
+_COMM_REDUCE = 2  # tirx.IterVar.CommReduce
+_MIN_PARALLEL = 2048  # elements below which a parallel loop costs more than it saves
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _lanes(target: Target, dtype_bits: int = 32) -> int:
+    """Elements of ``dtype_bits`` per vector register for ``target`` (at least 4)."""
+    try:
+        bits = int(llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 - unknown CPU: assume 128-bit (SSE/NEON)
+        bits = 128
+    return max(4, bits // dtype_bits)
+
+
+def _num_vector_registers(target: Target) -> int:
+    """Architectural vector registers (32 on AArch64 and AVX-512 x86, else 16)."""
+    triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
+    if triple.startswith(("aarch64", "arm64")):
+        return 32
+    return 32 if _lanes(target) >= 16 else 16
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _root_blocks(sch: s_tir.Schedule) -> list:
+    root = sch.get_sblock("root")
+    return list(sch.get_child_blocks(root))
+
+
+def _is_plain(sch: s_tir.Schedule, block) -> bool:
+    """The block sits in its own loop nest, one loop per block iterator, bound 1:1 in order."""
+    realize = sch.get_sref(block).stmt
+    loops = sch.get_loops(block)
+    iters = realize.iter_vars
+    if len(loops) != len(iters):
+        return False
+    for loop, itv in zip(loops, iters):
+        if int(sch.get(loop).extent) != int(itv.dom.extent):
+            return False
+    return True
+
+
+def _iter_kinds(sch: s_tir.Schedule, block) -> str:
+    kinds = []
+    for itv in sch.get(block).iter_vars:
+        kind = int(itv.iter_type)
+        if kind == _DATA_PAR:
+            kinds.append("S")
+        elif kind == _COMM_REDUCE:
+            kinds.append("R")
+        else:
+            kinds.append("O")
+    return "".join(kinds)
+
+
+def _float32_only(sch: s_tir.Schedule) -> bool:
+    """Every buffer the root blocks read or write is float32 (the rules assume 4-byte lanes)."""
+    for block in _root_blocks(sch):
+        stmt = sch.get(block)
+        for region in [*stmt.reads, *stmt.writes]:
+            if str(region.source.dtype) != "float32":
+                return False
+    return True
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _parallel_fused(sch: s_tir.Schedule, loops: list, work: int) -> None:
+    """Fuse the nested ``loops`` (outermost first) and run them in parallel if ``work`` elements
+    justify it."""
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if work >= _MIN_PARALLEL and _extent(sch, fused) > 1:
+        sch.parallel(fused)
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Fuse a spatial block's loops; vectorize an inner chunk, run the outer part in parallel."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    total = 1
+    for lp in loops:
+        total *= _extent(sch, lp)
+    inner = _extent(sch, loops[-1])
+    vec = lanes if inner % lanes == 0 else _largest_divisor(inner, lanes)
+    if vec >= 4:
+        outer_loops = loops[:-1]
+        lo, li = sch.split(loops[-1], [None, vec])
+        sch.vectorize(li)
+        _parallel_fused(sch, [*outer_loops, lo], total)
+    else:
+        _parallel_fused(sch, list(loops), total)
+
+
+def _inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
+    """Inline the spatial blocks after a reduction into its write-back block, in order; return
+    those that could not be inlined (they stay root-level blocks)."""
+    left = []
+    for block in epilogue:
+        try:
+            sch.reverse_compute_inline(block)
+        except (RuntimeError, ValueError):
+            left.append(block)
+    return left
+
+
+class _CPURule(dlight.ScheduleRule):
+    """A CPU rule: ``schedule`` mutates a fresh Schedule and says whether it applied."""
+
+    def apply(self, func, target: Target, tunable: bool):  # noqa: ARG002 - dlight's signature
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        if not _float32_only(sch):
+            return None
+        return sch if self.schedule(sch, target) else None
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        raise NotImplementedError
+
+
+def _split_around_reduction(sch: s_tir.Schedule):
+    """(prologue, reduction block, epilogue) of a PrimFunc with exactly one reduction block whose
+    iterators are all spatial then all reduction, in a plain loop nest; else None."""
+    blocks = _root_blocks(sch)
+    kinds = [_iter_kinds(sch, b) for b in blocks]
+    reductions = [i for i, k in enumerate(kinds) if "R" in k]
+    if len(reductions) != 1 or any("O" in k for k in kinds):
+        return None
+    i = reductions[0]
+    block = blocks[i]
+    kind = kinds[i]
+    n_s = len(kind) - len(kind.lstrip("S"))
+    if n_s == 0 or kind[n_s:].strip("R") or not _is_plain(sch, block):
+        return None
+    return blocks[:i], block, blocks[i + 1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+class Conv2dNCHWPacked(_CPURule):
+    """groups=1 NCHW conv2d (+ fused epilogue), channel-vectorized with per-call packed weights."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        parts = _split_around_reduction(sch)
+        if parts is None:
+            return False
+        prologue, conv, epilogue = parts
+        if _iter_kinds(sch, conv) != "SSSSRRR":
+            return False
+        stmt = sch.get(conv)
+        ivars = [iv.var for iv in stmt.iter_vars]
+        v_n, v_f, v_y, v_x, v_rc, v_ry, v_rx = ivars
+        # find the weight read [f, rc, ry, rx] and a data read whose channel index is rc alone
+        weight_index = data_ok = None
+        for idx, region in enumerate(stmt.reads):
+            starts = [r.min for r in region.region]
+            if len(starts) != 4 or any(int(r.extent) != 1 for r in region.region
+                                       if isinstance(r.extent, tirx.IntImm)):
+                continue
+            if all(isinstance(s, tirx.Var) for s in starts) and \
+                    [s.same_as(v) for s, v in zip(starts, (v_f, v_rc, v_ry, v_rx))] == [True] * 4:
+                weight_index = idx
+            elif isinstance(starts[1], tirx.Var) and starts[1].same_as(v_rc) and \
+                    isinstance(starts[0], tirx.Var) and starts[0].same_as(v_n):
+                data_ok = True
+        if weight_index is None or not data_ok:
+            return False
+
+        n, f, y, x, rc, ry, rx = sch.get_loops(conv)
+        n_f, n_x = _extent(sch, f), _extent(sch, x)
+        lanes = _lanes(target)
+        while lanes > 4 and n_f % lanes:
+            lanes //= 2
+        if n_f % lanes:
+            return False
+        fb = 2 if n_f % (2 * lanes) == 0 else 1
+        # half the vector registers hold accumulators (measured best on znver4: 2 x 8 tiles);
+        # the rest hold weight vectors and broadcast inputs without spilling
+        acc_regs = _num_vector_registers(target) // 2
+        xb = _largest_divisor(n_x, max(1, acc_regs // fb))
+        block_f = fb * lanes
+
+        wpack = sch.cache_read(conv, weight_index, "global")
+        sch.transform_layout(
+            wpack, ("write", 0), lambda o, i, h, w: (o // block_f, i, h, w, o % block_f)
+        )
+        fo, fi = sch.split(f, [None, block_f])
+        xo, xi = sch.split(x, [None, xb])
+        fi_o, fi_i = sch.split(fi, [fb, lanes])
+        sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi_o, fi_i)
+        acc_out = sch.cache_write(conv, 0, "local")
+        # channels innermost in the accumulator tile, so each channel vector is one register
+        sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
+        left = _inline_epilogue(sch, acc_out, epilogue)
+        sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+        sch.vectorize(fi_i)
+        sch.unroll(fi_o)
+        sch.unroll(xi)
+        _parallel_fused(sch, [n, fo, y], 1 << 30)
+        sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
+        wb_loops = sch.get_loops(acc_out)
+        wb_tile = wb_loops[len(wb_loops) - 4:]  # n, f, y, x of the tile
+        if xb >= 4:
+            sch.vectorize(wb_tile[-1])
+        # the packing pass and the rest
+        _schedule_spatial(sch, wpack, lanes)
+        for block in [*prologue, *left]:
+            _schedule_spatial(sch, block, lanes)
+        return True
+
+
+class ReductionVectorized(_CPURule):
+    """One reduction block (+ spatial prologue/epilogue): vectorize the innermost non-trivial
+    spatial axis outside-in of the reduction loops, parallel outer spatial loops."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        parts = _split_around_reduction(sch)
+        if parts is None:
+            return False
+        prologue, red, epilogue = parts
+        kind = _iter_kinds(sch, red)
+        n_s = len(kind) - len(kind.lstrip("S"))
+        loops = sch.get_loops(red)
+        spatial, reduce = loops[:n_s], loops[n_s:]
+        extents = [_extent(sch, lp) for lp in spatial]
+        work = 1
+        for e in extents:
+            work *= e
+        for lp in reduce:
+            work *= _extent(sch, lp)
+        lanes = _lanes(target)
+        # the vector axis: the innermost spatial loop longer than 1
+        axis = max((i for i, e in enumerate(extents) if e > 1), default=None)
+        acc_out = sch.cache_write(red, 0, "local")
+        left = _inline_epilogue(sch, acc_out, epilogue)
+        if axis is None:
+            sch.reverse_compute_at(acc_out, spatial[-1], preserve_unit_loops=True)
+            sch.decompose_reduction(red, reduce[0])
+        else:
+            ext = extents[axis]
+            vec = _largest_divisor(ext, lanes)
+            if vec < 4 and ext <= 2 * lanes:
+                vec = ext
+            vo, vi = sch.split(spatial[axis], [None, vec])
+            outer = [*spatial[:axis], vo, *spatial[axis + 1:]]
+            sch.reorder(*outer, *reduce, vi)
+            sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)
+            if vec >= 2:
+                sch.vectorize(vi)
+                if axis == n_s - 1:  # the write-back's innermost loop is the vector axis
+                    sch.vectorize(sch.get_loops(acc_out)[-1])
+            _parallel_fused(sch, outer, work)
+            sch.decompose_reduction(red, reduce[0])
+        for block in [*prologue, *left]:
+            _schedule_spatial(sch, block, lanes)
+        return True
+
+
+class Injective(_CPURule):
+    """Spatial blocks only: each block fused, vectorized inside, parallel outside."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        blocks = _root_blocks(sch)
+        if not blocks or any(set(_iter_kinds(sch, b)) - {"S"} for b in blocks):
+            return False
+        lanes = _lanes(target)
+        for block in blocks:
+            _schedule_spatial(sch, block, lanes)
+        return True
+
+
+class Fallback(_CPURule):
+    """Anything else: the outermost data-parallel loop of each root block runs in parallel."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:  # noqa: ARG002
+        changed = False
+        for block in _root_blocks(sch):
+            loops = sch.get_loops(block)
+            if not loops or _iter_kinds(sch, block)[:1] != "S" or not _is_plain(sch, block):
+                continue
+            if _extent(sch, loops[0]) > 1:
+                try:
+                    sch.parallel(loops[0])
+                    changed = True
+                except (RuntimeError, ValueError):
+                    continue
+        return changed
+
+
+def default_rules() -> list[dlight.ScheduleRule]:
+    """The CPU rules in the order they are tried."""
+    return [Conv2dNCHWPacked(), ReductionVectorized(), Injective(), Fallback()]
+
+
+RULE_ATTR = "legoc.schedule_rule"  # PrimFunc attribute naming the rule that scheduled it
+
+
+@tvm.transform.module_pass(opt_level=0, name="LegocApplyCPUSchedules")
+class ApplyCPUSchedules:
+    """Schedule every unscheduled PrimFunc with the first rule that applies (dlight's
+    ``ApplyDefaultSchedule``, plus: a rule that raises counts as not applying, and the winning
+    rule's name is kept in the PrimFunc attribute ``legoc.schedule_rule``).
+
+    ``strict=True`` (or ``LEGOC_SCHEDULE_STRICT=1``) re-raises a rule's error instead (tests).
+    """
+
+    def __init__(self, rules: list | None = None, *, strict: bool | None = None):
+        self.rules = list(rules) if rules is not None else default_rules()
+        self.strict = strict if strict is not None else os.environ.get(
+            "LEGOC_SCHEDULE_STRICT", "") not in ("", "0")
+
+    def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            target = func.attrs.get("target") if func.attrs is not None else None
+            target = target or Target.current(allow_none=False)
+            for rule in self.rules:
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception:  # noqa: BLE001 - a failing rule must never break a build
+                    if self.strict:
+                        raise
+                    sch = None
+                if sch is not None:
+                    updates[gvar] = sch.mod["main"].with_attrs(
+                        {"tirx.is_scheduled": True, RULE_ATTR: type(rule).__name__}
+                    )
+                    break
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
+
+
+def scheduled_by(mod: tvm.ir.IRModule) -> dict[str, str]:
+    """PrimFunc name -> the rule that scheduled it ("" if none did), for a scheduled module."""
+    out = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            attrs = func.attrs
+            out[gvar.name_hint] = str(attrs[RULE_ATTR]) if attrs is not None and RULE_ATTR in attrs else ""
+    return out
+
+
+def cpu_pipeline(target: Target, *, schedule: bool = True,
+                 before_schedule: tuple = ()) -> tvm.transform.Pass:
+    """TVM 0.27's CPU pipeline (``relax.backend.cpu_generic``) with the CPU rules applied after
+    operator fusion. ``before_schedule``: passes run between fusion and the rules (the tuning
+    database). ``schedule=False`` gives TVM's own pipeline (no schedules)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+
+    @tvm.transform.module_pass(opt_level=0, name="LegocCPUPipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        scheduled = [*before_schedule, ApplyCPUSchedules()] if schedule else list(before_schedule)
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + scheduled
+                + lowering_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def lowering_passes(target: Target) -> list:
+    """cpu_generic's passes after scheduling: dataflow lowering (not exported by TVM 0.27's
+    package, copied from its list) and finalization."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        *cpu.finalize_passes(target),
+    ]
