@@ -46,12 +46,14 @@ __all__ = [
     "Conv2dNCHWPacked",
     "Fallback",
     "Injective",
+    "PadConvChannels",
     "ReductionVectorized",
     "ApplyCPUSchedules",
     "scheduled_by",
     "cpu_pipeline",
     "default_rules",
     "lowering_passes",
+    "scheduling_passes",
 ]
 
 _DATA_PAR = 0  # tirx.IterVar.DataPar
@@ -161,11 +163,31 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
         _parallel_fused(sch, list(loops), total)
 
 
+def _same_domain(sch: s_tir.Schedule, block, shape: list[int]) -> bool:
+    """The block iterates exactly over ``shape`` and writes one buffer of that shape.
+
+    reverse_compute_inline in TVM 0.27 accepts a consumer that reads only part of its producer
+    (a channel slice) and then writes the consumer's buffer over the producer's whole domain, out
+    of bounds: consumers are inlined only when this holds."""
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1:
+        return False
+    extents = [int(iv.dom.extent) for iv in stmt.iter_vars]
+    written = [int(d) for d in stmt.writes[0].source.shape]
+    return extents == shape and written == shape
+
+
 def _inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
-    """Inline the spatial blocks after a reduction into its write-back block, in order; return
-    those that could not be inlined (they stay root-level blocks)."""
+    """Inline the spatial blocks after a reduction into its write-back block, in order, while
+    they cover the reduction's output element for element; return the others (they stay
+    root-level blocks)."""
+    stmt = sch.get(writeback)
+    shape = [int(d) for d in stmt.writes[0].source.shape]
     left = []
     for block in epilogue:
+        if left or not _same_domain(sch, block, shape):
+            left.append(block)
+            continue
         try:
             sch.reverse_compute_inline(block)
         except (RuntimeError, ValueError):
@@ -420,26 +442,84 @@ def scheduled_by(mod: tvm.ir.IRModule) -> dict[str, str]:
     return out
 
 
+@relax.expr_functor.mutator
+class _ConvChannelPadder(relax.PyExprMutator):
+    def __init__(self, mod: tvm.ir.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+        self.changed = False
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
+        call = super().visit_call_(call)
+        if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.nn.conv2d"):
+            return call
+        attrs = call.attrs
+        if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW"
+                or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW"):
+            return call
+        weight_info = call.args[1].ty
+        if not isinstance(weight_info, relax.TensorType) or weight_info.shape is None \
+                or str(weight_info.dtype) != "float32":
+            return call
+        try:
+            out_channels = int(weight_info.shape[0])
+        except TypeError:  # symbolic
+            return call
+        padded = -(-out_channels // self.lanes) * self.lanes
+        if out_channels < 4 or padded == out_channels:
+            return call
+        self.changed = True
+        weight = self.builder_.emit(relax.op.nn.pad(
+            call.args[1], [0, padded - out_channels, 0, 0, 0, 0, 0, 0]))
+        conv = self.builder_.emit(relax.op.nn.conv2d(
+            call.args[0], weight, attrs.strides, attrs.padding, attrs.dilation, 1,
+            "NCHW", "OIHW", "NCHW", attrs.out_dtype if str(attrs.out_dtype) else None))
+        return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
+
+
+@tvm.transform.module_pass(opt_level=0, name="LegocPadConvChannels")
+class PadConvChannels:
+    """Give groups=1 NCHW conv2d a multiple of the vector width of output channels: weights get
+    zero filters appended (a small pass per call), the conv runs on the
+    :class:`Conv2dNCHWPacked` fast path, and a slice keeps the real channels. Pruned variants
+    have arbitrary channel counts (37, 51, ...), which the packed conv cannot vectorize."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+
+    def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        padder = _ConvChannelPadder(mod, self.lanes)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                padder.builder_.update_func(gvar, padder.visit_expr(func))
+        return padder.builder_.get() if padder.changed else mod
+
+
 def cpu_pipeline(target: Target, *, schedule: bool = True,
                  before_schedule: tuple = ()) -> tvm.transform.Pass:
     """TVM 0.27's CPU pipeline (``relax.backend.cpu_generic``) with the CPU rules applied after
     operator fusion. ``before_schedule``: passes run between fusion and the rules (the tuning
     database). ``schedule=False`` gives TVM's own pipeline (no schedules)."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
 
     @tvm.transform.module_pass(opt_level=0, name="LegocCPUPipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
-        scheduled = [*before_schedule, ApplyCPUSchedules()] if schedule else list(before_schedule)
         with target:
-            seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + scheduled
-                + lowering_passes(target)
-            )
-            return seq(mod)
+            passes = scheduling_passes(target, schedule=schedule, before_schedule=before_schedule)
+            return tvm.transform.Sequential(passes + lowering_passes(target))(mod)
 
     return _pipeline
+
+
+def scheduling_passes(target: Target, *, schedule: bool = True, before_schedule: tuple = (),
+                      rules: list | None = None, strict: bool | None = None) -> list:
+    """cpu_generic's passes up to fused PrimFuncs, then legoc's: conv channel padding before
+    legalization, ``before_schedule``, then the rules (``rules``: default_rules())."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+
+    padding = [PadConvChannels(_lanes(target))] if schedule else []
+    scheduled = [ApplyCPUSchedules(rules, strict=strict)] if schedule else []
+    return (padding + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            + list(before_schedule) + scheduled)
 
 
 def lowering_passes(target: Target) -> list:
