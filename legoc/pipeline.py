@@ -26,12 +26,15 @@ class CompileConfig:
     retrain_epochs: int = 10
     retrain_minutes: float = 10.0
     retrain_lr: float = 1e-3
+    tune_trials: int = 0  # MetaSchedule trials per workload new to the tuning database (0: none)
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
             raise UserError(f"unknown importance {self.importance!r}; choose one of: {', '.join(IMPORTANCE)}")
         if self.retrain_epochs < 0 or self.retrain_minutes < 0:
             raise UserError("--retrain-epochs and --retrain-minutes must be 0 (no retraining) or more")
+        if self.tune_trials < 0:
+            raise UserError(f"--tune-trials must be 0 (no tuning) or more, got {self.tune_trials}")
         if self.round_to < 1:
             raise UserError(f"--round-to must be at least 1, got {self.round_to}")
 
@@ -162,7 +165,8 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             inputs = tuple(env[n] for n in seg.inputs)
             t0 = time.perf_counter()
             try:
-                built = build_module(module, inputs, target, writer.path_for(rel), name=f"{seg.name}/{vid}")
+                built = build_module(module, inputs, target, writer.path_for(rel), name=f"{seg.name}/{vid}",
+                                     tune_trials=config.tune_trials)
             except LegocError:
                 raise
             except Exception as exc:

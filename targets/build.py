@@ -33,7 +33,7 @@ import tvm.relax.frontend.torch as relax_torch
 from tvm import relax
 from tvm.support import cc as tvm_cc
 
-from legoc.errors import InternalError, UserError, describe
+from legoc.errors import InternalError, LegocError, UserError, describe
 from legoc.passes.fold import fold_batchnorm
 from legoc.paths import cache_dir
 from legoc.targets.table import TargetSpec, _machine_triple
@@ -114,6 +114,7 @@ def build_module(
     out_path: Path,
     *,
     name: str = "module",
+    tune_trials: int = 0,
 ) -> BuiltModule:
     """Compile ``module`` for ``target`` into the shared library ``out_path``.
 
@@ -121,6 +122,10 @@ def build_module(
     BatchNorm included, become trailing run-time inputs (``param_names``/``params``). A module
     returning a 1-tuple gives one output (the tuple is unwrapped). The first zig link on a machine
     takes ~90 s (zig builds libc++ for aarch64 once); later links take well under a second.
+
+    CPU targets get legoc's default schedules (:mod:`legoc.targets.schedules`); with
+    ``tune_trials > 0`` MetaSchedule tunes the module first (:mod:`legoc.targets.tune`, a
+    persistent database: workloads tuned before are reused, not tuned again).
     """
     out_path = Path(out_path)
     example_inputs = tuple(example_inputs)
@@ -169,7 +174,10 @@ def build_module(
     try:
         tvm_target = target.tvm_target()
         with tvm_target:
-            executable = tvm.compile(mod, target=tvm_target)
+            executable = tvm.compile(mod, target=tvm_target,
+                                     relax_pipeline=_relax_pipeline(mod, target, tune_trials))
+    except LegocError:
+        raise
     except Exception as exc:
         raise _bug("TVM could not compile", name, target, exc) from exc
 
@@ -197,6 +205,25 @@ def build_module(
         num_inputs=num_inputs,
         num_outputs=num_outputs,
     )
+
+
+def _relax_pipeline(mod, target: TargetSpec, tune_trials: int):
+    """The Relax pipeline for ``target``: TVM's default for cuda (dlight GPU schedules); for cpu,
+    TVM's CPU pipeline plus legoc's CPU schedules, after MetaSchedule tuning if asked."""
+    if tune_trials < 0:
+        raise UserError(f"--tune-trials must be 0 (no tuning) or more, got {tune_trials}")
+    if target.device != "cpu":
+        if tune_trials:
+            raise UserError(f"--tune-trials tunes cpu targets only; {target.name} is {target.device}")
+        return "default"
+    from legoc.targets.schedules import cpu_pipeline  # noqa: PLC0415 - imports tvm.s_tir
+
+    tvm_target = target.tvm_target()
+    if tune_trials:
+        from legoc.targets.tune import tuned_pipeline  # noqa: PLC0415
+
+        return tuned_pipeline(mod, target, tune_trials)
+    return cpu_pipeline(tvm_target)
 
 
 def measure_local(path: Path, inputs: tuple[np.ndarray, ...], params: list[np.ndarray],
