@@ -153,7 +153,9 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
     for lp in loops:
         total *= _extent(sch, lp)
     inner = _extent(sch, loops[-1])
-    vec = lanes if inner % lanes == 0 else _largest_divisor(inner, lanes)
+    vec = lanes
+    while vec > 1 and inner % vec:  # a power of two dividing the inner extent
+        vec //= 2
     if vec >= 4:
         outer_loops = loops[:-1]
         lo, li = sch.split(loops[-1], [None, vec])
@@ -175,6 +177,17 @@ def _same_domain(sch: s_tir.Schedule, block, shape: list[int]) -> bool:
     extents = [int(iv.dom.extent) for iv in stmt.iter_vars]
     written = [int(d) for d in stmt.writes[0].source.shape]
     return extents == shape and written == shape
+
+
+def _schedule_pack(sch: s_tir.Schedule, block, block_f: int) -> None:
+    """Schedule the OIHW -> O/B I H W B weight copy: (o/B, i) parallel, (h, w) serial, the B
+    filters of a block as the vectorized inner loop."""
+    o, i, h, w = sch.get_loops(block)
+    oo, oi = sch.split(o, [None, block_f])
+    sch.reorder(oo, i, h, w, oi)
+    sch.vectorize(oi)
+    work = _extent(sch, oo) * _extent(sch, i) * _extent(sch, h) * _extent(sch, w) * block_f
+    _parallel_fused(sch, [oo, i], work)
 
 
 def _inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
@@ -296,8 +309,9 @@ class Conv2dNCHWPacked(_CPURule):
         wb_tile = wb_loops[len(wb_loops) - 4:]  # n, f, y, x of the tile
         if xb >= 4:
             sch.vectorize(wb_tile[-1])
-        # the packing pass and the rest
-        _schedule_spatial(sch, wpack, lanes)
+        # the packing pass: loops in the packed order, so writes are contiguous vectors and each
+        # vector gathers one element from block_f filters (their rows stay in L1 across i, h, w)
+        _schedule_pack(sch, wpack, block_f)
         for block in [*prologue, *left]:
             _schedule_spatial(sch, block, lanes)
         return True
