@@ -3,6 +3,6 @@
 Runs on the device: imports numpy, safetensors and the TVM runtime only (never torch, never
 legoc.passes).
 """
-from legoc.runtime.model import Model, load
+from legoc.runtime.model import Model, load, set_num_threads
 
-__all__ = ["Model", "load"]
+__all__ = ["Model", "load", "set_num_threads"]
