@@ -115,6 +115,7 @@ def build_module(
     *,
     name: str = "module",
     tune_trials: int = 0,
+    prepack: bool = False,
 ) -> BuiltModule:
     """Compile ``module`` for ``target`` into the shared library ``out_path``.
 
@@ -126,6 +127,10 @@ def build_module(
     CPU targets get legoc's default schedules (:mod:`legoc.targets.schedules`); with
     ``tune_trials > 0`` MetaSchedule tunes the module first (:mod:`legoc.targets.tune`, a
     persistent database: workloads tuned before are reused, not tuned again).
+
+    ``prepack=True`` (cpu targets, untuned): conv weights are packed for the schedules and FC
+    weights transposed here, once; ``params`` are then those transformed weights (other names
+    and shapes than the module's parameters), not to be sliced as sub-tensors.
     """
     out_path = Path(out_path)
     example_inputs = tuple(example_inputs)
@@ -171,6 +176,12 @@ def build_module(
     except Exception as exc:
         raise _bug("TVM could not import", name, target, exc) from exc
 
+    if prepack and target.device == "cpu" and not tune_trials:
+        try:
+            mod, param_names, params = _prepack(mod, params, num_inputs, target)
+        except Exception as exc:
+            raise _bug("TVM could not prepack the weights of", name, target, exc) from exc
+
     try:
         tvm_target = target.tvm_target()
         with tvm_target:
@@ -205,6 +216,30 @@ def build_module(
         num_inputs=num_inputs,
         num_outputs=num_outputs,
     )
+
+
+def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec):
+    """Weights transformed once, here (legoc.targets.schedules.prepack_weights): the module
+    without its ``main_transform_params``, the new parameter names and values."""
+    from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pipeline, prepack_weights  # noqa: PLC0415
+    from legoc.targets.table import TARGETS  # noqa: PLC0415
+
+    mod = prepack_weights(mod, target.tvm_target())
+    if TRANSFORM_PARAMS not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, [str(v.name) for v in mod["main"].params[num_inputs:]], params
+    here = TARGETS["host"].tvm_target()  # the transform runs on this machine
+    transform = tvm.IRModule({TRANSFORM_PARAMS: mod[TRANSFORM_PARAMS]})
+    with here:
+        vm = relax.VirtualMachine(tvm.compile(transform, target=here, relax_pipeline=cpu_pipeline(here)),
+                                  tvm.cpu())
+    out = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params])
+    values = [_to_numpy(v) for v in (list(out) if not isinstance(out, tvm.runtime.Tensor) else [out])]
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != TRANSFORM_PARAMS},
+                       attrs=mod.attrs)
+    names = [str(v.name) for v in mod["main"].params[num_inputs:]]
+    if len(names) != len(values):
+        raise RuntimeError(f"{len(values)} transformed weights for {len(names)} parameters")
+    return mod, names, values
 
 
 def _relax_pipeline(mod, target: TargetSpec, tune_trials: int):

@@ -46,7 +46,9 @@ __all__ = [
     "Conv2dNCHWPacked",
     "Fallback",
     "Injective",
+    "PackConvWeights",
     "PadConvChannels",
+    "prepack_weights",
     "ReductionVectorized",
     "ApplyCPUSchedules",
     "scheduled_by",
@@ -179,6 +181,15 @@ def _same_domain(sch: s_tir.Schedule, block, shape: list[int]) -> bool:
     return extents == shape and written == shape
 
 
+def _is_block_split(outer, inner, var, block) -> bool:
+    """``outer`` is ``var // block`` and ``inner`` is ``var % block``."""
+    block = int(block)
+    return (isinstance(outer, tirx.FloorDiv) and isinstance(inner, tirx.FloorMod)
+            and outer.a.same_as(var) and inner.a.same_as(var)
+            and isinstance(outer.b, tirx.IntImm) and int(outer.b) == block
+            and isinstance(inner.b, tirx.IntImm) and int(inner.b) == block)
+
+
 def _schedule_pack(sch: s_tir.Schedule, block, block_f: int) -> None:
     """Schedule the OIHW -> O/B I H W B weight copy: (o/B, i) parallel, (h, w) serial, the B
     filters of a block as the vectorized inner loop."""
@@ -259,10 +270,17 @@ class Conv2dNCHWPacked(_CPURule):
         v_n, v_f, v_y, v_x, v_rc, v_ry, v_rx = ivars
         # find the weight read [f, rc, ry, rx] and a data read whose channel index is rc alone
         weight_index = data_ok = None
+        prepacked = 0  # the block size B of weights already packed as [O/B, I, KH, KW, B]
         for idx, region in enumerate(stmt.reads):
             starts = [r.min for r in region.region]
-            if len(starts) != 4 or any(int(r.extent) != 1 for r in region.region
-                                       if isinstance(r.extent, tirx.IntImm)):
+            if any(int(r.extent) != 1 for r in region.region if isinstance(r.extent, tirx.IntImm)):
+                continue
+            if len(starts) == 5 and all(isinstance(s, tirx.Var) and s.same_as(v) for s, v in
+                                        zip(starts[1:4], (v_rc, v_ry, v_rx))) \
+                    and _is_block_split(starts[0], starts[4], v_f, region.source.shape[4]):
+                weight_index, prepacked = idx, int(region.source.shape[4])
+                continue
+            if len(starts) != 4:
                 continue
             if all(isinstance(s, tirx.Var) for s in starts) and \
                     [s.same_as(v) for s, v in zip(starts, (v_f, v_rc, v_ry, v_rx))] == [True] * 4:
@@ -281,16 +299,22 @@ class Conv2dNCHWPacked(_CPURule):
         if n_f % lanes:
             return False
         fb = 2 if n_f % (2 * lanes) == 0 else 1
+        if prepacked:
+            if prepacked % lanes or n_f % prepacked:
+                return False
+            fb = prepacked // lanes
         # half the vector registers hold accumulators (measured best on znver4: 2 x 8 tiles);
         # the rest hold weight vectors and broadcast inputs without spilling
         acc_regs = _num_vector_registers(target) // 2
         xb = _largest_divisor(n_x, max(1, acc_regs // fb))
         block_f = fb * lanes
 
-        wpack = sch.cache_read(conv, weight_index, "global")
-        sch.transform_layout(
-            wpack, ("write", 0), lambda o, i, h, w: (o // block_f, i, h, w, o % block_f)
-        )
+        wpack = None
+        if not prepacked:  # pack per call, inside this PrimFunc
+            wpack = sch.cache_read(conv, weight_index, "global")
+            sch.transform_layout(
+                wpack, ("write", 0), lambda o, i, h, w: (o // block_f, i, h, w, o % block_f)
+            )
         fo, fi = sch.split(f, [None, block_f])
         xo, xi = sch.split(x, [None, xb])
         fi_o, fi_i = sch.split(fi, [fb, lanes])
@@ -311,7 +335,8 @@ class Conv2dNCHWPacked(_CPURule):
             sch.vectorize(wb_tile[-1])
         # the packing pass: loops in the packed order, so writes are contiguous vectors and each
         # vector gathers one element from block_f filters (their rows stay in L1 across i, h, w)
-        _schedule_pack(sch, wpack, block_f)
+        if wpack is not None:
+            _schedule_pack(sch, wpack, block_f)
         for block in [*prologue, *left]:
             _schedule_spatial(sch, block, lanes)
         return True
@@ -507,6 +532,113 @@ class PadConvChannels:
             if isinstance(func, relax.Function):
                 padder.builder_.update_func(gvar, padder.visit_expr(func))
         return padder.builder_.get() if padder.changed else mod
+
+
+def _packed_conv2d_te(data, packed, strides, padding, dilation):
+    """NCHW conv2d over weights packed as [O/B, I, KH, KW, B] (TE; output channels O/B*B)."""
+    from tvm import te, topi  # noqa: PLC0415
+
+    _, _, height, width = (int(d) for d in data.shape)
+    blocks, channels, kh, kw, block = (int(d) for d in packed.shape)
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    top, left, bottom, right = (int(v) for v in padding)
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    rc = te.reduce_axis((0, channels), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute(
+        (int(data.shape[0]), blocks * block, out_h, out_w),
+        lambda n, f, y, x: te.sum(
+            padded[n, rc, y * sh + ry * dh, x * sw + rx * dw]
+            * packed[f // block, rc, ry, rx, f % block], axis=[rc, ry, rx]),
+        name="conv2d_nchw_packed",
+    )
+
+
+@relax.expr_functor.mutator
+class _ConvWeightPacker(relax.PyExprMutator):
+    def __init__(self, mod: tvm.ir.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+        self.changed = False
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
+        call = super().visit_call_(call)
+        weight = _plain_conv_weight(call)
+        if weight is None:
+            return call
+        out_channels = int(weight.ty.shape[0])
+        padded = -(-out_channels // self.lanes) * self.lanes
+        block = 2 * self.lanes if padded % (2 * self.lanes) == 0 else self.lanes
+        self.changed = True
+        attrs = call.attrs
+        packed = self.builder_.emit(relax.op.layout_transform(
+            weight, lambda o, i, h, w: (o // block, i, h, w, o % block), pad_value=0.0))
+        conv = self.builder_.emit(self.builder_.call_te(
+            _packed_conv2d_te, call.args[0], packed, [int(v) for v in attrs.strides],
+            [int(v) for v in attrs.padding], [int(v) for v in attrs.dilation],
+            primfunc_name_hint="conv2d_packed", primfunc_attrs={"op_pattern": 4}))
+        if padded == out_channels:
+            return conv
+        return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
+
+
+def _plain_conv_weight(call):
+    """The weight of a float32 groups=1 NCHW/OIHW conv2d with static shapes and at least 4
+    output channels, else None."""
+    if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.nn.conv2d"):
+        return None
+    attrs = call.attrs
+    if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW"
+            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW"
+            or (str(attrs.out_dtype) not in ("", "float32"))):
+        return None
+    for arg in call.args[:2]:
+        info = arg.ty
+        if not isinstance(info, relax.TensorType) or info.shape is None \
+                or str(info.dtype) != "float32":
+            return None
+        try:
+            [int(d) for d in info.shape]
+        except TypeError:  # symbolic shapes
+            return None
+    weight = call.args[1]
+    return weight if int(weight.ty.shape[0]) >= 4 else None
+
+
+@tvm.transform.module_pass(opt_level=0, name="LegocPackConvWeights")
+class PackConvWeights:
+    """Rewrite groups=1 NCHW conv2d into a conv over packed weights ``[O/B, I, KH, KW, B]``
+    (B: one or two vector widths; output channels zero-padded to a multiple of the vector
+    width, a slice keeps the real ones). The packing is a Relax ``layout_transform`` of the
+    weight, so ``relax.transform.LiftTransformParams`` moves it out of ``main`` and it runs once
+    at build time (:func:`prepack_weights`), not per call."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+
+    def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        packer = _ConvWeightPacker(mod, self.lanes)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                packer.builder_.update_func(gvar, packer.visit_expr(func))
+        return packer.builder_.get() if packer.changed else mod
+
+
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
+    """``mod`` with packed conv weights (:class:`PackConvWeights`) and every computation on
+    weights alone (packing, FC weight transposes, bias reshapes) lifted out of ``main`` into
+    ``main_transform_params``: run that once on the weights (at build time) and pass its outputs
+    to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
+    with target:
+        mod = PackConvWeights(_lanes(target))(mod)
+        return relax.transform.LiftTransformParams()(mod)
 
 
 def cpu_pipeline(target: Target, *, schedule: bool = True,

@@ -256,3 +256,57 @@ def test_rules_build_for_aarch64_with_neon():
     executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
+
+
+def test_prepacked_weights_match_pytorch(tmp_path):
+    """build_module(prepack=True): conv weights packed and FC weights transposed at build time;
+    the module takes those transformed weights and still equals PyTorch (odd channel counts
+    included: the packed conv pads output channels to the vector width)."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 37, 3, 2, 1), nn.ReLU(), nn.Conv2d(37, 32, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = _randn(1, 3, 13, 11)
+    built = build_module(model, (x,), get_target("host"), tmp_path / "m.so", prepack=True)
+    shapes = [p.shape for p in built.params]
+    assert any(len(s) == 5 for s in shapes), shapes  # [O/B, I, KH, KW, B]
+    assert (32, 10) in shapes  # the FC weight, transposed once
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert float(np.abs(out - ref).max()) <= RTOL * float(np.abs(ref).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning (the tuning itself takes minutes here: benchmarks/inference.py --tune-trials N runs it)
+
+
+def test_tuning_database_is_per_cpu(monkeypatch, tmp_path):
+    from legoc.targets.table import get_target, target_from_dict
+    from legoc.targets.tune import database_dir
+
+    monkeypatch.setenv("LEGOC_CACHE", str(tmp_path))
+    host = get_target("host")
+    other = target_from_dict({**host.to_json(), "name": "host",
+                              "target": {**host.target, "mcpu": "x86-64"}}, check_here=False)
+    assert database_dir(host).parent == tmp_path / "tune"
+    assert database_dir(host) == database_dir(get_target("host"))
+    assert database_dir(host) != database_dir(other)
+
+
+def test_tuning_a_board_without_a_runner_is_a_user_error():
+    import tvm
+
+    from legoc.errors import UserError
+    from legoc.targets.table import get_target
+    from legoc.targets.tune import tune_module
+
+    with pytest.raises(UserError, match="raspberry-pi-4 does not run on this machine"):
+        tune_module(tvm.IRModule(), get_target("raspberry-pi-4"), 8)
+    with pytest.raises(UserError, match="--tune-trials must be 1 or more"):
+        tune_module(tvm.IRModule(), get_target("host"), 0)
