@@ -351,6 +351,15 @@ class ReductionVectorized(_CPURule):
         if parts is None:
             return False
         prologue, red, epilogue = parts
+        # pads (and other injective producers) read in place: a pooling window's select costs
+        # less than a separate pass over a padded copy (max_pool2d 3x3/2 at 112x112: 3x faster)
+        kept = []
+        for block in reversed(prologue):
+            try:
+                sch.compute_inline(block)
+            except (RuntimeError, ValueError):
+                kept.insert(0, block)
+        prologue = kept
         kind = _iter_kinds(sch, red)
         n_s = len(kind) - len(kind.lstrip("S"))
         loops = sch.get_loops(red)
