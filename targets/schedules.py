@@ -337,9 +337,24 @@ class Conv2dNCHWPacked(_CPURule):
         # vector gathers one element from block_f filters (their rows stay in L1 across i, h, w)
         if wpack is not None:
             _schedule_pack(sch, wpack, block_f)
-        for block in [*prologue, *left]:
+        for block in prologue:
+            _schedule_pad(sch, block, lanes)
+        for block in left:
             _schedule_spatial(sch, block, lanes)
         return True
+
+
+def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A pad block as two passes without conditions (zero fill, then the in-bounds copy, which
+    vectorizes); other spatial blocks as :func:`_schedule_spatial`."""
+    loops = sch.get_loops(block)
+    try:
+        fill = sch.decompose_padding(block, loops[0])
+    except (RuntimeError, ValueError):
+        _schedule_spatial(sch, block, lanes)
+        return
+    _schedule_spatial(sch, fill, lanes)
+    _schedule_spatial(sch, block, lanes)
 
 
 class ReductionVectorized(_CPURule):
