@@ -236,7 +236,8 @@ def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec)
     values = [_to_numpy(v) for v in (list(out) if not isinstance(out, tvm.runtime.Tensor) else [out])]
     mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != TRANSFORM_PARAMS},
                        attrs=mod.attrs)
-    names = [str(v.name) for v in mod["main"].params[num_inputs:]]
+    # the lifted parameters' names repeat (lv, lv1, ... per lifted binding): number them
+    names = [f"prepacked{i}_{v.name}" for i, v in enumerate(mod["main"].params[num_inputs:])]
     if len(names) != len(values):
         raise RuntimeError(f"{len(values)} transformed weights for {len(names)} parameters")
     return mod, names, values

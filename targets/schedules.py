@@ -558,17 +558,19 @@ class PadConvChannels:
         return padder.builder_.get() if padder.changed else mod
 
 
-def _packed_conv2d_te(data, packed, strides, padding, dilation):
-    """NCHW conv2d over weights packed as [O/B, I, KH, KW, B] (TE; output channels O/B*B)."""
+def _packed_conv2d_te(data, packed, strides, top_left, dilation, out_hw):
+    """NCHW conv2d over weights packed as [O/B, I, KH, KW, B] (TE; output channels O/B*B),
+    ``out_hw`` outputs, input padded by ``top_left`` before and as needed after."""
     from tvm import te, topi  # noqa: PLC0415
 
     _, _, height, width = (int(d) for d in data.shape)
     blocks, channels, kh, kw, block = (int(d) for d in packed.shape)
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
-    top, left, bottom, right = (int(v) for v in padding)
-    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
-    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    top, left = (int(v) for v in top_left)
+    out_h, out_w = (int(v) for v in out_hw)
+    bottom = max(0, (out_h - 1) * sh + (kh - 1) * dh + 1 - top - height)
+    right = max(0, (out_w - 1) * sw + (kw - 1) * dw + 1 - left - width)
     padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
     rc = te.reduce_axis((0, channels), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
@@ -599,15 +601,40 @@ class _ConvWeightPacker(relax.PyExprMutator):
         block = 2 * self.lanes if padded % (2 * self.lanes) == 0 else self.lanes
         self.changed = True
         attrs = call.attrs
+        strides = [int(v) for v in attrs.strides]
+        dilation = [int(v) for v in attrs.dilation]
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        _, _, height, width = (int(d) for d in call.args[0].ty.shape)
+        _, _, kh, kw = (int(d) for d in weight.ty.shape)
+        out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+        out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+        rows = _live_taps(height, kh, strides[0], dilation[0], top, out_h)
+        cols = _live_taps(width, kw, strides[1], dilation[1], left, out_w)
+        if rows is not None and cols is not None and (rows != (0, kh) or cols != (0, kw)):
+            # taps that only ever meet padding multiply zeros: drop them (ResNet-18's layer4 at
+            # 32x32 input has 1x1 maps: 8 of 9 taps, and 8/9 of the weights it would stream)
+            weight = self.builder_.emit(relax.op.strided_slice(
+                weight, axes=[2, 3], begin=[rows[0], cols[0]], end=[rows[1], cols[1]]))
+            top -= rows[0] * dilation[0]
+            left -= cols[0] * dilation[1]
         packed = self.builder_.emit(relax.op.layout_transform(
             weight, lambda o, i, h, w: (o // block, i, h, w, o % block), pad_value=0.0))
         conv = self.builder_.emit(self.builder_.call_te(
-            _packed_conv2d_te, call.args[0], packed, [int(v) for v in attrs.strides],
-            [int(v) for v in attrs.padding], [int(v) for v in attrs.dilation],
-            primfunc_name_hint="conv2d_packed", primfunc_attrs={"op_pattern": 4}))
+            _packed_conv2d_te, call.args[0], packed, strides, [top, left], dilation,
+            [out_h, out_w], primfunc_name_hint="conv2d_packed", primfunc_attrs={"op_pattern": 4}))
         if padded == out_channels:
             return conv
         return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
+
+
+def _live_taps(size: int, kernel: int, stride: int, dilation: int, pad: int, out: int):
+    """[first, last + 1) of the kernel taps along one axis that read the input (not padding)
+    for some output position; None when cropping to them would need a negative pad."""
+    live = [r for r in range(kernel)
+            if any(0 <= y * stride + r * dilation - pad < size for y in range(out))]
+    if not live or pad - live[0] * dilation < 0:
+        return None
+    return live[0], live[-1] + 1
 
 
 def _plain_conv_weight(call):

@@ -310,3 +310,39 @@ def test_tuning_a_board_without_a_runner_is_a_user_error():
         tune_module(tvm.IRModule(), get_target("raspberry-pi-4"), 8)
     with pytest.raises(UserError, match="--tune-trials must be 1 or more"):
         tune_module(tvm.IRModule(), get_target("host"), 0)
+
+
+@CASES
+@given(hw=st.integers(1, 3), k=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]),
+       pad=st.integers(0, 2), dil=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_prepacked_tiny_maps_drop_dead_taps(tmp_path_factory, hw, k, stride, pad, dil, seed):
+    """Kernel taps that only meet padding (tiny feature maps) are cropped before packing."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(seed)
+    size = max(hw, (k - 1) * dil + 1 - 2 * pad)
+    model = nn.Sequential(nn.Conv2d(8, 16, k, stride, pad, dilation=dil), nn.ReLU()).eval()
+    x = _randn(1, 8, size, size)
+    built = build_module(model, (x,), get_target("host"),
+                         tmp_path_factory.mktemp("taps") / "m.so", prepack=True)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert out.shape == ref.shape
+    assert float(np.abs(out - ref).max()) <= RTOL * max(float(np.abs(ref).max()), 1e-6)
+
+
+def test_prepacked_parameter_names_are_unique(tmp_path):
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1),
+                          nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1)).eval()
+    built = build_module(model, (_randn(1, 3, 8, 8),), get_target("host"), tmp_path / "m.so",
+                         prepack=True)
+    assert len(set(built.param_names)) == len(built.param_names) == len(built.params)
