@@ -129,6 +129,13 @@ def _float32_only(sch: s_tir.Schedule) -> bool:
     return True
 
 
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
 def _largest_divisor(n: int, limit: int) -> int:
     for d in range(min(n, limit), 0, -1):
         if n % d == 0:
@@ -395,13 +402,29 @@ class ReductionVectorized(_CPURule):
             sch.decompose_reduction(red, reduce[0])
         else:
             ext = extents[axis]
-            vec = _largest_divisor(ext, lanes)
-            if vec < 4 and ext <= 2 * lanes:
-                vec = ext
-            vo, vi = sch.split(spatial[axis], [None, vec])
+            vec = lanes
+            while vec > 4 and ext % vec:
+                vec //= 2
+            if ext % vec:
+                vec = _largest_divisor(ext, lanes)
+                if vec < 4 and ext <= 2 * lanes:
+                    vec = ext
+            # up to 4 vectors of accumulators: independent FMA chains, and longer contiguous
+            # reads per reduction step (a GEMV's weight rows)
+            groups = ext // vec
+            if _product(extents) == ext and groups >= 8:
+                # a GEMV (batch-1 dense): few long chunks, each reduction step one contiguous
+                # run of a weight row into accumulators kept in L1 (at most 64 vectors)
+                chunks = next(d for d in range(2, groups + 1) if groups % d == 0 and groups // d <= 64)
+                nv, unroll = groups // chunks, False
+            else:
+                nv, unroll = _largest_divisor(groups, 4), True
+            vo, vm, vi = sch.split(spatial[axis], [None, nv, vec])
             outer = [*spatial[:axis], vo, *spatial[axis + 1:]]
-            sch.reorder(*outer, *reduce, vi)
+            sch.reorder(*outer, *reduce, vm, vi)
             sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)
+            if unroll:
+                sch.unroll(vm)
             if vec >= 2:
                 sch.vectorize(vi)
                 if axis == n_s - 1:  # the write-back's innermost loop is the vector axis
