@@ -346,3 +346,12 @@ def test_prepacked_parameter_names_are_unique(tmp_path):
     built = build_module(model, (_randn(1, 3, 8, 8),), get_target("host"), tmp_path / "m.so",
                          prepack=True)
     assert len(set(built.param_names)) == len(built.param_names) == len(built.params)
+
+
+def test_compile_config_rejects_negative_tune_trials():
+    from legoc.errors import UserError
+    from legoc.pipeline import CompileConfig
+
+    assert CompileConfig().tune_trials == 0
+    with pytest.raises(UserError, match="--tune-trials must be 0 \\(no tuning\\) or more, got -1"):
+        CompileConfig(tune_trials=-1)
