@@ -1,4 +1,4 @@
-"""Default schedules for CPU PrimFuncs (no tuning), hosted by dlight's ``ApplyDefaultSchedule``.
+"""Default schedules for CPU PrimFuncs (no tuning), rules in dlight's ``ScheduleRule`` form.
 
 TVM 0.27's CPU pipeline legalizes and fuses but schedules nothing: every fused PrimFunc runs as
 one thread of naive loops. These rules recognise the PrimFuncs legoc's models produce and give
@@ -6,26 +6,39 @@ them parallel outer loops, vectorized inner loops sized to the target's vector w
 blocking and, for ordinary convolutions, a packed weight layout.
 
 A rule is a ``dlight.ScheduleRule``: it gets a PrimFunc and returns a scheduled ``s_tir.Schedule``
-or None when it does not apply. Rules are tried in order (:func:`default_rules`); the first that
-returns a schedule wins. Every primitive used (split, reorder, cache_write, reverse_compute_inline,
-transform_layout, parallel, vectorize, ...) is checked by TVM for legality, so a rule either
-produces an equivalent program or raises; a raising rule counts as "does not apply" and the next
-one is tried. :class:`Fallback` only parallelizes outer data-parallel loops, and a PrimFunc no rule
-takes is left as TVM made it (correct, slow).
+or None when it does not apply. :class:`ApplyCPUSchedules` tries them in order
+(:func:`default_rules`); the first that returns a schedule wins. Every primitive used (split,
+reorder, cache_write, reverse_compute_inline, transform_layout, parallel, vectorize, ...) is
+checked by TVM for legality, so a rule either produces an equivalent program or raises; a raising
+rule counts as "does not apply" and the next one is tried. :class:`Fallback` only parallelizes
+outer data-parallel loops, and a PrimFunc no rule takes is left as TVM made it (correct, slow).
+One TVM 0.27 primitive is not safe on its own: reverse_compute_inline accepts a consumer that
+reads a slice of its producer and then writes out of bounds, so consumers are inlined only when
+they cover the producer element for element (:func:`_same_domain`).
+
+Before legalization (Relax level):
+
+* :class:`PackConvWeights` (``build_module(prepack=True)``): groups=1 NCHW conv2d becomes a conv
+  over weights packed ``[O/B, I, KH, KW, B]`` (output channels zero-padded to a multiple of the
+  vector width, kernel taps that only ever meet padding dropped); the packing is a Relax
+  ``layout_transform`` that ``LiftTransformParams`` moves out of ``main``, run once at build time.
+* :class:`PadConvChannels` (otherwise): output channels padded to the vector width, the weights
+  packed per call inside the conv's PrimFunc.
 
 The rules:
 
-* :class:`Conv2dNCHWPacked` - an ordinary (groups=1) NCHW conv2d with its fused epilogue (bias,
-  residual add, ReLU, ...). Weights are run-time inputs, so the PrimFunc itself repacks them
-  ``OIHW -> O/L I H W L`` once per call (a pass over the weights, small next to the conv), then
-  runs a register-blocked micro-kernel: ``FB`` vectors of ``L`` output channels times ``XB``
-  output columns of accumulators; per reduction step one vector load of packed weights per
-  channel vector and one broadcast input scalar per column. The epilogue is inlined into the
-  accumulator write-back; (batch, channel-block, row) are fused and run in parallel.
+* :class:`Conv2dNCHWPacked` - an NCHW conv2d (groups=1) with its fused epilogue (bias, residual
+  add, ReLU, ...): a register-blocked micro-kernel of ``FB`` vectors of ``L`` output channels
+  times ``XB`` output columns of accumulators; per reduction step one vector load of packed
+  weights per channel vector and one broadcast input scalar per column. Weights not packed at
+  build time are packed at the start of the PrimFunc; the input pad is a zero fill plus a
+  vectorized copy; the epilogue is inlined into the accumulator write-back; (batch,
+  channel-block, row) are fused and run in parallel.
 * :class:`ReductionVectorized` - any PrimFunc with one reduction block over S...R... iterators
-  (depthwise and grouped conv2d, dense/matmul, pooling, mean): the innermost non-trivial spatial
-  axis is vectorized with the reduction loops outside it and the accumulators in registers,
-  outer spatial loops run in parallel, the epilogue is inlined into the write-back.
+  (depthwise and grouped conv2d, dense/matmul, pooling, mean): pads are read in place, the
+  innermost non-trivial spatial axis is vectorized (up to 4 accumulator vectors; batch-1 dense
+  in long contiguous chunks) with the reduction loops outside it, outer spatial loops run in
+  parallel, the epilogue is inlined into the write-back.
 * :class:`Injective` - PrimFuncs with spatial blocks only (elementwise, broadcast, pad, reshape,
   transpose): each block's loops are fused, the inner part vectorized, the outer part parallel.
 * :class:`Fallback` - anything else: outer data-parallel loops in parallel, nothing more.
