@@ -172,7 +172,7 @@ def bench_model(name: str, folder: Path, args) -> list[tuple[str, float, float]]
     rows.append(("onnxruntime", _median_ms(lambda: sess.run(None, {"x": x})[0], args.runs), total_macs))
 
     built = build_module(model, inputs, get_target("host"), folder / f"{name}-mono.so", name=name,
-                         tune_trials=args.tune_trials)
+                         tune_trials=args.tune_trials, prepack=True)
     dev = tvm.cpu()
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), dev)
     params = [tvm.runtime.tensor(p, dev) for p in built.params]
@@ -226,8 +226,10 @@ def main() -> None:
 
     peak = gemm_peak()
     tuned = f"MetaSchedule {args.tune_trials} trials/workload" if args.tune_trials else "untuned"
-    table = Table(title=f"batch-1 latency, {args.threads} threads, TVM {tuned}; "
-                        f"GEMM peak (numpy sgemm 2048³) {peak:.0f} GFLOP/s")
+    load = os.getloadavg()[0]
+    table = Table(title=f"batch-1 latency, {args.threads} threads, TVM {tuned}; GEMM peak (numpy "
+                        f"sgemm 2048³) {peak:.0f} GFLOP/s; load average at start {load:.1f} "
+                        f"on {os.cpu_count()} cores")
     for col in ("model", "runner", "ms", "× ORT", "× eager", "GFLOP/s", "% GEMM peak"):
         table.add_column(col, justify="left" if col in ("model", "runner") else "right")
     with tempfile.TemporaryDirectory(prefix="legoc-bench-") as tmp:
