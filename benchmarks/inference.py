@@ -13,7 +13,8 @@ For each model, in one run, on this machine, with the same thread count everywhe
   ``legoc.runtime`` at full size; ``legoc r0.25``/``legoc r0.50``: every block at that ratio.
 
 Every row times the same thing: numpy input in, numpy output out, median of ``--runs`` calls
-after warm-up. GFLOP/s counts 2 x multiply-accumulates (legoc's MAC count of the configuration)
+after warm-up, taken in 5 rounds that interleave the runners (the machine is shared: a change of
+load hits every row alike). GFLOP/s counts 2 x multiply-accumulates (legoc's MAC count of the configuration)
 per latency, next to this machine's measured GEMM peak (numpy sgemm 2048^3, same threads).
 ResNet-18 (ImageNet layout, 1000 classes, random weights) is written here at 32x32 and 224x224.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["resnet18-32", "resnet18-224", "cifar_resnet", "mnist_resnet"]
 RATIOS = (0.0, 0.25, 0.5)
+ROUNDS = 5  # measurement rounds, each running every runner in turn
 
 # A model.py for legoc (build_model / example_inputs), written to a temporary folder per size.
 RESNET18_SOURCE = '''"""ResNet-18 (ImageNet layout, random seeded weights), {size}x{size} input."""
@@ -99,15 +101,19 @@ def example_inputs():
 '''
 
 
-def _median_ms(fn, runs: int, warmup: int = 5) -> float:
+def _times_ms(fn, runs: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _median_ms(fn, runs: int, warmup: int = 5) -> float:
+    return statistics.median(_times_ms(fn, runs, warmup))
 
 
 def gemm_peak(runs: int = 10) -> float:
@@ -147,7 +153,6 @@ def bench_model(name: str, folder: Path, args) -> list[tuple[str, float, float]]
     model = spec.model.eval()
     inputs = tuple(spec.example_inputs)
     x = inputs[0].numpy()
-    rows = []
 
     # compile with legoc first (its MAC counts serve every row)
     art = folder / f"{name}.lego"
@@ -156,10 +161,14 @@ def bench_model(name: str, folder: Path, args) -> list[tuple[str, float, float]]
     manifest = report.manifest
     total_macs = manifest["model"]["total_macs"]
 
-    with torch.no_grad():
-        rows.append(("pytorch eager", _median_ms(lambda: model(torch.from_numpy(x)).numpy(), args.runs),
-                     total_macs))
-        ref = model(torch.from_numpy(x)).numpy()
+    runners = []  # (row, call, MACs): every call takes numpy in and gives numpy out
+
+    def eager():
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    ref = eager()
+    runners.append(("pytorch eager", eager, total_macs))
 
     onnx_path = folder / f"{name}.onnx"
     torch.onnx.export(model, inputs, str(onnx_path), input_names=["x"], dynamo=False)
@@ -168,33 +177,36 @@ def bench_model(name: str, folder: Path, args) -> list[tuple[str, float, float]]
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    _check(name, "onnxruntime", sess.run(None, {"x": x})[0], ref)
-    rows.append(("onnxruntime", _median_ms(lambda: sess.run(None, {"x": x})[0], args.runs), total_macs))
+    runners.append(("onnxruntime", lambda: sess.run(None, {"x": x})[0], total_macs))
 
     built = build_module(model, inputs, get_target("host"), folder / f"{name}-mono.so", name=name,
                          tune_trials=args.tune_trials, prepack=True)
     dev = tvm.cpu()
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), dev)
+    main_fn = vm["main"]
     params = [tvm.runtime.tensor(p, dev) for p in built.params]
+    runners.append(("tvm monolithic",
+                    lambda: main_fn(tvm.runtime.tensor(x, dev), *params).numpy(), total_macs))
 
-    def mono():
-        return vm["main"](tvm.runtime.tensor(x, dev), *params).numpy()
-
-    _check(name, "tvm monolithic", mono(), ref)
-    rows.append(("tvm monolithic", _median_ms(mono, args.runs), total_macs))
-
-    runtime = load(art)
-    blocks = runtime.blocks
     frame_macs = sum(s["macs"] for s in manifest["segments"] if s["kind"] == "frame")
     for index, ratio in enumerate(RATIOS):
-        runtime.configure([index] * len(blocks))
-        out = runtime(x)
-        if index == 0:
-            _check(name, "legoc full", out, ref)
-        macs = frame_macs + sum(b.variants[index].macs for b in blocks)
+        runtime = load(art)  # one runtime per configuration, so the rounds can interleave
+        runtime.configure([index] * len(runtime.blocks))
+        macs = frame_macs + sum(b.variants[index].macs for b in runtime.blocks)
         label = "legoc full" if index == 0 else f"legoc r{ratio:.2f}"
-        rows.append((label, _median_ms(lambda: runtime(x), args.runs), macs))
-    return rows
+        runners.append((label, runtime, macs))
+
+    for label, call, _ in runners:
+        if label in ("onnxruntime", "tvm monolithic", "legoc full"):
+            _check(name, label, call(x) if label == "legoc full" else call(), ref)
+    # rounds interleave the runners, so a change of load on this shared machine hits all rows
+    times: dict[str, list[float]] = {label: [] for label, _, _ in runners}
+    per_round = max(1, args.runs // ROUNDS)
+    for _ in range(ROUNDS):
+        for label, call, _ in runners:
+            fn = (lambda c=call: c(x)) if label.startswith("legoc") else call
+            times[label].extend(_times_ms(fn, per_round))
+    return [(label, statistics.median(times[label]), macs) for label, _, macs in runners]
 
 
 def _check(model: str, what: str, out, ref) -> None:
