@@ -166,7 +166,7 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             t0 = time.perf_counter()
             try:
                 built = build_module(module, inputs, target, writer.path_for(rel), name=f"{seg.name}/{vid}",
-                                     tune_trials=config.tune_trials)
+                                     tune_trials=config.tune_trials, prepack=not nested)
             except LegocError:
                 raise
             except Exception as exc:
