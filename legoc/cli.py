@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
     c.add_argument("--retrain-epochs", type=int, default=10, help="block-distillation epochs (0: no retraining; default 10)")
     c.add_argument("--retrain-minutes", type=float, default=10.0, help="time limit of retraining (default 10)")
+    c.add_argument("--tune-trials", type=int, default=0,
+                   help="MetaSchedule trials per workload not yet in the tuning database (default 0: no tuning)")
     c.add_argument("--nested", action="store_true",
                    help="nested variants sharing one weight set per block (trained incrementally, smallest first)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -136,7 +138,7 @@ def cmd_compile(args) -> int:
                         ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
                         round_to=args.round_to, progress=not args.no_progress,
                         retrain_epochs=args.retrain_epochs, retrain_minutes=args.retrain_minutes,
-                        nested=args.nested)
+                        nested=args.nested, tune_trials=args.tune_trials)
     report = compile_model(args.model, cfg)
     part = report.partition
     print(f"wrote {report.artifact}: {len(part.blocks)} blocks × {len(cfg.ratios)} variants, "

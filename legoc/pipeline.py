@@ -28,12 +28,15 @@ class CompileConfig:
     retrain_lr: float = 1e-3
     profile_accuracy: bool = True   # measure every variant's accuracy drop (val_data, else fidelity)
     validate: bool = True           # measure a few combinations end to end (targets that run here)
+    tune_trials: int = 0  # MetaSchedule trials per workload new to the tuning database (0: none)
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
             raise UserError(f"unknown importance {self.importance!r}; choose one of: {', '.join(IMPORTANCE)}")
         if self.retrain_epochs < 0 or self.retrain_minutes < 0:
             raise UserError("--retrain-epochs and --retrain-minutes must be 0 (no retraining) or more")
+        if self.tune_trials < 0:
+            raise UserError(f"--tune-trials must be 0 (no tuning) or more, got {self.tune_trials}")
         if self.round_to < 1:
             raise UserError(f"--round-to must be at least 1, got {self.round_to}")
 
@@ -302,7 +305,8 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             inputs = tuple(env[n] for n in seg.inputs)
             t0 = time.perf_counter()
             try:
-                built = build_module(module, inputs, target, writer.path_for(rel), name=f"{seg.name}/{vid}")
+                built = build_module(module, inputs, target, writer.path_for(rel), name=f"{seg.name}/{vid}",
+                                     tune_trials=config.tune_trials, prepack=not nested)
             except LegocError:
                 raise
             except Exception as exc:

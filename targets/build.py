@@ -33,7 +33,7 @@ import tvm.relax.frontend.torch as relax_torch
 from tvm import relax
 from tvm.support import cc as tvm_cc
 
-from legoc.errors import InternalError, UserError, describe
+from legoc.errors import InternalError, LegocError, UserError, describe
 from legoc.passes.fold import fold_batchnorm
 from legoc.paths import cache_dir
 from legoc.targets.table import TargetSpec, _machine_triple
@@ -114,6 +114,8 @@ def build_module(
     out_path: Path,
     *,
     name: str = "module",
+    tune_trials: int = 0,
+    prepack: bool = False,
 ) -> BuiltModule:
     """Compile ``module`` for ``target`` into the shared library ``out_path``.
 
@@ -121,6 +123,14 @@ def build_module(
     BatchNorm included, become trailing run-time inputs (``param_names``/``params``). A module
     returning a 1-tuple gives one output (the tuple is unwrapped). The first zig link on a machine
     takes ~90 s (zig builds libc++ for aarch64 once); later links take well under a second.
+
+    CPU targets get legoc's default schedules (:mod:`legoc.targets.schedules`); with
+    ``tune_trials > 0`` MetaSchedule tunes the module first (:mod:`legoc.targets.tune`, a
+    persistent database: workloads tuned before are reused, not tuned again).
+
+    ``prepack=True`` (cpu targets, untuned): conv weights are packed for the schedules and FC
+    weights transposed here, once; ``params`` are then those transformed weights (other names
+    and shapes than the module's parameters), not to be sliced as sub-tensors.
     """
     out_path = Path(out_path)
     example_inputs = tuple(example_inputs)
@@ -166,10 +176,19 @@ def build_module(
     except Exception as exc:
         raise _bug("TVM could not import", name, target, exc) from exc
 
+    if prepack and target.device == "cpu" and not tune_trials:
+        try:
+            mod, param_names, params = _prepack(mod, params, num_inputs, target)
+        except Exception as exc:
+            raise _bug("TVM could not prepack the weights of", name, target, exc) from exc
+
     try:
         tvm_target = target.tvm_target()
         with tvm_target:
-            executable = tvm.compile(mod, target=tvm_target)
+            executable = tvm.compile(mod, target=tvm_target,
+                                     relax_pipeline=_relax_pipeline(mod, target, tune_trials))
+    except LegocError:
+        raise
     except Exception as exc:
         raise _bug("TVM could not compile", name, target, exc) from exc
 
@@ -197,6 +216,50 @@ def build_module(
         num_inputs=num_inputs,
         num_outputs=num_outputs,
     )
+
+
+def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec):
+    """Weights transformed once, here (legoc.targets.schedules.prepack_weights): the module
+    without its ``main_transform_params``, the new parameter names and values."""
+    from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pipeline, prepack_weights  # noqa: PLC0415
+    from legoc.targets.table import TARGETS  # noqa: PLC0415
+
+    mod = prepack_weights(mod, target.tvm_target())
+    if TRANSFORM_PARAMS not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, [str(v.name) for v in mod["main"].params[num_inputs:]], params
+    here = TARGETS["host"].tvm_target()  # the transform runs on this machine
+    transform = tvm.IRModule({TRANSFORM_PARAMS: mod[TRANSFORM_PARAMS]})
+    with here:
+        vm = relax.VirtualMachine(tvm.compile(transform, target=here, relax_pipeline=cpu_pipeline(here)),
+                                  tvm.cpu())
+    out = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params])
+    values = [_to_numpy(v) for v in (list(out) if not isinstance(out, tvm.runtime.Tensor) else [out])]
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != TRANSFORM_PARAMS},
+                       attrs=mod.attrs)
+    # the lifted parameters' names repeat (lv, lv1, ... per lifted binding): number them
+    names = [f"prepacked{i}_{v.name}" for i, v in enumerate(mod["main"].params[num_inputs:])]
+    if len(names) != len(values):
+        raise RuntimeError(f"{len(values)} transformed weights for {len(names)} parameters")
+    return mod, names, values
+
+
+def _relax_pipeline(mod, target: TargetSpec, tune_trials: int):
+    """The Relax pipeline for ``target``: TVM's default for cuda (dlight GPU schedules); for cpu,
+    TVM's CPU pipeline plus legoc's CPU schedules, after MetaSchedule tuning if asked."""
+    if tune_trials < 0:
+        raise UserError(f"--tune-trials must be 0 (no tuning) or more, got {tune_trials}")
+    if target.device != "cpu":
+        if tune_trials:
+            raise UserError(f"--tune-trials tunes cpu targets only; {target.name} is {target.device}")
+        return "default"
+    from legoc.targets.schedules import cpu_pipeline  # noqa: PLC0415 - imports tvm.s_tir
+
+    tvm_target = target.tvm_target()
+    if tune_trials:
+        from legoc.targets.tune import tuned_pipeline  # noqa: PLC0415
+
+        return tuned_pipeline(mod, target, tune_trials)
+    return cpu_pipeline(tvm_target)
 
 
 def measure_local(path: Path, inputs: tuple[np.ndarray, ...], params: list[np.ndarray],

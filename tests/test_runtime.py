@@ -113,3 +113,21 @@ def test_the_runtime_runs_with_torch_unavailable(artifact):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_thread_count_is_a_runtime_option():
+    import tvm
+
+    from legoc.errors import UserError
+    from legoc.runtime import set_num_threads
+
+    num_threads = tvm.get_global_func("runtime.NumThreads")
+    before = int(num_threads())
+    try:
+        set_num_threads(1)
+        assert int(num_threads()) == 1
+    finally:
+        set_num_threads(before)
+    assert int(num_threads()) == before
+    with pytest.raises(UserError, match="num_threads must be a positive integer, got 0"):
+        set_num_threads(0)

@@ -1,0 +1,357 @@
+"""legoc.targets.schedules: every CPU rule, on random shapes, matches PyTorch; the fallback is safe.
+
+Each case exports a small torch module, legalizes and fuses it with TVM's CPU pipeline, schedules
+it with legoc's rules in strict mode (a rule that raises fails the test instead of falling back),
+checks which rule scheduled the operator's PrimFunc, builds it for the host and compares the
+output with PyTorch (relative to the output's largest magnitude, 1e-4).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+RTOL = 1e-4
+CASES = settings(max_examples=6, deadline=None, derandomize=True, phases=[Phase.generate],
+                 suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def host():
+    from legoc.targets.table import get_target
+
+    return get_target("host").tvm_target()
+
+
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+def _relax(module: nn.Module, inputs: tuple):
+    import tvm.relax.frontend.torch as relax_torch
+    from tvm import relax
+
+    with torch.no_grad():
+        exported = torch.export.export(module.eval(), inputs)
+    mod = relax_torch.from_exported_program(exported, keep_params_as_input=True,
+                                            unwrap_unit_return_tuple=True)
+    mod, params = relax.frontend.detach_params(mod)
+    return mod, [p.numpy() for p in params.get("main", [])]
+
+
+def check(module: nn.Module, inputs: tuple, target, rules=None, strict=True) -> dict[str, str]:
+    """Schedule, build and run ``module``; assert it matches PyTorch; return PrimFunc -> rule."""
+    import tvm
+    from tvm import relax
+
+    from legoc.targets.schedules import lowering_passes, scheduled_by, scheduling_passes
+
+    mod, params = _relax(module, inputs)
+    with target:
+        mod = tvm.transform.Sequential(
+            scheduling_passes(target, rules=rules, strict=strict))(mod)
+    rules_used = scheduled_by(mod)
+    executable = tvm.compile(mod, target=target,
+                             relax_pipeline=tvm.transform.Sequential(lowering_passes(target)))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in
+            [*(x.numpy() for x in inputs), *params]]
+    out = vm["main"](*args).numpy()
+    with torch.no_grad():
+        ref = module(*inputs).numpy()
+    assert out.shape == ref.shape
+    scale = max(float(np.abs(ref).max()), 1e-6)
+    err = float(np.abs(out - ref).max()) / scale
+    assert err <= RTOL, f"relative error {err:.2e} > {RTOL} (rules {rules_used})"
+    return rules_used
+
+
+def rule_of(rules_used: dict[str, str], op: str) -> str:
+    hits = {name: rule for name, rule in rules_used.items() if op in name}
+    assert hits, f"no PrimFunc for {op} in {rules_used}"
+    assert len(set(hits.values())) == 1, hits
+    return next(iter(hits.values()))
+
+
+def _randn(*shape):
+    return torch.randn(*shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d
+
+
+@CASES
+@given(cin=st.integers(1, 20), cout=st.sampled_from([8, 16, 32, 48, 64]),
+       k=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]), pad=st.integers(0, 2),
+       hw=st.tuples(st.integers(5, 17), st.integers(5, 17)), bias=st.booleans(),
+       act=st.sampled_from(["none", "relu", "residual"]), seed=st.integers(0, 2**16))
+def test_conv2d_packed(host, cin, cout, k, stride, pad, hw, bias, act, seed):
+    torch.manual_seed(seed)
+    h, w = max(hw[0], k), max(hw[1], k)
+    conv = nn.Conv2d(cin, cout, k, stride, pad, bias=bias)
+    x = _randn(1, cin, h, w)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    if act == "relu":
+        module = nn.Sequential(conv, nn.ReLU())
+        inputs = (x,)
+    elif act == "residual":
+        module = Fn(lambda a, r: torch.relu(conv(a) + r))
+        inputs = (x, _randn(1, cout, oh, ow))
+    else:
+        module, inputs = conv, (x,)
+    assert rule_of(check(module, inputs, host), "conv2d") == "Conv2dNCHWPacked"
+
+
+@CASES
+@given(cin=st.integers(1, 12), cout=st.integers(1, 40).filter(lambda c: c % 16),
+       k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_conv2d_odd_channels(host, cin, cout, k, stride, seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2)
+    used = check(conv, (_randn(1, cin, 11, 9),), host)
+    # the output channels are padded to a multiple of the vector width (PadConvChannels)
+    assert rule_of(used, "conv2d") == ("Conv2dNCHWPacked" if cout >= 4 else "ReductionVectorized")
+
+
+@CASES
+@given(c=st.integers(1, 40), mult=st.sampled_from([1, 2]), k=st.sampled_from([3, 5]),
+       stride=st.sampled_from([1, 2]), hw=st.integers(5, 16), seed=st.integers(0, 2**16))
+def test_conv2d_depthwise(host, c, mult, k, stride, hw, seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, c * mult, k, stride, k // 2, groups=c)
+    assert rule_of(check(conv, (_randn(1, c, hw, hw),), host), "conv2d") == "ReductionVectorized"
+
+
+@CASES
+@given(groups=st.sampled_from([2, 4]), cpg=st.integers(1, 8), opg=st.integers(1, 8),
+       stride=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_conv2d_grouped(host, groups, cpg, opg, stride, seed):
+    torch.manual_seed(seed)
+    conv = nn.Sequential(nn.Conv2d(groups * cpg, groups * opg, 3, stride, 1, groups=groups),
+                         nn.ReLU())
+    used = check(conv, (_randn(1, groups * cpg, 10, 12),), host)
+    assert rule_of(used, "conv2d") == "ReductionVectorized"
+
+
+# ---------------------------------------------------------------------------------------------
+# dense, pooling, reductions, elementwise
+
+
+@CASES
+@given(batch=st.integers(1, 3), fin=st.integers(1, 80), fout=st.integers(1, 130),
+       seed=st.integers(0, 2**16))
+def test_dense(host, batch, fin, fout, seed):
+    torch.manual_seed(seed)
+    used = check(nn.Linear(fin, fout), (_randn(batch, fin),), host)
+    assert rule_of(used, "matmul") == "ReductionVectorized"
+
+
+@CASES
+@given(kind=st.sampled_from(["max", "avg"]), k=st.sampled_from([2, 3]),
+       stride=st.sampled_from([1, 2]), pad=st.integers(0, 1), c=st.integers(1, 20),
+       hw=st.integers(4, 15), seed=st.integers(0, 2**16))
+def test_pool2d(host, kind, k, stride, pad, c, hw, seed):
+    torch.manual_seed(seed)
+    pool = nn.MaxPool2d(k, stride, pad) if kind == "max" else nn.AvgPool2d(k, stride, pad)
+    used = check(pool, (_randn(1, c, hw, hw),), host)
+    assert rule_of(used, "pool2d") == "ReductionVectorized"
+
+
+@CASES
+@given(c=st.integers(1, 70), hw=st.integers(1, 9),
+       op=st.sampled_from(["adaptive", "mean23", "sum1", "sum3k"]), seed=st.integers(0, 2**16))
+def test_reductions(host, c, hw, op, seed):
+    torch.manual_seed(seed)
+    fn = {"adaptive": nn.AdaptiveAvgPool2d(1),
+          "mean23": Fn(lambda x: x.mean(dim=(2, 3))),
+          "sum1": Fn(lambda x: x.sum(dim=1)),
+          "sum3k": Fn(lambda x: x.sum(dim=3, keepdim=True))}[op]
+    used = check(fn, (_randn(2, c, hw, hw),), host)
+    assert set(used.values()) <= {"ReductionVectorized", "Injective"}
+    assert "ReductionVectorized" in used.values()
+
+
+@CASES
+@given(shape=st.lists(st.integers(1, 19), min_size=1, max_size=4),
+       op=st.sampled_from(["sigmoid_mul", "hardswish", "add_bcast", "relu6"]),
+       seed=st.integers(0, 2**16))
+def test_elementwise(host, shape, op, seed):
+    torch.manual_seed(seed)
+    fn = {"sigmoid_mul": lambda x: torch.sigmoid(x) * x + 1,
+          "hardswish": F.hardswish,
+          "add_bcast": lambda x: x + x.sum(dim=-1, keepdim=True).detach() * 0 + 0.5,
+          "relu6": F.relu6}[op]
+    used = check(Fn(fn), (_randn(*shape),), host)
+    assert used and all(rule for rule in used.values())
+
+
+def test_whole_residual_block_uses_packed_conv(host):
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(16, 16, 3, 1, 1), nn.Conv2d(16, 16, 3, 1, 1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.c2(torch.relu(self.c1(x))) + x)
+            y = F.max_pool2d(y, 3, 2, 1)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+    used = check(Block(), (_randn(1, 16, 14, 14),), host)
+    assert rule_of(used, "conv2d") == "Conv2dNCHWPacked"
+
+
+# ---------------------------------------------------------------------------------------------
+# fallback and safety
+
+
+def test_softmax_gets_a_rule_or_stays_correct(host):
+    torch.manual_seed(0)
+    used = check(nn.Softmax(dim=1), (_randn(2, 100),), host)
+    assert rule_of(used, "softmax") in ("Fallback", "ReductionVectorized", "")
+
+
+def test_raising_rule_falls_back_to_the_next(host):
+    from legoc.targets.schedules import Injective, _CPURule
+
+    class Broken(_CPURule):
+        def schedule(self, sch, target):
+            raise RuntimeError("broken rule")
+
+    module = Fn(lambda x: torch.sigmoid(x) * 2)
+    used = check(module, (_randn(3, 33),), host, rules=[Broken(), Injective()], strict=False)
+    assert set(used.values()) == {"Injective"}
+    with pytest.raises(RuntimeError, match="broken rule"):
+        check(module, (_randn(3, 33),), host, rules=[Broken()], strict=True)
+
+
+def test_no_rule_leaves_the_function_unscheduled_and_correct(host):
+    torch.manual_seed(0)
+    used = check(nn.Conv2d(3, 8, 3, 1, 1), (_randn(1, 3, 7, 7),), host, rules=[])
+    assert set(used.values()) == {""}
+
+
+def test_rules_build_for_aarch64_with_neon():
+    """The same rules cross-compile for a Raspberry Pi 4 (cortex-a72) and vectorize with NEON."""
+    import tvm
+
+    from legoc.targets.schedules import cpu_pipeline
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    target = get_target("raspberry-pi-4").tvm_target()
+    mod, _ = _relax(nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU()), (_randn(1, 8, 12, 12),))
+    executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
+    assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
+
+
+def test_prepacked_weights_match_pytorch(tmp_path):
+    """build_module(prepack=True): conv weights packed and FC weights transposed at build time;
+    the module takes those transformed weights and still equals PyTorch (odd channel counts
+    included: the packed conv pads output channels to the vector width)."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 37, 3, 2, 1), nn.ReLU(), nn.Conv2d(37, 32, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = _randn(1, 3, 13, 11)
+    built = build_module(model, (x,), get_target("host"), tmp_path / "m.so", prepack=True)
+    shapes = [p.shape for p in built.params]
+    assert any(len(s) == 5 for s in shapes), shapes  # [O/B, I, KH, KW, B]
+    assert (32, 10) in shapes  # the FC weight, transposed once
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert float(np.abs(out - ref).max()) <= RTOL * float(np.abs(ref).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning (the tuning itself takes minutes here: benchmarks/inference.py --tune-trials N runs it)
+
+
+def test_tuning_database_is_per_cpu(monkeypatch, tmp_path):
+    from legoc.targets.table import get_target, target_from_dict
+    from legoc.targets.tune import database_dir
+
+    monkeypatch.setenv("LEGOC_CACHE", str(tmp_path))
+    host = get_target("host")
+    other = target_from_dict({**host.to_json(), "name": "host",
+                              "target": {**host.target, "mcpu": "x86-64"}}, check_here=False)
+    assert database_dir(host).parent == tmp_path / "tune"
+    assert database_dir(host) == database_dir(get_target("host"))
+    assert database_dir(host) != database_dir(other)
+
+
+def test_tuning_a_board_without_a_runner_is_a_user_error():
+    import tvm
+
+    from legoc.errors import UserError
+    from legoc.targets.table import get_target
+    from legoc.targets.tune import tune_module
+
+    with pytest.raises(UserError, match="raspberry-pi-4 does not run on this machine"):
+        tune_module(tvm.IRModule(), get_target("raspberry-pi-4"), 8)
+    with pytest.raises(UserError, match="--tune-trials must be 1 or more"):
+        tune_module(tvm.IRModule(), get_target("host"), 0)
+
+
+@CASES
+@given(hw=st.integers(1, 3), k=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]),
+       pad=st.integers(0, 2), dil=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_prepacked_tiny_maps_drop_dead_taps(tmp_path_factory, hw, k, stride, pad, dil, seed):
+    """Kernel taps that only meet padding (tiny feature maps) are cropped before packing."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(seed)
+    size = max(hw, (k - 1) * dil + 1 - 2 * pad)
+    model = nn.Sequential(nn.Conv2d(8, 16, k, stride, pad, dilation=dil), nn.ReLU()).eval()
+    x = _randn(1, 8, size, size)
+    built = build_module(model, (x,), get_target("host"),
+                         tmp_path_factory.mktemp("taps") / "m.so", prepack=True)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert out.shape == ref.shape
+    assert float(np.abs(out - ref).max()) <= RTOL * max(float(np.abs(ref).max()), 1e-6)
+
+
+def test_prepacked_parameter_names_are_unique(tmp_path):
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1),
+                          nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1)).eval()
+    built = build_module(model, (_randn(1, 3, 8, 8),), get_target("host"), tmp_path / "m.so",
+                         prepack=True)
+    assert len(set(built.param_names)) == len(built.param_names) == len(built.params)
+
+
+def test_compile_config_rejects_negative_tune_trials():
+    from legoc.errors import UserError
+    from legoc.pipeline import CompileConfig
+
+    assert CompileConfig().tune_trials == 0
+    with pytest.raises(UserError, match="--tune-trials must be 0 \\(no tuning\\) or more, got -1"):
+        CompileConfig(tune_trials=-1)
