@@ -141,7 +141,7 @@ def _accuracy_summary(state) -> dict | None:
     return {k: acc[k] for k in ("metric", "source", "how", "samples", "baseline", "contexts", "evaluations", "reused")}
 
 
-def _variant_profile(state, seg, vid, module, inputs, built, target, macs, report) -> dict:
+def _variant_profile(state, seg, vid, module, inputs, built, target, macs, report, build: dict) -> dict:
     """Every figure of one variant with its source: static, measured-local, estimated or unmeasured."""
     from legoc.passes.analysis import peak_activation_bytes
     from legoc.targets import measure
@@ -150,7 +150,7 @@ def _variant_profile(state, seg, vid, module, inputs, built, target, macs, repor
     profile = {"peak_activation_bytes": {"value": peak_activation_bytes(module),
                                          "source": "static (shapes and tensor liveness)"}}
     if target.runs_here:
-        key = measure.fingerprint(module, inputs, target.to_json())
+        key = measure.fingerprint(module, inputs, target.to_json(), build)
         data, reused = measure.measure(key, built.path, tuple(t.numpy() for t in inputs), built.params)
         report.latency_reused += int(reused)
         how = f"TVM time_evaluator, median of {measure.REPEAT} x {measure.NUMBER} runs, batch of example_inputs()"
@@ -283,7 +283,11 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
     """Compile every variant of every segment of ``state`` for ``target`` into the artifact ``out``."""
     from legoc.artifact import ArtifactWriter
     from legoc.passes.analysis import param_bytes
-    from legoc.targets.build import build_module
+    from legoc.targets.build import build_module, build_signature
+
+    def build_options(nested: bool) -> dict:
+        # nested variants slice one shared weight set: their weights must stay untransformed
+        return {"tune_trials": config.tune_trials, "prepack": not nested}
 
     part = state.partition
     env = part.trace_env(*state.example_inputs)
@@ -306,7 +310,7 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             t0 = time.perf_counter()
             try:
                 built = build_module(module, inputs, target, writer.path_for(rel), name=f"{seg.name}/{vid}",
-                                     tune_trials=config.tune_trials, prepack=not nested)
+                                     **build_options(nested))
             except LegocError:
                 raise
             except Exception as exc:
@@ -318,7 +322,8 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 weights = _shared_weights(writer, shared, seg.name, ratio, built)
             else:
                 weights = writer.write_weights(f"weights/{seg.name}/{vid}.safetensors", built.param_names, built.params)
-            profile = _variant_profile(state, seg, vid, module, inputs, built, target, macs, report)
+            profile = _variant_profile(state, seg, vid, module, inputs, built, target, macs, report,
+                                       build_signature(**build_options(nested)))
             entry = {
                 "id": vid, "ratio": ratio, "macs": int(macs), "param_bytes": int(pbytes),
                 "channels": {k: list(v) for k, v in channels.items()},

@@ -107,6 +107,18 @@ def _fcompile(target: TargetSpec):
     raise UserError(f"target {target.name} has unknown linker '{target.linker}'")
 
 
+def build_signature(*, tune_trials: int = 0, prepack: bool = False) -> dict:
+    """What decides the code :func:`build_module` emits besides the module and target: the
+    options and a digest of legoc's compiler sources (schedules, tuning, this file)."""
+    import hashlib
+
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in ("build.py", "schedules.py", "tune.py"):
+        h.update((here / name).read_bytes())
+    return {"tune_trials": int(tune_trials), "prepack": bool(prepack), "compiler": h.hexdigest()[:16]}
+
+
 def build_module(
     module: torch.nn.Module,
     example_inputs: tuple[torch.Tensor, ...],

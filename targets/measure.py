@@ -2,7 +2,8 @@
 what changed: a module's latency (TVM time evaluator).
 
 The cache key is a fingerprint of the torch module (code and weights), the input shapes, the
-target and the measurement settings; entries live in ``<cache>/profile/latency``."""
+target, how it was compiled (legoc's compiler sources, prepacking, tuning) and the measurement
+settings; entries live in ``<cache>/profile/latency``."""
 from __future__ import annotations
 
 import hashlib
@@ -11,14 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = "latency/2"
+CACHE_VERSION = "latency/3"
 NUMBER, REPEAT = 5, 3
 
 
-def fingerprint(module, inputs, target_json: dict) -> str:
+def fingerprint(module, inputs, target_json: dict, build: dict) -> str:
+    """``build``: how the module was compiled (:func:`legoc.targets.build.build_signature`), so a
+    change of schedules, prepacking or tuning re-measures."""
     from legoc.passes.retrain import _digest_module
 
     h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(json.dumps(build, sort_keys=True).encode())
     _digest_module(h, module)
     h.update(repr([tuple(t.shape) for t in inputs]).encode())
     h.update(json.dumps(target_json, sort_keys=True).encode())
