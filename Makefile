@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.legoc-installed
 OUT    ?= out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup emulation demo test bench clean
 setup: $(STAMP)
 
 $(STAMP): requirements.txt setup.py
@@ -15,6 +15,11 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The aarch64 stand-in board: qemu-user (apt-get, when missing) + an aarch64 Python with the TVM
+# runtime wheels, cached in ~/.cache/legoc/emulation (idempotent; a few seconds once cached).
+emulation: setup
+	$(PY) -m legoc.targets.emulation setup
+
 # Compile the MNIST example for the host CPU and for a Jetson Nano, then run the host artifact
 # at three variant choices and print accuracy and latency for each.
 demo: setup
@@ -23,7 +28,7 @@ demo: setup
 	$(VENV)/bin/legoc inspect $(OUT)/mnist-host.lego
 	$(PY) examples/demo_app.py $(OUT)/mnist-host.lego
 
-test: setup
+test: setup emulation
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -26,7 +26,7 @@ LINKERS = ("native", "zig-aarch64")
 TRIPLES = ("x86_64-linux-gnu", "aarch64-linux-gnu")
 NVRTC_SOURCE = "cuda-source (compiled on the board by NVRTC at load time)"
 
-_JSON_HINT = "(or a path to a target .json)"
+_JSON_HINT = "(or a path to a target .json; NAME:cpu for a Jetson's CPU alone)"
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,28 @@ class _TargetTable(Mapping):
 TARGETS: Mapping[str, TargetSpec] = _TargetTable(_ENTRIES)
 
 
+CPU_SUFFIX = ":cpu"
+
+
+def cpu_part(spec: TargetSpec) -> TargetSpec:
+    """The CPU of a GPU board as a target of its own (``jetson-nano:cpu``): its host target
+    and linker, device code native. A cpu target is returned unchanged."""
+    if spec.device == "cpu":
+        return spec
+    return TargetSpec(
+        name=spec.name + CPU_SUFFIX,
+        description=f"the CPU of {spec.description} (no GPU code)",
+        device="cpu",
+        target=copy.deepcopy(spec.host),
+        host=None,
+        triple=spec.triple,
+        linker=spec.linker,
+        board_software=spec.board_software,
+        runs_here=False,
+        device_code="native",
+    )
+
+
 def list_targets() -> list[TargetSpec]:
     """Every built-in target, sorted by name (detects the host CPU)."""
     return [TARGETS[name] for name in sorted(TARGETS)]
@@ -211,6 +233,8 @@ def get_target(name_or_path: str | os.PathLike) -> TargetSpec:
     text = os.fspath(name_or_path)
     if text in TARGETS:
         return TARGETS[text]
+    if text.endswith(CPU_SUFFIX) and text[: -len(CPU_SUFFIX)] in TARGETS:
+        return cpu_part(TARGETS[text[: -len(CPU_SUFFIX)]])
     if text.endswith(".json") or os.sep in text or os.path.isfile(text):
         return load_target_file(Path(text))
     valid = ", ".join(sorted(TARGETS))

@@ -23,7 +23,7 @@ EM_X86_64 = 62
 UNKNOWN_MESSAGE = (
     "unknown target 'xyz'; valid targets: host, jetson-nano, jetson-orin-nano, jetson-tx2, "
     "jetson-xavier-nx, raspberry-pi-3, raspberry-pi-4, raspberry-pi-5 "
-    "(or a path to a target .json)"
+    "(or a path to a target .json; NAME:cpu for a Jetson's CPU alone)"
 )
 
 
