@@ -17,6 +17,7 @@ Arguments must be ``tvm.runtime.Tensor`` (raw numpy arrays crash the VM). ``out`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -33,9 +34,10 @@ import tvm.relax.frontend.torch as relax_torch
 from tvm import relax
 from tvm.support import cc as tvm_cc
 
-from legoc.errors import InternalError, UserError, describe
+from legoc.errors import InternalError, LegocError, UserError, describe
 from legoc.passes.fold import fold_batchnorm
 from legoc.paths import cache_dir
+from legoc.targets import cuda
 from legoc.targets.table import TargetSpec, _machine_triple
 
 __all__ = ["BuiltModule", "build_module", "fold_batchnorm", "measure_local", "zig_cxx_wrapper", "cache_dir"]
@@ -166,10 +168,13 @@ def build_module(
     except Exception as exc:
         raise _bug("TVM could not import", name, target, exc) from exc
 
+    plan = cuda.Plan.of(target.device_code, target.target.get("arch")) if target.device == "cuda" else None
     try:
         tvm_target = target.tvm_target()
-        with tvm_target:
+        with tvm_target, (cuda.building(plan) if plan else contextlib.nullcontext()):
             executable = tvm.compile(mod, target=tvm_target)
+    except LegocError:
+        raise
     except Exception as exc:
         raise _bug("TVM could not compile", name, target, exc) from exc
 
@@ -182,7 +187,12 @@ def build_module(
         else:
             executable.export_library(tmp, fcompile=fcompile)
         os.chmod(tmp, 0o755)
+        if plan is not None:  # the device code is what the board's JetPack loads (header check)
+            cuda.verify(Path(tmp).read_bytes(), plan, tools=False)
         os.replace(tmp, out_path)
+    except LegocError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
         raise _bug(f"TVM could not link ({target.linker})", name, target, exc) from exc
