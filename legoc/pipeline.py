@@ -26,6 +26,7 @@ class CompileConfig:
     retrain_epochs: int = 10
     retrain_minutes: float = 10.0
     retrain_lr: float = 1e-3
+    rpc: object = None  # legoc.targets.rpc.RpcConfig: measure every variant on a board over RPC
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
@@ -72,6 +73,10 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
 
     timings: dict[str, float] = {}
     target = get_target(config.target)          # fail fast on a bad target, before any work
+    if config.rpc is not None:                  # ... and on an unreachable device farm
+        from legoc.targets.rpc import check_device
+
+        check_device(config.rpc)
     t0 = time.perf_counter()
     spec = load_model_file(model_path)
     timings["load"] = time.perf_counter() - t0
@@ -212,5 +217,10 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 for s in part.segments
             ],
         }
+        if config.rpc is not None:  # measured on the board before anything is committed
+            from legoc.targets.rpc import measure_into
+
+            bar.update(task, description=f"measuring on '{config.rpc.key}' over RPC")
+            measure_into(writer.tmp, manifest, config.rpc)
         writer.commit(manifest)
     return manifest
