@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.legoc-installed
 OUT    ?= out
 
-.PHONY: setup emulation demo test bench clean
+.PHONY: setup emulation demo test cross bench clean
 setup: $(STAMP)
 
 $(STAMP): requirements.txt setup.py
@@ -30,6 +30,11 @@ demo: setup
 
 test: setup emulation
 	$(PY) -m pytest -q tests
+
+# Compile the MNIST example for every target in the table and verify the Jetson GPU code
+# (scripts/cross_compile.sh: the CI cross-compilation recipe, docs/targets.md).
+cross: setup
+	scripts/cross_compile.sh examples/mnist_resnet.py $(OUT)/cross
 
 bench: setup
 	$(PY) benchmarks/compile_time.py

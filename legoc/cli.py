@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--plot", metavar="FILE", help="draw the segment graph (blocks coloured, frame grey) to FILE (.svg/.png)")
 
-    sub.add_parser("targets", help="list the known targets")
+    tg = sub.add_parser("targets", help="list the known targets")
+    tg.add_argument("--names", action="store_true", help="only the names, one a line (for scripts)")
 
     r = sub.add_parser("profile", help="measure an artifact's variants on a board over TVM RPC")
     r.add_argument("artifact")
@@ -146,8 +147,11 @@ def cmd_targets(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from legoc.targets.table import list_targets
+    from legoc.targets.table import TARGETS, list_targets
 
+    if args.names:  # no CPU detection, no rich: for scripts
+        print("\n".join(sorted(TARGETS)))
+        return 0
     t = Table(title="targets (or --target path/to/target.json)")
     for col in ("name", "device", "library", "description", "board software"):
         t.add_column(col)
