@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 LEGOC=${LEGOC:-.venv/bin/legoc}
 PY=${PY:-.venv/bin/python}
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}  # torch.export chatter, once per module
 MODEL=${1:-examples/mnist_resnet.py}
 OUT=${2:-out/cross}
 shift $(( $# > 2 ? 2 : $# ))

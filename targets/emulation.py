@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -215,8 +214,8 @@ def _write_wrapper(root: Path, final_root: Path) -> None:
 
 
 def setup(log=print) -> Emulator:
-    """Make the emulation setup if it is not there yet (idempotent; about 10 minutes the first
-    time, mostly unpacking and the first emulated imports). Returns it."""
+    """Make the emulation setup if it is not there yet (idempotent; 14 s measured the first time
+    here, plus installing qemu-user; a few milliseconds once made). Returns it."""
     install_qemu()
     final = emulation_root()
     if (final / READY).is_file():
@@ -280,17 +279,14 @@ def qemu_version() -> str:
 def stage_legoc(dest: Path) -> Path:
     """Copy the installed legoc package (legoc, legoc.runtime, ...: only .py files, laid out as
     imported) under ``dest``; returns the folder to put on the emulated PYTHONPATH."""
-    import legoc  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
 
-    names = ["legoc", "legoc.runtime", "legoc.targets"]
-    for name in names:
-        module = __import__(name, fromlist=["__path__"])
-        src = Path(list(module.__path__)[0])
+    for name in ("legoc", "legoc.runtime", "legoc.targets"):
+        src = Path(list(importlib.import_module(name).__path__)[0])
         out = dest / "legoc" / Path(*name.split(".")[1:])
         out.mkdir(parents=True, exist_ok=True)
         for py in src.glob("*.py"):
             shutil.copy2(py, out / py.name)
-    assert (dest / "legoc" / "__init__.py").is_file(), legoc.__file__
     return dest
 
 
@@ -329,6 +325,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if platform.machine() not in ("x86_64", "AMD64"):
-        print("note: this builds an aarch64 userland for emulation on an x86-64 machine", file=sys.stderr)
     sys.exit(main())
