@@ -67,10 +67,15 @@ def zig_cxx_wrapper(triple: str = "aarch64-linux-gnu") -> Path:
         raise UserError(
             "the zig cross linker is missing: run `pip install ziglang` in legoc's environment"
         ) from exc
+    # zig's global cache is keyed by relative source paths: two Python environments sharing
+    # ~/.cache/zig invalidate each other's libc++ build on every link (a 90 s rebuild, serialised
+    # by zig's cache lock). Each environment gets its own cache unless the user sets one.
+    zig_cache = Path(sys.prefix) / "zig-cache"
     script = (
         "#!/bin/sh\n"
         "# made by legoc: PyPI ziglang as a cross C++ linker\n"
-        f'exec "{sys.executable}" -m ziglang c++ -target {triple} "$@"\n'
+        f'ZIG_GLOBAL_CACHE_DIR="${{ZIG_GLOBAL_CACHE_DIR:-{zig_cache}}}" \\\n'
+        f'  exec "{sys.executable}" -m ziglang c++ -target {triple} "$@"\n'
     )
     digest = hashlib.sha256(script.encode()).hexdigest()[:12]
     folder = cache_dir()
