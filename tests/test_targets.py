@@ -1,7 +1,7 @@
 """legoc.targets: the target table, custom JSON targets, and builds for host/aarch64/cuda.
 
 The aarch64 builds link with zig; the first zig link on a machine takes ~90 s (zig builds libc++
-for aarch64 once and caches it in ~/.cache/zig), later ones well under a second.
+for aarch64 once and caches it in the environment's zig-cache), later ones well under a second.
 """
 from __future__ import annotations
 
