@@ -201,8 +201,27 @@ def _nvrtc(name: str):
     return ctypes.CDLL(str(path))
 
 
+@contextlib.contextmanager
+def _thread_locale_kept():
+    """NVRTC 11 switches the calling thread's locale to "C" (uselocale) and leaves it so, which
+    turns Python's default text encoding into ASCII for the rest of the process: put it back."""
+    libc = ctypes.CDLL(None)
+    libc.uselocale.restype = ctypes.c_void_p
+    libc.uselocale.argtypes = [ctypes.c_void_p]
+    before = libc.uselocale(None)  # query
+    try:
+        yield
+    finally:
+        libc.uselocale(before)
+
+
 def compile_source(code: str, plan: Plan) -> bytes:
     """CUDA C++ (TVM's generated kernels) -> cubin bytes or PTX text, per ``plan``."""
+    with _thread_locale_kept():
+        return _compile_source(code, plan)
+
+
+def _compile_source(code: str, plan: Plan) -> bytes:
     lib = _nvrtc(plan.nvrtc)
     include = _nvidia_dir() / "cuda_cccl" / "include"
     number = plan.arch.split("_", 1)[1]

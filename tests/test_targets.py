@@ -468,6 +468,20 @@ def test_ptx_isa_check_has_teeth():
         cuda._ptxas(ptx.replace(".version 6.5", ".version 5.0"), "sm_53")
 
 
+def test_nvrtc_leaves_the_text_encoding_alone():
+    """NVRTC 11 switches its thread's locale to "C"; legoc puts it back, or every later open()
+    and subprocess text decode in the process would be ASCII (a real failure seen in the suite)."""
+    import locale
+
+    from legoc.targets import cuda
+
+    before = locale.getpreferredencoding(False)
+    for device_code, arch in (("ptx65:nvrtc11", "sm_53"), ("cubin:nvrtc11", "sm_72"), ("cubin:nvrtc12", "sm_87")):
+        cuda.compile_source('extern "C" __global__ void k(float* x) { x[0] = 1.0f; }',
+                            cuda.Plan.of(device_code, arch))
+        assert locale.getpreferredencoding(False) == before, device_code
+
+
 def test_custom_cuda_target_default_is_cubin(tmp_path):
     """A custom cuda target without device_code gets an NVRTC 12 cubin for its arch."""
     from legoc.targets import cuda
