@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.legoc-installed
 OUT    ?= out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup emulation demo test cross bench clean
 setup: $(STAMP)
 
 $(STAMP): requirements.txt setup.py
@@ -14,6 +14,11 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# The aarch64 stand-in board: qemu-user (apt-get, when missing) + an aarch64 Python with the TVM
+# runtime wheels, cached in ~/.cache/legoc/emulation (idempotent; a few seconds once cached).
+emulation: setup
+	$(PY) -m legoc.targets.emulation setup
 
 # Compile the MNIST example for the host CPU and for a Jetson Nano, show the host artifact's
 # profiles and draw its accuracy/latency Pareto front, pick variants for a budget, then run the
@@ -25,8 +30,13 @@ demo: setup
 	$(VENV)/bin/legoc select $(OUT)/mnist-host.lego --latency-ms 6
 	$(PY) examples/demo_app.py $(OUT)/mnist-host.lego
 
-test: setup
+test: setup emulation
 	$(PY) -m pytest -q tests
+
+# Compile the MNIST example for every target in the table and verify the Jetson GPU code
+# (scripts/cross_compile.sh: the CI cross-compilation recipe, docs/targets.md).
+cross: setup
+	scripts/cross_compile.sh examples/mnist_resnet.py $(OUT)/cross
 
 bench: setup
 	$(PY) benchmarks/compile_time.py

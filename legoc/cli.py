@@ -1,4 +1,4 @@
-"""legoc's command line: compile, inspect, select, run, targets.
+"""legoc's command line: compile, inspect, select, run, profile, targets.
 
 Exit codes: 0 ok, 2 user error (bad model, target, options, artifact), 1 internal error.
 Errors print one line; LEGOC_DEBUG=1 adds the traceback.
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--nested", action="store_true",
                    help="nested variants sharing one weight set per block (trained incrementally, smallest first)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _rpc_options(c, required=False)
 
     i = sub.add_parser("inspect", help="print an artifact's blocks and variants")
     i.add_argument("artifact")
@@ -57,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--variants", help="one variant index per block, comma-separated (instead of a budget)")
     _budget_args(r)
 
-    sub.add_parser("targets", help="list the known targets")
+    tg = sub.add_parser("targets", help="list the known targets")
+    tg.add_argument("--names", action="store_true", help="only the names, one a line (for scripts)")
+
+    r = sub.add_parser("profile", help="measure an artifact's variants on a board over TVM RPC")
+    r.add_argument("artifact")
+    _rpc_options(r, required=True)
     return p
 
 
@@ -130,6 +136,35 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _rpc_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    g = parser.add_argument_group("device farm (TVM RPC tracker)")
+    g.add_argument("--rpc", metavar="HOST:PORT", required=required,
+                   help="TVM RPC tracker; every variant is timed on a board registered with it")
+    g.add_argument("--device-key", metavar="KEY", required=required, help="the board's key at the tracker")
+    g.add_argument("--rpc-timeout", type=float, default=None, metavar="S",
+                   help="seconds to reach the tracker and to get a free board (default 60)")
+    g.add_argument("--rpc-number", type=int, default=None, metavar="N", help="runs per timing (default 10)")
+    g.add_argument("--rpc-repeat", type=int, default=None, metavar="R", help="timings, median kept (default 3)")
+
+
+def _rpc_config(args):
+    from legoc.targets.rpc import make_config
+
+    return make_config(args.rpc, args.device_key, timeout=args.rpc_timeout, number=args.rpc_number,
+                       repeat=args.rpc_repeat)
+
+
+def cmd_profile(args) -> int:
+    from legoc.targets.rpc import profile_artifact
+
+    cfg = _rpc_config(args)
+    manifest = profile_artifact(args.artifact, cfg, log=lambda m: print(f"  {m}", file=sys.stderr))
+    count = sum(len(s["variants"]) for s in manifest["segments"])
+    print(f"measured {count} modules of {args.artifact} on '{cfg.key}' via {cfg.address}; "
+          f"manifest updated (latency source: measured-rpc)")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from legoc.passes.prune import DEFAULT_RATIOS
     from legoc.pipeline import CompileConfig, compile_model
@@ -138,7 +173,7 @@ def cmd_compile(args) -> int:
                         ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
                         round_to=args.round_to, progress=not args.no_progress,
                         retrain_epochs=args.retrain_epochs, retrain_minutes=args.retrain_minutes,
-                        nested=args.nested, tune_trials=args.tune_trials)
+                        nested=args.nested, tune_trials=args.tune_trials, rpc=_rpc_config(args))
     report = compile_model(args.model, cfg)
     part = report.partition
     print(f"wrote {report.artifact}: {len(part.blocks)} blocks × {len(cfg.ratios)} variants, "
@@ -224,8 +259,11 @@ def cmd_targets(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from legoc.targets.table import list_targets
+    from legoc.targets.table import TARGETS, list_targets
 
+    if args.names:  # no CPU detection, no rich: for scripts
+        print("\n".join(sorted(TARGETS)))
+        return 0
     t = Table(title="targets (or --target path/to/target.json)")
     for col in ("name", "device", "library", "description", "board software"):
         t.add_column(col)
@@ -238,7 +276,7 @@ def cmd_targets(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"compile": cmd_compile, "inspect": cmd_inspect, "targets": cmd_targets, "select": cmd_select,
-               "run": cmd_run}[args.command]
+               "run": cmd_run, "profile": cmd_profile}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -29,6 +29,7 @@ class CompileConfig:
     profile_accuracy: bool = True   # measure every variant's accuracy drop (val_data, else fidelity)
     validate: bool = True           # measure a few combinations end to end (targets that run here)
     tune_trials: int = 0  # MetaSchedule trials per workload new to the tuning database (0: none)
+    rpc: object = None  # legoc.targets.rpc.RpcConfig: measure every variant on a board over RPC
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
@@ -80,6 +81,10 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
 
     timings: dict[str, float] = {}
     target = get_target(config.target)          # fail fast on a bad target, before any work
+    if config.rpc is not None:                  # ... and on an unreachable device farm
+        from legoc.targets.rpc import check_device
+
+        check_device(config.rpc)
     t0 = time.perf_counter()
     spec = load_model_file(model_path)
     timings["load"] = time.perf_counter() - t0
@@ -356,5 +361,10 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
             ],
         }
         manifest["combination"] = _combination(state, target, manifest, writer.draft(manifest), config, bar)
+        if config.rpc is not None:  # measured on the board before anything is committed
+            from legoc.targets.rpc import measure_into
+
+            bar.update(task, description=f"measuring on '{config.rpc.key}' over RPC")
+            measure_into(writer.tmp, manifest, config.rpc)
         writer.commit(manifest)
     return manifest

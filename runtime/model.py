@@ -46,6 +46,7 @@ class _Executable:
 
     def __init__(self, root: Path, seg: Segment, var: Variant, device, weight_files: "_WeightFiles"):
         import tvm  # the TVM runtime; with TVM_USE_RUNTIME_LIB=1 only the runtime library loads
+        import tvm.runtime.vm  # not imported by `import tvm` in runtime-only mode (a board)
 
         what = f"{seg.name} variant {var.id}"
         so = verified_path(root, var.entry["module"], what)

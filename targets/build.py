@@ -17,6 +17,7 @@ Arguments must be ``tvm.runtime.Tensor`` (raw numpy arrays crash the VM). ``out`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -36,6 +37,7 @@ from tvm.support import cc as tvm_cc
 from legoc.errors import InternalError, LegocError, UserError, describe
 from legoc.passes.fold import fold_batchnorm
 from legoc.paths import cache_dir
+from legoc.targets import cuda
 from legoc.targets.table import TargetSpec, _machine_triple
 
 __all__ = ["BuiltModule", "build_module", "fold_batchnorm", "measure_local", "zig_cxx_wrapper", "cache_dir"]
@@ -65,10 +67,15 @@ def zig_cxx_wrapper(triple: str = "aarch64-linux-gnu") -> Path:
         raise UserError(
             "the zig cross linker is missing: run `pip install ziglang` in legoc's environment"
         ) from exc
+    # zig's global cache is keyed by relative source paths: two Python environments sharing
+    # ~/.cache/zig invalidate each other's libc++ build on every link (a 90 s rebuild, serialised
+    # by zig's cache lock). Each environment gets its own cache unless the user sets one.
+    zig_cache = Path(sys.prefix) / "zig-cache"
     script = (
         "#!/bin/sh\n"
         "# made by legoc: PyPI ziglang as a cross C++ linker\n"
-        f'exec "{sys.executable}" -m ziglang c++ -target {triple} "$@"\n'
+        f'ZIG_GLOBAL_CACHE_DIR="${{ZIG_GLOBAL_CACHE_DIR:-{zig_cache}}}" \\\n'
+        f'  exec "{sys.executable}" -m ziglang c++ -target {triple} "$@"\n'
     )
     digest = hashlib.sha256(script.encode()).hexdigest()[:12]
     folder = cache_dir()
@@ -194,9 +201,10 @@ def build_module(
         except Exception as exc:
             raise _bug("TVM could not prepack the weights of", name, target, exc) from exc
 
+    plan = cuda.Plan.of(target.device_code, target.target.get("arch")) if target.device == "cuda" else None
     try:
         tvm_target = target.tvm_target()
-        with tvm_target:
+        with tvm_target, (cuda.building(plan) if plan else contextlib.nullcontext()):
             executable = tvm.compile(mod, target=tvm_target,
                                      relax_pipeline=_relax_pipeline(mod, target, tune_trials))
     except LegocError:
@@ -213,7 +221,12 @@ def build_module(
         else:
             executable.export_library(tmp, fcompile=fcompile)
         os.chmod(tmp, 0o755)
+        if plan is not None:  # the device code is what the board's JetPack loads (header check)
+            cuda.verify(Path(tmp).read_bytes(), plan, tools=False)
         os.replace(tmp, out_path)
+    except LegocError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
         raise _bug(f"TVM could not link ({target.linker})", name, target, exc) from exc

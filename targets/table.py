@@ -24,9 +24,9 @@ from legoc.errors import UserError, first_line
 DEVICES = ("cpu", "cuda")
 LINKERS = ("native", "zig-aarch64")
 TRIPLES = ("x86_64-linux-gnu", "aarch64-linux-gnu")
-NVRTC_SOURCE = "cuda-source (compiled on the board by NVRTC at load time)"
+DEFAULT_CUDA_CODE = "cubin:nvrtc12"  # custom cuda targets; the forms: legoc.targets.cuda
 
-_JSON_HINT = "(or a path to a target .json)"
+_JSON_HINT = "(or a path to a target .json; NAME:cpu for a Jetson's CPU alone)"
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class TargetSpec:
     linker: str  # "native" (this machine's c++) or "zig-aarch64" (PyPI ziglang)
     board_software: str  # one line: what the board must run
     runs_here: bool  # artifacts can be loaded and executed on this machine
-    device_code: str  # "native" for cpu; how device code is stored for cuda
+    device_code: str  # "native" for cpu; for cuda one of legoc.targets.cuda.DEVICE_CODES
 
     def __hash__(self) -> int:  # dict fields: hash by the canonical JSON form
         return hash(json.dumps(self.to_json(), sort_keys=True))
@@ -86,7 +86,8 @@ def _cpu(name: str, description: str, mcpu: str, software: str = _RPI_SOFTWARE) 
     )
 
 
-def _jetson(name: str, description: str, arch: str, mcpu: str, software: str) -> TargetSpec:
+def _jetson(name: str, description: str, arch: str, mcpu: str, software: str,
+            device_code: str) -> TargetSpec:
     return TargetSpec(
         name=name,
         description=description,
@@ -97,7 +98,7 @@ def _jetson(name: str, description: str, arch: str, mcpu: str, software: str) ->
         linker="zig-aarch64",
         board_software=software,
         runs_here=False,
-        device_code=NVRTC_SOURCE,
+        device_code=device_code,
     )
 
 
@@ -135,17 +136,18 @@ def _host_spec() -> TargetSpec:
     )
 
 
+# Device code per JetPack (why: legoc.targets.cuda and docs/targets.md).
 _JETSON_4 = (
-    "JetPack 4.6 (L4T R32, Ubuntu 18.04, CUDA 10.2), Python 3 with a TVM 0.27 runtime built "
-    "from source with CUDA and NVRTC"
+    "JetPack 4.6 (L4T R32, Ubuntu 18.04, CUDA 10.2); GPU code is PTX ISA 6.5, JIT-compiled by "
+    "the driver; Python 3 with a TVM 0.27 runtime built from source on the board with CUDA"
 )
 _JETSON_5 = (
-    "JetPack 5.1 (L4T R35, Ubuntu 20.04, CUDA 11.4), Python 3 with a TVM 0.27 runtime built "
-    "from source with CUDA and NVRTC"
+    "JetPack 5.1 (L4T R35, Ubuntu 20.04, CUDA 11.4); GPU code is an sm_72 cubin (NVRTC 11.7); "
+    "Python 3 with a TVM 0.27 runtime built from source on the board with CUDA"
 )
 _JETSON_6 = (
-    "JetPack 6 (L4T R36, Ubuntu 22.04, CUDA 12.x), Python 3 with a TVM 0.27 runtime built "
-    "with CUDA and NVRTC"
+    "JetPack 6 (L4T R36, Ubuntu 22.04, CUDA 12.2+); GPU code is an sm_87 cubin (NVRTC 12.2); "
+    "Python 3 with a TVM 0.27 runtime built from source on the board with CUDA"
 )
 
 # name -> spec, or a function making it on first use (``host``). Kept sorted by name.
@@ -153,19 +155,19 @@ _ENTRIES: dict[str, TargetSpec | Callable[[], TargetSpec]] = {
     "host": _host_spec,
     "jetson-nano": _jetson(
         "jetson-nano", "NVIDIA Jetson Nano (Maxwell GPU sm_53, 4x Cortex-A57)",
-        "sm_53", "cortex-a57", _JETSON_4,
+        "sm_53", "cortex-a57", _JETSON_4, "ptx65:nvrtc11",
     ),
     "jetson-orin-nano": _jetson(
         "jetson-orin-nano", "NVIDIA Jetson Orin Nano (Ampere GPU sm_87, 6x Cortex-A78AE)",
-        "sm_87", "cortex-a78ae", _JETSON_6,
+        "sm_87", "cortex-a78ae", _JETSON_6, "cubin:nvrtc12",
     ),
     "jetson-tx2": _jetson(
         "jetson-tx2", "NVIDIA Jetson TX2 (Pascal GPU sm_62, 4x Cortex-A57 + 2x Denver2)",
-        "sm_62", "cortex-a57", _JETSON_4,
+        "sm_62", "cortex-a57", _JETSON_4, "ptx65:nvrtc11",
     ),
     "jetson-xavier-nx": _jetson(
         "jetson-xavier-nx", "NVIDIA Jetson Xavier NX (Volta GPU sm_72, 6x Carmel)",
-        "sm_72", "carmel", _JETSON_5,
+        "sm_72", "carmel", _JETSON_5, "cubin:nvrtc11",
     ),
     "raspberry-pi-3": _cpu(
         "raspberry-pi-3", "Raspberry Pi 3 (4x Cortex-A53, 64-bit OS)", "cortex-a53"
@@ -201,6 +203,28 @@ class _TargetTable(Mapping):
 TARGETS: Mapping[str, TargetSpec] = _TargetTable(_ENTRIES)
 
 
+CPU_SUFFIX = ":cpu"
+
+
+def cpu_part(spec: TargetSpec) -> TargetSpec:
+    """The CPU of a GPU board as a target of its own (``jetson-nano:cpu``): its host target
+    and linker, device code native. A cpu target is returned unchanged."""
+    if spec.device == "cpu":
+        return spec
+    return TargetSpec(
+        name=spec.name + CPU_SUFFIX,
+        description=f"the CPU of {spec.description} (no GPU code)",
+        device="cpu",
+        target=copy.deepcopy(spec.host),
+        host=None,
+        triple=spec.triple,
+        linker=spec.linker,
+        board_software=spec.board_software,
+        runs_here=False,
+        device_code="native",
+    )
+
+
 def list_targets() -> list[TargetSpec]:
     """Every built-in target, sorted by name (detects the host CPU)."""
     return [TARGETS[name] for name in sorted(TARGETS)]
@@ -211,6 +235,9 @@ def get_target(name_or_path: str | os.PathLike) -> TargetSpec:
     text = os.fspath(name_or_path)
     if text in TARGETS:
         return TARGETS[text]
+    base = text[: -len(CPU_SUFFIX)] if text.endswith(CPU_SUFFIX) else None
+    if base in TARGETS and TARGETS[base].device == "cuda":
+        return cpu_part(TARGETS[base])
     if text.endswith(".json") or os.sep in text or os.path.isfile(text):
         return load_target_file(Path(text))
     valid = ", ".join(sorted(TARGETS))
@@ -326,11 +353,29 @@ def target_from_dict(data: Any, *, source: str = "target", check_here: bool = Tr
         linker=linker,
         board_software=string("board_software", "unspecified"),
         runs_here=runs_here,
-        device_code=string("device_code", "native" if device == "cpu" else NVRTC_SOURCE),
+        device_code=string("device_code", "native" if device == "cpu" else DEFAULT_CUDA_CODE),
     )
+    if check_here:
+        _check_device_code(spec, bad)
     if check_here:
         _check_with_tvm(spec, llvm, llvm_field, bad)
     return spec
+
+
+def _check_device_code(spec: TargetSpec, bad) -> None:
+    if spec.device == "cpu":
+        if spec.device_code != "native":
+            raise bad("device_code", f'must be "native" for a cpu target, got {spec.device_code!r}')
+        return
+    from legoc.targets.cuda import DEVICE_CODES, Plan  # noqa: PLC0415 (light: no tvm)
+
+    if spec.device_code not in DEVICE_CODES:
+        raise bad("device_code", f"must be one of {', '.join(DEVICE_CODES)}, got {spec.device_code!r}")
+    try:
+        Plan.of(spec.device_code, spec.target.get("arch"))
+    except UserError as exc:
+        raise bad("target", f'needs an "arch" like "sm_53" for device_code {spec.device_code!r}, '
+                  f"got {spec.target.get('arch')!r}") from exc
 
 
 def _check_with_tvm(spec: TargetSpec, llvm: dict, llvm_field: str, bad) -> None:

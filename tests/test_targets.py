@@ -1,7 +1,7 @@
 """legoc.targets: the target table, custom JSON targets, and builds for host/aarch64/cuda.
 
 The aarch64 builds link with zig; the first zig link on a machine takes ~90 s (zig builds libc++
-for aarch64 once and caches it in ~/.cache/zig), later ones well under a second.
+for aarch64 once and caches it in the environment's zig-cache), later ones well under a second.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ EM_X86_64 = 62
 UNKNOWN_MESSAGE = (
     "unknown target 'xyz'; valid targets: host, jetson-nano, jetson-orin-nano, jetson-tx2, "
     "jetson-xavier-nx, raspberry-pi-3, raspberry-pi-4, raspberry-pi-5 "
-    "(or a path to a target .json)"
+    "(or a path to a target .json; NAME:cpu for a Jetson's CPU alone)"
 )
 
 
@@ -71,6 +71,13 @@ def cuda_module_format(data: bytes) -> str:
     raise AssertionError("no serialized CUDA module found")
 
 
+TARGETS_NANO_JSON = {
+    "name": "nano", "device": "cuda", "target": {"kind": "cuda", "arch": "sm_53"},
+    "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a57"},
+    "triple": "aarch64-linux-gnu", "linker": "zig-aarch64",
+}
+
+
 def relclose(got: np.ndarray, want: np.ndarray, rel: float = 1e-4) -> bool:
     scale = max(float(np.abs(want).max()), 1e-6)
     return float(np.abs(got - want).max()) <= rel * scale
@@ -110,7 +117,19 @@ def test_table_lookups():
     assert nano.device == "cuda"
     assert nano.target == {"kind": "cuda", "arch": "sm_53"}
     assert nano.host == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a57"}
-    assert "NVRTC" in nano.device_code and not nano.runs_here
+    assert nano.device_code == "ptx65:nvrtc11" and not nano.runs_here
+    assert get_target("jetson-tx2").device_code == "ptx65:nvrtc11"
+    assert get_target("jetson-xavier-nx").device_code == "cubin:nvrtc11"
+    assert get_target("jetson-orin-nano").device_code == "cubin:nvrtc12"
+
+    # a Jetson's CPU alone (NAME:cpu): its host target, native device code
+    nano_cpu = get_target("jetson-nano:cpu")
+    assert nano_cpu.name == "jetson-nano:cpu" and nano_cpu.device == "cpu"
+    assert nano_cpu.target == nano.host and nano_cpu.host is None
+    assert (nano_cpu.triple, nano_cpu.linker, nano_cpu.device_code) == (
+        "aarch64-linux-gnu", "zig-aarch64", "native")
+    with pytest.raises(UserError, match="unknown target 'raspberry-pi-4:cpu'"):
+        get_target("raspberry-pi-4:cpu")
 
     orin = get_target("jetson-orin-nano")
     assert orin.target["arch"] == "sm_87" and orin.host["mcpu"] == "cortex-a78ae"
@@ -199,6 +218,11 @@ def test_custom_json_target(tmp_path):
         ({"target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "bogus": 1}}, "target"),
         ({"target": "llvm"}, "target"),
         ({"device": "cuda", "target": {"kind": "cuda", "arch": "sm_53"}}, "host"),
+        ({"device_code": "cubin:nvrtc12"}, "device_code"),
+        ({"device": "cuda", "target": {"kind": "cuda", "arch": "sm_53"}, "device_code": "sass",
+          "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}}, "device_code"),
+        ({"device": "cuda", "target": {"kind": "cuda"}, "device_code": "cubin:nvrtc12",
+          "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}}, "target"),
         ({"runs_here": True}, "runs_here"),
         ({"colour": "red"}, "colour"),
         ({"name": "raspberry-pi-4"}, "name"),
@@ -389,20 +413,87 @@ def test_raspberry_pi_4_build_is_aarch64(tmp_path, monkeypatch):
     assert b"__tvm_ffi__library_bin" in built.path.read_bytes()
 
 
-def test_jetson_nano_build_embeds_cuda(tmp_path):
-    from legoc.targets import get_target
+JETSON_FORMS = [
+    # target, format in the artifact, arch, what CUDA's tools report
+    ("jetson-nano", "ptx", "sm_53", "ptxas 12.2 -arch=sm_53: assembled"),
+    ("jetson-tx2", "ptx", "sm_62", "ptxas 12.2 -arch=sm_62: assembled"),
+    ("jetson-xavier-nx", "cubin", "sm_72", "sm=72, toolkit=117"),
+    ("jetson-orin-nano", "cubin", "sm_87", "sm=87, toolkit=122"),
+]
+
+
+@pytest.mark.parametrize("name, fmt, arch, tool", JETSON_FORMS)
+def test_jetson_build_carries_loadable_gpu_code(tmp_path, name, fmt, arch, tool):
+    """Each Jetson's GPU code is built here in the form its JetPack loads, and CUDA's own tools
+    confirm format and architecture (cuobjdump for cubins, ptxas at the declared ISA for PTX)."""
+    from legoc.targets import cuda, get_target
     from legoc.targets.build import build_module
 
     gm, inputs = _convnet()
+    spec = get_target(name)
     t0 = time.perf_counter()
-    built = build_module(gm, inputs, get_target("jetson-nano"), tmp_path / "nano.so")
-    print(f"jetson-nano build: {time.perf_counter() - t0:.2f} s")
+    built = build_module(gm, inputs, spec, tmp_path / f"{name}.so")
+    print(f"{name} build: {time.perf_counter() - t0:.2f} s")
     assert elf_header(built.path) == (2, 3, EM_AARCH64)
     assert built.num_inputs == 1 and built.num_outputs == 1 and len(built.params) == 4
     data = built.path.read_bytes()
-    assert cuda_module_format(data) == "cuda"  # CUDA C source, compiled on the board
-    assert data.count(b'extern "C" __global__') >= 3  # conv, pool, matmul... kernels
-    assert b"threadIdx.x" in data  # kernels are GPU-scheduled (dlight), not serial loops
+    assert cuda_module_format(data) == fmt
+    assert b'extern "C" __global__' not in data  # no source left: nothing to compile on the board
+
+    code = cuda.extract(data)
+    if fmt == "cubin":
+        assert code.data[:4] == b"\x7fELF" and code.data[7] == 0x33  # CUDA ELF
+        assert int.from_bytes(code.data[18:20], "little") == 190  # EM_CUDA
+        assert code.data[48] == int(arch[3:])  # e_flags: SASS architecture
+    else:
+        text = code.data.decode()
+        assert "\n.version 6.5\n" in text and f"\n.target {arch}\n" in text
+        assert text.count(".visible .entry ") >= 3  # conv, pool, matmul... launchable kernels
+    verified = cuda.verify(data, cuda.Plan.of(spec.device_code, arch))
+    assert (verified.fmt, verified.arch) == (fmt, arch) and tool in verified.tool
+
+
+def test_ptx_isa_check_has_teeth():
+    """ptxas rejects PTX that claims an ISA too old for what it uses: the ISA 6.5 check is real."""
+    from legoc.errors import InternalError as Internal
+    from legoc.targets import cuda
+
+    plan = cuda.Plan.of("ptx65:nvrtc11", "sm_53")
+    ptx = cuda.compile_source(
+        'extern "C" __global__ void k(float* x) { x[threadIdx.x] = __shfl_sync(0xffffffff, x[0], 1); }',
+        plan).decode()
+    assert ".version 6.5" in ptx
+    cuda._ptxas(ptx, "sm_53")  # shfl.sync exists since ISA 6.0: accepted
+    with pytest.raises(Internal, match="ptxas rejects"):
+        cuda._ptxas(ptx.replace(".version 6.5", ".version 5.0"), "sm_53")
+
+
+def test_nvrtc_leaves_the_text_encoding_alone():
+    """NVRTC 11 switches its thread's locale to "C"; legoc puts it back, or every later open()
+    and subprocess text decode in the process would be ASCII (a real failure seen in the suite)."""
+    import locale
+
+    from legoc.targets import cuda
+
+    before = locale.getpreferredencoding(False)
+    for device_code, arch in (("ptx65:nvrtc11", "sm_53"), ("cubin:nvrtc11", "sm_72"), ("cubin:nvrtc12", "sm_87")):
+        cuda.compile_source('extern "C" __global__ void k(float* x) { x[0] = 1.0f; }',
+                            cuda.Plan.of(device_code, arch))
+        assert locale.getpreferredencoding(False) == before, device_code
+
+
+def test_custom_cuda_target_default_is_cubin(tmp_path):
+    """A custom cuda target without device_code gets an NVRTC 12 cubin for its arch."""
+    from legoc.targets import cuda
+    from legoc.targets.build import build_module
+    from legoc.targets.table import target_from_dict
+
+    spec = target_from_dict(json.loads(json.dumps(TARGETS_NANO_JSON)))
+    assert spec.device_code == "cubin:nvrtc12"
+    gm, inputs = _convnet()
+    built = build_module(gm, inputs, spec, tmp_path / "nano.so")
+    verified = cuda.verify(built.path.read_bytes(), cuda.Plan.of(spec.device_code, "sm_53"))
+    assert (verified.fmt, verified.arch) == ("cubin", "sm_53") and "sm=53, toolkit=122" in verified.tool
 
 
 def test_errors_are_one_line(tmp_path):
