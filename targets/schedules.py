@@ -229,7 +229,10 @@ def _inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
     shape = [int(d) for d in stmt.writes[0].source.shape]
     left = []
     for block in epilogue:
-        if left or not _same_domain(sch, block, shape):
+        # the write-back's output must feed this block only: reverse_compute_inline in TVM 0.27
+        # also inlines a buffer that a later block still reads (hardswish x * relu6(x + 3) / 6),
+        # leaving that read without a definition
+        if left or not _same_domain(sch, block, shape) or len(sch.get_consumers(writeback)) != 1:
             left.append(block)
             continue
         try:
@@ -564,8 +567,8 @@ class _ConvChannelPadder(relax.PyExprMutator):
             out_channels = int(weight_info.shape[0])
         except TypeError:  # symbolic
             return call
-        padded = -(-out_channels // self.lanes) * self.lanes
-        if out_channels < 4 or padded == out_channels:
+        padded, _ = _padded_channels(out_channels, self.lanes)
+        if padded == out_channels:
             return call
         self.changed = True
         weight = self.builder_.emit(relax.op.nn.pad(
@@ -633,8 +636,7 @@ class _ConvWeightPacker(relax.PyExprMutator):
         if weight is None:
             return call
         out_channels = int(weight.ty.shape[0])
-        padded = -(-out_channels // self.lanes) * self.lanes
-        block = 2 * self.lanes if padded % (2 * self.lanes) == 0 else self.lanes
+        padded, block = _padded_channels(out_channels, self.lanes)
         self.changed = True
         attrs = call.attrs
         strides = [int(v) for v in attrs.strides]
@@ -663,6 +665,18 @@ class _ConvWeightPacker(relax.PyExprMutator):
         return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
 
 
+def _padded_channels(out_channels: int, lanes: int) -> tuple[int, int]:
+    """(padded output channels, packing block) for a conv with ``out_channels`` filters: a few
+    filters (heavily pruned variants: 3, 6) take one short vector (4 or 8 lanes), not a whole
+    ``lanes``-wide one; more take a multiple of ``lanes``, blocked by two vectors when that
+    divides."""
+    for width in (4, 8):
+        if width < lanes and out_channels <= width:
+            return width, width
+    padded = -(-out_channels // lanes) * lanes
+    return padded, 2 * lanes if padded % (2 * lanes) == 0 else lanes
+
+
 def _live_taps(size: int, kernel: int, stride: int, dilation: int, pad: int, out: int):
     """[first, last + 1) of the kernel taps along one axis that read the input (not padding)
     for some output position; None when cropping to them would need a negative pad."""
@@ -674,8 +688,7 @@ def _live_taps(size: int, kernel: int, stride: int, dilation: int, pad: int, out
 
 
 def _plain_conv_weight(call):
-    """The weight of a float32 groups=1 NCHW/OIHW conv2d with static shapes and at least 4
-    output channels, else None."""
+    """The weight of a float32 groups=1 NCHW/OIHW conv2d with static shapes, else None."""
     if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.nn.conv2d"):
         return None
     attrs = call.attrs
@@ -692,8 +705,7 @@ def _plain_conv_weight(call):
             [int(d) for d in info.shape]
         except TypeError:  # symbolic shapes
             return None
-    weight = call.args[1]
-    return weight if int(weight.ty.shape[0]) >= 4 else None
+    return call.args[1]
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocPackConvWeights")
