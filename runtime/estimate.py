@@ -184,7 +184,7 @@ class Profiles:
         for vs in self.blocks:
             grown = [(lat + v.latency_ms, drop + v.drop, prefix + (i,))
                      for lat, drop, prefix in partial for i, v in enumerate(vs)]
-            partial = _front(grown) if self.combinations() > limit else grown
+            partial = _front(grown, keep_ties=True) if self.combinations() > limit else grown
         front = _front(partial)
         return [(c, self.estimate(c)) for _, _, c in front]
 
@@ -192,11 +192,17 @@ class Profiles:
         return itertools.product(*[range(len(vs)) for vs in self.blocks])
 
 
-def _front(points: list[tuple[float, float, tuple[int, ...]]]) -> list[tuple[float, float, tuple[int, ...]]]:
-    """Points (latency, drop, choice) not dominated: sorted by latency, strictly decreasing drop."""
-    out, best = [], float("inf")
-    for p in sorted(points, key=lambda p: (p[0], p[1])):
+def _front(points: list[tuple[float, float, tuple[int, ...]]],
+           keep_ties: bool = False) -> list[tuple[float, float, tuple[int, ...]]]:
+    """Points (latency, drop, choice) not dominated: sorted by latency, strictly decreasing drop;
+    of tied points the first choice in (latency, drop, choice) order. ``keep_ties`` also keeps
+    points tied with a kept one (same latency, drop within 1e-12): the DP over block prefixes
+    must, or it could keep another representative of a tie than the exhaustive search."""
+    out, best, best_lat = [], float("inf"), None
+    for p in sorted(points):
         if p[1] < best - 1e-12:
             out.append(p)
-            best = p[1]
+            best, best_lat = p[1], p[0]
+        elif keep_ties and p[0] == best_lat and p[1] <= best + 1e-12:
+            out.append(p)
     return out

@@ -123,6 +123,14 @@ def mnist(artifact):
     return artifact("mnist_resnet", "host", ratios=(0.0, 0.4, 0.8)).artifact
 
 
+def _fastest_ms(m) -> float:
+    """The smallest estimated latency over every combination of variants (brute force)."""
+    import itertools
+
+    counts = [len(b.variants) for b in m.blocks]
+    return min(m.profiles.latency_ms(list(c)) for c in itertools.product(*map(range, counts)))
+
+
 def test_configure_by_budget_switches_only_changed_blocks(mnist):
     from legoc.runtime import load
 
@@ -132,7 +140,8 @@ def test_configure_by_budget_switches_only_changed_blocks(mnist):
     m.configure(latency_ms=full * 1.5)
     assert m.choice == tuple(m.last_selection.choice) and m.last_selection.optimal
     assert m.last_switch_loaded == len(m.segments)
-    tight = prof.latency_ms([2] * len(m.blocks)) * 1.05
+    tight = _fastest_ms(m) * 1.05
+    assert tight < full      # the pruned variants are faster (else the test proves nothing)
     before_choice = m.choice
     m.configure(latency_ms=tight)
     est = m.last_selection.estimate
@@ -201,17 +210,20 @@ def test_scheduler_selects_jointly_under_shared_memory_and_time(mnist):
 
     a, b = load(mnist), load(mnist)
     n = len(a.blocks)
-    one_full = a.profiles.latency_ms([0] * n)
+    one_full, fastest = a.profiles.latency_ms([0] * n), _fastest_ms(a)
+    assert fastest < one_full
+    # room for both at their fastest plus part of the gap: they cannot both run full
+    period = 2 * fastest + 0.5 * (one_full - fastest)
     s = Scheduler([a, b], weights=[3.0, 1.0])
-    sel = s.configure(period_ms=one_full * 1.2)
+    sel = s.configure(period_ms=period)
     lat = [e.latency_ms for e in sel.estimates]
-    assert sum(lat) <= one_full * 1.2 and sel.optimal
+    assert sum(lat) <= period and sel.optimal
     assert sel.estimates[0].accuracy >= sel.estimates[1].accuracy    # the heavier-weighted model gets more
     assert a.choice == sel.choices[0] and b.choice == sel.choices[1]
     with pytest.raises(UserError, match="either per-model latency_ms or one period_ms"):
         s.configure(latency_ms=[10, 10], period_ms=10)
-    per = s.configure(latency_ms=[one_full * 1.1, one_full * 0.5], memory_mb=20)
-    assert per.estimates[1].latency_ms <= one_full * 0.5
+    per = s.configure(latency_ms=[one_full * 1.1, fastest * 1.05], memory_mb=20)
+    assert per.estimates[1].latency_ms <= fastest * 1.05
 
 
 def test_runtime_still_imports_no_torch(mnist, tmp_path):
