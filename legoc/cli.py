@@ -20,6 +20,10 @@ def _ratios(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"--ratios takes comma-separated numbers like 0,0.2,0.4, got {text!r}")
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="legoc", description="Compile a PyTorch CNN into a runtime-scalable artifact of swappable blocks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -38,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="MetaSchedule trials per workload not yet in the tuning database (default 0: no tuning)")
     c.add_argument("--nested", action="store_true",
                    help="nested variants sharing one weight set per block (trained incrementally, smallest first)")
+    c.add_argument("--devices", type=_names, default=(), metavar="cpu,gpu",
+                   help="Jetson targets: build every block variant for the CPU and the GPU, so the runtime "
+                        "chooses the device per block (default: the target's own device)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     _rpc_options(c, required=False)
 
@@ -56,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", "-i", required=True, action="append", help="input .npy (repeat for several inputs)")
     r.add_argument("--output", "-o", help="write the output here (.npy; .npz for a tuple/dict output)")
     r.add_argument("--variants", help="one variant index per block, comma-separated (instead of a budget)")
+    r.add_argument("--devices", type=_names, default=None,
+                   help="with --variants: one device per block (cpu or gpu), comma-separated, or one for all "
+                        "(artifacts compiled with --devices; default: the target's own device)")
     _budget_args(r)
 
     tg = sub.add_parser("targets", help="list the known targets")
@@ -86,13 +96,20 @@ def cmd_select(args) -> int:
     e = sel.estimate
     print(f"{args.artifact}: {'optimal' if sel.optimal else 'feasible (time limit hit; may not be optimal)'} "
           f"in {sel.solve_ms:.1f} ms")
-    for b, i in zip(m.blocks, sel.choice):
+    choose_devices = len(m.profiles.devices) > 1
+    for b, i, d in zip(m.blocks, sel.choice, sel.devices):
         v = b.variants[i]
-        print(f"  {b.name}: variant {i} ({v.id}, ratio {v.ratio:.2f}, {v.macs / 1e6:.2f} M MACs)")
+        on = f" on {d}" if choose_devices else ""
+        print(f"  {b.name}: variant {i} ({v.id}, ratio {v.ratio:.2f}, {v.macs / 1e6:.2f} M MACs){on}")
     lat = "-" if e.latency_ms is None else f"{e.latency_ms:.2f} ms ({', '.join(e.sources['latency'])})"
     print(f"estimated accuracy {e.accuracy:.4f} ({e.sources['accuracy']}), latency {lat}, "
           f"memory {e.memory_bytes / 2**20:.2f} MiB")
+    if choose_devices:
+        transfer = "-" if e.transfer_ms is None else f"{e.transfer_ms:.3f} ms ({', '.join(e.sources['transfer'])})"
+        print(f"  of which CPU<->GPU copies: {transfer}")
     print(f"variants: {','.join(map(str, sel.choice))}")
+    if choose_devices:
+        print(f"devices: {','.join(sel.devices)}")
     return 0
 
 
@@ -110,19 +127,25 @@ def cmd_run(args) -> int:
             xs.append(np.load(path))
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read it as a .npy array ({exc}); save the input with numpy.save") from exc
+    devices = (args.devices[0] if len(args.devices) == 1 else args.devices) if args.devices else None
     if args.variants:
         try:
-            m.configure(variants=[int(v) for v in args.variants.split(",")])
+            variants = [int(v) for v in args.variants.split(",")]
         except ValueError:
             raise UserError(f"--variants takes comma-separated integers like 0,2,1,4, got {args.variants!r}")
+        m.configure(variants=variants, devices=devices)
     elif args.latency_ms is not None or args.memory_mb is not None or args.min_accuracy is not None:
-        m.configure(variants=_select(m, args).choice)
+        if devices is not None:
+            raise UserError("--devices goes with --variants; with a budget the solver chooses the devices")
+        sel = _select(m, args)
+        m.configure(variants=sel.choice, devices=sel.devices)
     else:
-        m.configure()
+        m.configure(devices=devices)
     t0 = time.perf_counter()
     out = m(*xs)
     ms = (time.perf_counter() - t0) * 1e3
-    print(f"variants {','.join(map(str, m.choice))}: ran in {ms:.2f} ms")
+    on = f" on {','.join(m.devices)}" if len(m.profiles.devices) > 1 else ""
+    print(f"variants {','.join(map(str, m.choice))}{on}: ran in {ms:.2f} ms")
     if args.output:
         if isinstance(out, np.ndarray):
             np.save(args.output, out)
@@ -173,7 +196,8 @@ def cmd_compile(args) -> int:
                         ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
                         round_to=args.round_to, progress=not args.no_progress,
                         retrain_epochs=args.retrain_epochs, retrain_minutes=args.retrain_minutes,
-                        nested=args.nested, tune_trials=args.tune_trials, rpc=_rpc_config(args))
+                        nested=args.nested, tune_trials=args.tune_trials, rpc=_rpc_config(args),
+                        devices=args.devices)
     report = compile_model(args.model, cfg)
     part = report.partition
     print(f"wrote {report.artifact}: {len(part.blocks)} blocks × {len(cfg.ratios)} variants, "
@@ -205,7 +229,7 @@ def cmd_inspect(args) -> int:
         for k, v in enumerate(s["variants"]):
             t.add_row(s["name"] if k == 0 else "", s["kind"] if k == 0 else "", shapes if k == 0 else "",
                       v["id"], f"{v['ratio']:.2f}", f"{v['macs'] / 1e6:.2f}", f"{v['param_bytes'] / 1024:.1f}",
-                      _profile(v, "peak_activation_bytes", 1 / 1024, ".1f"), _profile(v, "latency_ms", 1, ".2f"),
+                      _profile(v, "peak_activation_bytes", 1 / 1024, ".1f"), _latencies(v, m),
                       _profile(v, "accuracy_drop", 1, "+.4f"),
                       f"{v['module']['bytes'] / 1024:.0f}")
         t.add_section()
@@ -244,6 +268,16 @@ def _print_estimates(con, m: dict) -> None:
         t.add_row(" ".join(map(str, v["choice"])), fmt(e["accuracy"], ".4f"), fmt(me.get("accuracy"), ".4f"),
                   fmt(e["latency_ms"], ".2f"), fmt(me["latency_ms"], ".2f"), f"{e['memory_bytes'] / 2**20:.2f}")
     con.print(t)
+
+
+def _latencies(variant: dict, manifest: dict) -> str:
+    """The latency cell: the default device's, then every other device's (``--devices``)."""
+    own = _profile(variant, "latency_ms", 1, ".2f")
+    others = variant.get("devices") or {}
+    if not others:
+        return own
+    default = (manifest.get("devices") or {}).get("default", "")
+    return " ".join([f"{default} {own}"] + [f"{d} {_profile(e, 'latency_ms', 1, '.2f')}" for d, e in others.items()])
 
 
 def _profile(variant: dict, key: str, scale: float, fmt: str) -> str:

@@ -30,6 +30,7 @@ class CompileConfig:
     validate: bool = True           # measure a few combinations end to end (targets that run here)
     tune_trials: int = 0  # MetaSchedule trials per workload new to the tuning database (0: none)
     rpc: object = None  # legoc.targets.rpc.RpcConfig: measure every variant on a board over RPC
+    devices: tuple[str, ...] = ()   # Jetson: ("cpu", "gpu") builds every block variant for both; () its own device
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
@@ -77,10 +78,11 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
     """Compile ``model_path`` for ``config.target`` into an artifact directory."""
     from legoc.modelfile import load_model_file
     from legoc.passes import PassManager, ProgramState
-    from legoc.targets.table import get_target
+    from legoc.targets.table import device_targets, get_target
 
     timings: dict[str, float] = {}
     target = get_target(config.target)          # fail fast on a bad target, before any work
+    device_targets(target, config.devices)      # ... and on --devices it cannot have
     if config.rpc is not None:                  # ... and on an unreachable device farm
         from legoc.targets.rpc import check_device
 
@@ -146,22 +148,27 @@ def _accuracy_summary(state) -> dict | None:
     return {k: acc[k] for k in ("metric", "source", "how", "samples", "baseline", "contexts", "evaluations", "reused")}
 
 
-def _variant_profile(state, seg, vid, module, inputs, built, target, macs, report, build: dict) -> dict:
-    """Every figure of one variant with its source: static, measured-local, estimated or unmeasured."""
-    from legoc.passes.analysis import peak_activation_bytes
+def _latency(module, inputs, built, target, macs, report, build: dict) -> dict:
+    """One module's latency figure: measured here when the target runs here, else estimated."""
     from legoc.targets import measure
     from legoc.targets.calibration import estimate_latency_ms
 
+    if not target.runs_here:
+        return estimate_latency_ms(target.name, target.device, macs)
+    key = measure.fingerprint(module, inputs, target.to_json(), build)
+    data, reused = measure.measure(key, built.path, tuple(t.numpy() for t in inputs), built.params)
+    report.latency_reused += int(reused)
+    how = f"TVM time_evaluator, median of {measure.REPEAT} x {measure.NUMBER} runs, batch of example_inputs()"
+    return {"value": data["latency_ms"], "source": "measured-local", "how": how}
+
+
+def _variant_profile(state, seg, vid, module, inputs, built, target, macs, report, build: dict) -> dict:
+    """Every figure of one variant with its source: static, measured-local, estimated or unmeasured."""
+    from legoc.passes.analysis import peak_activation_bytes
+
     profile = {"peak_activation_bytes": {"value": peak_activation_bytes(module),
                                          "source": "static (shapes and tensor liveness)"}}
-    if target.runs_here:
-        key = measure.fingerprint(module, inputs, target.to_json(), build)
-        data, reused = measure.measure(key, built.path, tuple(t.numpy() for t in inputs), built.params)
-        report.latency_reused += int(reused)
-        how = f"TVM time_evaluator, median of {measure.REPEAT} x {measure.NUMBER} runs, batch of example_inputs()"
-        profile["latency_ms"] = {"value": data["latency_ms"], "source": "measured-local", "how": how}
-    else:
-        profile["latency_ms"] = estimate_latency_ms(target.name, target.device, macs)
+    profile["latency_ms"] = _latency(module, inputs, built, target, macs, report, build)
     acc = state.accuracy
     if seg.is_block and acc is not None:
         drop = acc["variants"][(seg.name, vid)]
@@ -284,15 +291,88 @@ def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> di
     return {"shared": file_entry, "names": list(built.param_names), "shapes": [list(v.shape) for v in built.params]}
 
 
+def _device_entry(writer, state, seg, vid, ratio, module, inputs, spec, device, default_built, default_weights,
+                  shared, macs, report, options: dict, nested: bool) -> dict:
+    """One block variant built for another device of the board (``--devices``): its module, its
+    weights (the default device's entry when they are the same arrays; prepacked CPU weights are
+    not), its latency figure."""
+    import numpy as np
+
+    from legoc.targets.build import build_module, build_signature
+
+    rel = f"modules/{seg.name}/{vid}.{device}.so"
+    t0 = time.perf_counter()
+    try:
+        built = build_module(module, inputs, spec, writer.path_for(rel), name=f"{seg.name}/{vid} ({device})", **options)
+    except LegocError:
+        raise
+    except Exception as exc:
+        raise InternalError(f"building {seg.name}/{vid} for {spec.name} failed: {describe(exc)}") from exc
+    report.compile_seconds.append((seg.name, f"{vid}@{device}", time.perf_counter() - t0))
+    if built.num_outputs != default_built.num_outputs:
+        raise InternalError(f"{seg.name}/{vid} has {built.num_outputs} outputs on {device}, "
+                            f"{default_built.num_outputs} on the default device")
+    same = built.param_names == default_built.param_names and all(
+        a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+        for a, b in zip(built.params, default_built.params))
+    if nested:
+        weights = _shared_weights(writer, shared, seg.name, ratio, built)
+    elif same:
+        weights = default_weights
+    else:
+        weights = writer.write_weights(f"weights/{seg.name}/{vid}.{device}.safetensors", built.param_names, built.params)
+    latency = _latency(module, inputs, built, spec, macs, report, build_signature(**options))
+    return {"target": spec.name, "module": writer.file_entry(rel), "weights": weights,
+            "profile": {"latency_ms": latency}}
+
+
+def _devices_summary(part, target, devices: dict) -> dict:
+    """The manifest's ``devices``: which devices there are, where the frame runs, and every tensor
+    that crosses a segment boundary (model inputs and outputs included: they live in host
+    memory) with its bytes and its estimated copy time between CPU and GPU."""
+    from legoc.runtime.artifact import output_names, tensor_bytes
+    from legoc.targets.calibration import estimate_transfer, transfer_ms
+
+    default = next(iter(devices))
+    model = estimate_transfer(target.name)
+    tensors: dict[str, dict] = {}
+    for name in part.graph_inputs:
+        tensors[name] = {"from": "input", "to": []}
+    for seg in part.segments:
+        for name in seg.inputs:
+            tensors[name]["to"].append(seg.name)
+        for name in seg.outputs:
+            tensors[name] = {"from": seg.name, "to": []}
+    for name in output_names(part.output_spec):
+        tensors[name]["to"].append("output")
+    for name, t in tensors.items():
+        t["bytes"] = tensor_bytes(part.tensor_meta[name])
+        t["ms"] = transfer_ms(model, t["bytes"])
+    return {
+        "default": default,
+        "choices": list(devices),
+        "frame": default,
+        "targets": {name: spec.to_json() for name, spec in devices.items() if name != default},
+        "transfer": {**model, "tensors": tensors},
+    }
+
+
 def build_artifact(state, target, out: Path, config: CompileConfig, report: CompileReport) -> dict:
     """Compile every variant of every segment of ``state`` for ``target`` into the artifact ``out``."""
     from legoc.artifact import ArtifactWriter
     from legoc.passes.analysis import param_bytes
     from legoc.targets.build import build_module, build_signature
 
+    from legoc.targets.table import device_targets
+
     def build_options(nested: bool) -> dict:
         # nested variants slice one shared weight set: their weights must stay untransformed
         return {"tune_trials": config.tune_trials, "prepack": not nested}
+
+    # the default device (the target's own) first; with --devices, each block variant is also
+    # built for the other devices (the frame runs on the default device only)
+    devices = device_targets(target, config.devices)
+    extra = {name: spec for name, spec in devices.items() if spec is not target}
 
     part = state.partition
     env = part.trace_env(*state.example_inputs)
@@ -337,6 +417,11 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 "retrain": retrained.get((seg.name, vid)),
                 "profile": profile,
             }
+            if seg.is_block and extra:
+                entry["devices"] = {
+                    name: _device_entry(writer, state, seg, vid, ratio, module, inputs, spec, name, built, weights,
+                                        shared, macs, report, build_options(nested), nested)
+                    for name, spec in extra.items()}
             variants_of[seg.name].append(entry)
             bar.advance(task)
         manifest = {
@@ -360,6 +445,8 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
                 for s in part.segments
             ],
         }
+        if extra:
+            manifest["devices"] = _devices_summary(part, target, devices)
         manifest["combination"] = _combination(state, target, manifest, writer.draft(manifest), config, bar)
         if config.rpc is not None:  # measured on the board before anything is committed
             from legoc.targets.rpc import measure_into

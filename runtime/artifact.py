@@ -72,3 +72,27 @@ def build_output(spec: dict, env: dict, leaf=lambda value: value):
     if "dict" in spec:
         return {k: build_output(s, env, leaf) for k, s in spec["dict"].items()}
     return None
+
+
+# bytes per element of the dtypes a manifest's tensors can have (torch's names)
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+            "int8": 1, "uint8": 1, "bool": 1}
+
+
+def tensor_bytes(meta: dict) -> int:
+    """Bytes of a tensor described by ``{"shape": [...], "dtype": "float32"}``."""
+    n = 1
+    for d in meta["shape"]:
+        n *= int(d)
+    dtype = meta.get("dtype", "float32")
+    if dtype not in ITEMSIZE:
+        raise UserError(f"manifest: no byte size known for dtype {dtype!r}")
+    return n * ITEMSIZE[dtype]
+
+
+def output_names(spec: dict) -> list[str]:
+    """The tensor names in a manifest ``output`` tree (see :func:`build_output`), in order."""
+    if "tensor" in spec:
+        return [spec["tensor"]]
+    items = spec.get("tuple") or spec.get("list") or list((spec.get("dict") or {}).values())
+    return [n for s in items for n in output_names(s)]

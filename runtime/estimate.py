@@ -14,12 +14,22 @@ each per-variant figure carries its source (``measured-local``, ``measured-rpc``
 * switching = bytes of modules and weights that must be loaded to go from one configuration to
   another, and the sum of their measured switch-in times (blocks whose variant is unchanged cost
   nothing).
+
+Devices (artifacts compiled with ``--devices cpu,gpu`` for a Jetson): a configuration is a variant
+*and a device* per block; the frame runs on the default device (the GPU). Each block variant has
+a latency per device, and latency adds the copies between devices: a tensor crossing a segment
+boundary (model inputs and outputs included; they live in host memory, i.e. on the CPU) is copied
+once to the other device when at least one of its consumers runs on a device other than its
+producer. Its cost is the manifest's ``devices.transfer.tensors[name].ms`` (estimated). Without
+a ``devices`` section there is one device and no copy is counted: the estimates are as before.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from legoc.errors import UserError
 
 # Resident memory the runtime adds per loaded module beyond its .so file, weights and
 # activations (VM object, allocator bookkeeping, relocations). Measured with
@@ -36,6 +46,18 @@ class Estimate:
     latency_ms: float | None     # None if some chosen variant has no latency figure
     memory_bytes: int
     sources: dict = field(default_factory=dict, compare=False)   # figure -> sources it combined
+    transfer_ms: float | None = 0.0   # the CPU<->GPU copies included in latency_ms (0: one device)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A tensor crossing a segment boundary: who makes it, who reads it, what a copy costs."""
+
+    name: str
+    producer: int | None           # segment index; None: a model input (host memory: cpu)
+    consumers: tuple[int | None, ...]   # segment indices; None: the model's output (host memory)
+    bytes: int
+    ms: float | None               # one copy between CPU and GPU; None if not estimated
 
 
 @dataclass(frozen=True)
@@ -73,7 +95,19 @@ def _prod(shape) -> int:
     return out
 
 
-def variant_cost(v: dict) -> VariantCost:
+def device_entry(v: dict, device: str | None) -> dict:
+    """A variant entry as seen on ``device``: its ``devices[device]`` module, weights and latency
+    in place of the default device's (the entry itself for the default device or None)."""
+    other = (v.get("devices") or {}).get(device) if device is not None else None
+    if other is None:
+        return v
+    profile = {k: f for k, f in (v.get("profile") or {}).items() if k != "load_ms"}   # load_ms: default only
+    return {**v, "module": other["module"], "weights": other["weights"],
+            "profile": {**profile, **(other.get("profile") or {})}}
+
+
+def variant_cost(v: dict, device: str | None = None) -> VariantCost:
+    v = device_entry(v, device)
     prof = v.get("profile", {})
     lat = prof.get("latency_ms") or {}
     acc = prof.get("accuracy_drop") or {}
@@ -105,12 +139,74 @@ class Profiles:
         self.call_overhead_ms = float(DEFAULT_CALL_OVERHEAD_MS if value is None else value)
         self.module_overhead_bytes = int(comb.get("module_overhead_bytes") or MODULE_OVERHEAD_BYTES)
         self.num_segments = len(segs)
+        # devices: the default one first; per block, variant and device its cost
+        dev = manifest.get("devices") or {}
+        own = "gpu" if (manifest.get("target") or {}).get("device") == "cuda" else "cpu"
+        self.default_device: str = dev.get("default", own)
+        self.devices: tuple[str, ...] = tuple(dev.get("choices") or [self.default_device])
+        self.device_costs: list[list[dict[str, VariantCost]]] = [
+            [{self.default_device: cost,
+              **{d: variant_cost(v, d) for d in (v.get("devices") or {}) if d in self.devices}}
+             for v, cost in zip(s["variants"], costs)]
+            for s, costs in zip((s for s in segs if s["kind"] == "block"), self.blocks)]
+        for name, vs in zip(self.block_names, self.device_costs):
+            for v in vs:
+                if set(v) != set(self.devices):
+                    raise UserError(f"manifest: {name} variant {v[self.default_device].id} has modules for "
+                                    f"{', '.join(sorted(v))}, not for every device ({', '.join(self.devices)}); "
+                                    "compile it again")
+        self.frame_device: str = dev.get("frame", self.default_device)
+        self.segment_block: list[int | None] = []   # segment index -> block index (None: frame)
+        for s in segs:
+            self.segment_block.append(sum(b is not None for b in self.segment_block) if s["kind"] == "block" else None)
+        self.transfers: list[Transfer] = _transfers(segs, manifest) if len(self.devices) > 1 else []
+        self.transfer_sources: list[str] = sorted({(dev.get("transfer") or {}).get("source", "unmeasured")}) \
+            if self.transfers else []
 
     # -- the estimators --------------------------------------------------------------------------
-    def chosen(self, choice: Sequence[int]) -> list[VariantCost]:
+    def chosen(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> list[VariantCost]:
         if len(choice) != len(self.blocks):
             raise ValueError(f"need one variant index per block ({len(self.blocks)}), got {len(choice)}")
-        return [vs[i] for vs, i in zip(self.blocks, choice)]
+        if devices is None:
+            return [vs[i] for vs, i in zip(self.blocks, choice)]
+        return [vs[i][d] for vs, i, d in zip(self.device_costs, choice, self.device_list(devices))]
+
+    def device_list(self, devices: Sequence[str] | str | None) -> tuple[str, ...]:
+        """One device per block: ``None`` is the default device everywhere, a string that device
+        everywhere. Raises UserError for a device the artifact was not compiled for."""
+        n = len(self.blocks)
+        if devices is None:
+            return (self.default_device,) * n
+        out = (devices,) * n if isinstance(devices, str) else tuple(devices)
+        if len(out) != n:
+            raise UserError(f"need one device per block ({n} blocks), got {len(out)}")
+        for d in out:
+            if d not in self.devices:
+                how = ("it was compiled for " + ", ".join(self.devices) if len(self.devices) > 1 else
+                       f"it was compiled for its {self.default_device} alone (compile with --devices cpu,gpu "
+                       "to choose)")
+                raise UserError(f"this artifact has no modules for device '{d}': {how}")
+        return out
+
+    def segment_devices(self, devices: Sequence[str] | str | None) -> list[str]:
+        """The device of every segment (the frame's is fixed) under a per-block device choice."""
+        per_block = self.device_list(devices)
+        return [self.frame_device if b is None else per_block[b] for b in self.segment_block]
+
+    def transfer_ms(self, devices: Sequence[str] | str | None = None) -> float | None:
+        """Milliseconds of CPU<->GPU copies under a per-block device choice (0 with one device;
+        None if a copy that is needed has no estimate)."""
+        if not self.transfers:
+            return 0.0
+        where = self.segment_devices(devices)
+        total = 0.0
+        for t in self.transfers:
+            src = "cpu" if t.producer is None else where[t.producer]
+            if any(("cpu" if c is None else where[c]) != src for c in t.consumers):
+                if t.ms is None:
+                    return None
+                total += t.ms
+        return total
 
     def accuracy(self, choice: Sequence[int]) -> float | None:
         vs = self.chosen(choice)
@@ -118,14 +214,36 @@ class Profiles:
             return None
         return self.baseline - sum(v.drop for v in vs)
 
-    def latency_ms(self, choice: Sequence[int]) -> float | None:
-        vs = self.chosen(choice) + self.frame
+    def latency_ms(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> float | None:
+        vs = self.chosen(choice, devices) + self.frame
         if any(v.latency_ms is None for v in vs):
             return None
-        return sum(v.latency_ms for v in vs) + self.call_overhead_ms * self.num_segments
+        transfer = self.transfer_ms(devices)
+        if transfer is None:
+            return None
+        return sum(v.latency_ms for v in vs) + self.call_overhead_ms * self.num_segments + transfer
 
-    def memory_bytes(self, choice: Sequence[int]) -> int:
-        return self.memory_of(list(self.chosen(choice)) + self.frame)
+    def memory_bytes(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> int:
+        return self.memory_of(list(self.chosen(choice, devices)) + self.frame)
+
+    def min_latency_ms(self, limit: int = 4096) -> float | None:
+        """The smallest latency any configuration reaches (exact: with devices, every device
+        assignment up to ``limit`` of them, each block on its fastest variant there; beyond that,
+        the default device's). None if a figure is missing."""
+        if any(c.latency_ms is None for vs in self.device_costs for v in vs for c in v.values()):
+            return None
+        assignments = [None]
+        if len(self.devices) > 1 and len(self.devices) ** len(self.blocks) <= limit:
+            assignments = list(itertools.product(self.devices, repeat=len(self.blocks)))
+        best = None
+        for devs in assignments:
+            per_block = self.device_list(devs)
+            choice = [min(range(len(vs)), key=lambda i, d=d, vs=vs: vs[i][d].latency_ms)
+                      for vs, d in zip(self.device_costs, per_block)]
+            lat = self.latency_ms(choice, devs)
+            if lat is not None and (best is None or lat < best):
+                best = lat
+        return best
 
     def memory_of(self, held: Sequence[VariantCost]) -> int:
         """Resident bytes of holding these loaded variants (e.g. a configuration plus a cache)."""
@@ -155,12 +273,15 @@ class Profiles:
                 total += vs[new[b]].load_ms
         return total
 
-    def estimate(self, choice: Sequence[int]) -> Estimate:
-        vs = self.chosen(choice)
+    def estimate(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> Estimate:
+        vs = self.chosen(choice, devices)
+        sources = {"latency": sorted({v.latency_source for v in vs + self.frame}),
+                   "accuracy": self.metric, "memory": "static (file sizes, weights, activations) + module overhead"}
+        if self.transfers:
+            sources["transfer"] = self.transfer_sources
         return Estimate(
-            accuracy=self.accuracy(choice), latency_ms=self.latency_ms(choice), memory_bytes=self.memory_bytes(choice),
-            sources={"latency": sorted({v.latency_source for v in vs + self.frame}),
-                     "accuracy": self.metric, "memory": "static (file sizes, weights, activations) + module overhead"},
+            accuracy=self.accuracy(choice), latency_ms=self.latency_ms(choice, devices),
+            memory_bytes=self.memory_bytes(choice, devices), sources=sources, transfer_ms=self.transfer_ms(devices),
         )
 
     # -- all combinations ------------------------------------------------------------------------
@@ -190,6 +311,27 @@ class Profiles:
 
     def all_choices(self):
         return itertools.product(*[range(len(vs)) for vs in self.blocks])
+
+    def all_device_choices(self):
+        """Every per-block device assignment (one tuple with the default device if there is one)."""
+        return itertools.product(self.devices, repeat=len(self.blocks))
+
+
+def _transfers(segs: list[dict], manifest: dict) -> list[Transfer]:
+    """The boundary tensors of a ``--devices`` manifest with producers and consumers as segment
+    indices (None: host memory) and the copy cost recorded at compile time."""
+    table = ((manifest.get("devices") or {}).get("transfer") or {}).get("tensors") or {}
+    index = {s["name"]: k for k, s in enumerate(segs)}
+    index.update({"input": None, "output": None})
+    out = []
+    for name, t in table.items():
+        try:
+            producer, consumers = index[t["from"]], tuple(index[c] for c in t["to"])
+        except KeyError as exc:
+            raise UserError(f"manifest: boundary tensor {name} names an unknown segment {exc}; compile it again") from exc
+        ms = t.get("ms")
+        out.append(Transfer(name, producer, consumers, int(t["bytes"]), None if ms is None else float(ms)))
+    return out
 
 
 def _front(points: list[tuple[float, float, tuple[int, ...]]],

@@ -3,6 +3,12 @@
 ``m = load("model.lego"); m.configure(variants=[0, 2, 4, 1]); y = m(x)``. Only the modules a
 configuration needs are loaded (each checked against its sha256 first) and they stay cached, so
 switching a configuration loads only the blocks that change.
+
+An artifact compiled with ``--devices cpu,gpu`` (Jetson) also takes a device per block:
+``m.configure(variants=[0, 2, 4, 1], devices=["gpu", "cpu", "cpu", "gpu"])``. A configuration
+becomes a :meth:`Model.plan`: the segments in order, each with its module and device, and a
+:class:`Copy` wherever a tensor must move between CPU and GPU (model inputs start in host memory,
+outputs end there). GPU modules run on ``tvm.cuda()``, CPU modules on ``tvm.cpu()``.
 """
 from __future__ import annotations
 
@@ -16,8 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from legoc.errors import UserError
-from legoc.runtime.artifact import build_output, read_manifest, verified_path
-from legoc.runtime.estimate import variant_cost
+from legoc.runtime.artifact import build_output, output_names, read_manifest, tensor_bytes, verified_path
+from legoc.runtime.estimate import device_entry, variant_cost
 
 _MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -41,16 +47,46 @@ class Segment:
     variants: tuple[Variant, ...]
 
 
+@dataclass(frozen=True)
+class Run:
+    """A plan step: run one segment's module on a device."""
+
+    segment: str
+    variant: int
+    device: str                 # "cpu" or "gpu"
+    module: str                 # the module file in the artifact
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A plan step: copy a tensor between CPU and GPU (the runtime's ``Tensor.copyto``)."""
+
+    tensor: str
+    src: str
+    dst: str
+    bytes: int
+
+
+def _module_entry(var: Variant, device: str | None) -> dict:
+    """The variant's entry on ``device`` (its ``devices[device]`` module and weights; the entry
+    itself for the default device)."""
+    return device_entry(var.entry, device)
+
+
 class _Executable:
     """One compiled module with its weights, ready to run."""
 
-    def __init__(self, root: Path, seg: Segment, var: Variant, device, weight_files: "_WeightFiles"):
+    def __init__(self, root: Path, seg: Segment, var: Variant, device, weight_files: "_WeightFiles",
+                 device_name: str | None = None):
         import tvm  # the TVM runtime; with TVM_USE_RUNTIME_LIB=1 only the runtime library loads
         import tvm.runtime.vm  # not imported by `import tvm` in runtime-only mode (a board)
 
-        what = f"{seg.name} variant {var.id}"
-        so = verified_path(root, var.entry["module"], what)
-        w = var.entry["weights"]
+        entry = _module_entry(var, device_name)
+        what = f"{seg.name} variant {var.id}" + (f" ({device_name})" if entry is not var.entry else "")
+        so = verified_path(root, entry["module"], what)
+        w = entry["weights"]
         if "shared" in w:  # nested: leading sub-tensors of the block's shared weights
             values = weight_files.get(w["shared"], f"{seg.name} shared weights", keep=True)
             arrays = [values[n][tuple(slice(0, s) for s in shape)] for n, shape in zip(w["names"], w["shapes"])]
@@ -67,6 +103,16 @@ class _Executable:
         if hasattr(out, "numpy"):
             return (out,)
         return tuple(out)
+
+
+class _Copier:
+    """A Copy step, called like an executable: one tensor in, the copy on ``device`` out."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, tensor):
+        return (tensor.copyto(self.device),)
 
 
 class _WeightFiles:
@@ -111,40 +157,60 @@ class Model:
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
         self.input_shapes = [tuple(i["shape"]) for i in self.manifest["inputs"]]
         self.target = self.manifest["target"]
-        self._cache: OrderedDict[tuple[str, int], _Executable] = OrderedDict()   # LRU: most recent last
+        # LRU, most recent last: (segment, variant) on the default device, (segment, variant, device) else
+        self._cache: OrderedDict[tuple, _Executable] = OrderedDict()
         self._weights = _WeightFiles(self.path)
         self._lock = threading.Lock()          # the plan swap and inference (TVM VMs are not thread-safe)
         self._config_lock = threading.RLock()  # one reconfiguration at a time
         self._profiles = None
         self._segment_entries = {s["name"]: s for s in self.manifest["segments"]}
+        self._block_names = {b.name for b in self.blocks}
+        self._outputs = output_names(self.manifest["output"])
         self.cache_limit_bytes: int | None = None   # set by configure(memory_mb=…)
         self.modules_loaded = self.modules_evicted = self.last_switch_loaded = 0
         self.last_selection = None
-        self._device = None
-        self._plan: tuple[tuple[Segment, _Executable], ...] | None = None
+        self._devices: dict[str, Any] = {}   # "cpu"/"gpu" -> tvm device, made on first use
+        self._tensor = None
+        self._steps: tuple[tuple[Any, tuple, tuple], ...] | None = None   # (callable, input keys, output keys)
         self.choice: tuple[int, ...] = ()
+        self.devices: tuple[str, ...] = ()   # the device of every block in the configuration
+        self.steps: tuple[Run | Copy, ...] = ()   # the configuration's plan
 
     # -- configuration -------------------------------------------------------------------------
-    def _check_runs_here(self) -> None:
+    def _tvm_device(self, device: str):
+        """The TVM device for "cpu" or "gpu", after checking this machine can run it."""
+        dev = self._devices.get(device)
+        if dev is not None:
+            return dev
+        import tvm
+
         arch = _MACHINE_ARCH.get(platform.machine().lower(), platform.machine())
         triple = self.target.get("triple", "")
-        if not triple.startswith(arch) or self.target.get("device") != "cpu":
+        if not triple.startswith(arch):
             raise UserError(
                 f"{self.path}: compiled for target '{self.target.get('name')}' ({triple}, "
                 f"{self.target.get('device')}), which this {arch} machine cannot run; copy it to the "
                 f"board, or compile with --target host to run it here"
             )
+        if device == "gpu":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                other = " (configure(devices='cpu') runs its CPU modules)" if "cpu" in self.profiles.devices else ""
+                raise UserError(f"{self.path}: the configuration runs modules of target "
+                                f"'{self.target.get('name')}' on the GPU, but TVM finds no CUDA GPU here{other}")
+        else:
+            dev = tvm.cpu()
+        self._devices[device], self._tensor = dev, tvm.runtime.tensor
+        return dev
 
-    def _executable(self, seg: Segment, index: int) -> _Executable:
-        key = (seg.name, index)
+    def _executable(self, seg: Segment, index: int, device: str | None = None) -> _Executable:
+        device = device or self.profiles.default_device
+        key = self._key(seg.name, index, device)
         exe = self._cache.get(key)
         if exe is None:
-            if self._device is None:
-                import tvm
-
-                self._check_runs_here()
-                self._device, self._tensor = tvm.cpu(), tvm.runtime.tensor
-            exe = _Executable(self.path, seg, seg.variants[index], self._device, self._weights)
+            dev = self._tvm_device(device)
+            self._tvm_device("cpu")   # model inputs are made in host memory
+            exe = _Executable(self.path, seg, seg.variants[index], dev, self._weights, device_name=device)
             self._cache[key] = exe
             self.modules_loaded += 1
         self._cache.move_to_end(key)   # most recently used last
@@ -173,9 +239,48 @@ class Model:
         from legoc.runtime.solver import Budget, Problem
 
         index = {s.name: b for b, s in enumerate(self.blocks)}
-        loaded = {(index[n], i) for n, i in self._cache if n in index}
+        loaded = {(index[n], i, d) for n, i, d in map(self._unkey, self._cache) if n in index}
         return Problem(self.profiles, budget or Budget(), weight, list(self.choice) if self.choice else None,
-                       loaded, name or self.path.name)
+                       loaded, name or self.path.name, list(self.devices) if self.choice else None)
+
+    def plan(self, variants: Sequence[int] | None = None,
+             devices: Sequence[str] | str | None = None) -> tuple[Run | Copy, ...]:
+        """The steps of a configuration, without loading anything: every segment's module and
+        device in order, and a Copy before the first step that needs a tensor on the other device
+        (model inputs start on the CPU, in host memory; outputs are copied back to it). A tensor
+        is copied at most once per device, so the copies are exactly those the latency estimate
+        counts (legoc.runtime.estimate)."""
+        variants = self._indices([0] * len(self.blocks) if variants is None else variants)
+        per_block = dict(zip((b.name for b in self.blocks), self.profiles.device_list(devices)))
+        choice = dict(zip((b.name for b in self.blocks), variants))
+        frame = self.profiles.frame_device
+        home = {name: "cpu" for name in self.input_names}   # the device a tensor is made on
+        where = {name: {"cpu"} for name in self.input_names}   # ... and every device it is on
+        steps: list[Run | Copy] = []
+
+        def need(name: str, device: str) -> None:
+            if device not in where[name]:
+                steps.append(Copy(name, home[name], device, self._tensor_bytes(name)))
+                where[name].add(device)
+
+        for seg in self.segments:
+            device = per_block.get(seg.name, frame)
+            for name in seg.inputs:
+                need(name, device)
+            index = choice.get(seg.name, 0)
+            module = _module_entry(seg.variants[index], device)["module"]["file"]
+            steps.append(Run(seg.name, index, device, module, seg.inputs, seg.outputs))
+            for name in seg.outputs:
+                home[name], where[name] = device, {device}
+        for name in self._outputs:
+            need(name, "cpu")
+        return tuple(steps)
+
+    def _tensor_bytes(self, name: str) -> int:
+        for s in self.manifest["segments"]:
+            if name in (s.get("tensors") or {}):
+                return tensor_bytes(s["tensors"][name])
+        return tensor_bytes(next(i for i in self.manifest["inputs"] if i["name"] == name))
 
     def select(self, latency_ms: float | None = None, memory_mb: float | None = None,
                min_accuracy: float | None = None, *, block_latency_ms: dict | None = None,
@@ -189,44 +294,66 @@ class Model:
                             switch_penalty=solver.DEFAULT_SWITCH_PENALTY if switch_penalty is None else switch_penalty,
                             time_limit_s=time_limit_s or solver.DEFAULT_TIME_LIMIT_S)
 
-    def configure(self, variants: Sequence[int] | None = None, *, latency_ms: float | None = None,
-                  memory_mb: float | None = None, min_accuracy: float | None = None, **options) -> "Model":
+    def configure(self, variants: Sequence[int] | None = None, *, devices: Sequence[str] | str | None = None,
+                  latency_ms: float | None = None, memory_mb: float | None = None,
+                  min_accuracy: float | None = None, **options) -> "Model":
         """Switch to a configuration: explicit ``variants`` (one index per block; default all full
-        size), or the most accurate one within a budget (``latency_ms``, ``memory_mb`` in MiB,
-        ``min_accuracy``; see ``select`` for the other options). Loads only modules not already
-        loaded; with a memory budget, least recently used modules beyond it are dropped. The switch
-        is atomic for concurrent callers: every inference runs wholly on the old or the new one."""
+        size) and ``devices`` (one per block, or one for all; default the target's own device;
+        artifacts compiled with ``--devices``), or the most accurate one within a budget
+        (``latency_ms``, ``memory_mb`` in MiB, ``min_accuracy``; see ``select`` for the other
+        options), whose devices the solver chooses too. Loads only modules not already loaded;
+        with a memory budget, least recently used modules beyond it are dropped. The switch is
+        atomic for concurrent callers: every inference runs wholly on the old or the new one."""
         with self._config_lock:
             if variants is None and (latency_ms is not None or memory_mb is not None or min_accuracy is not None
                                      or options):
+                if devices is not None:
+                    raise UserError("configure(devices=…) goes with variants=…; with a budget the solver "
+                                    "chooses the devices")
                 self.last_selection = self.select(latency_ms, memory_mb, min_accuracy, **options)
-                variants = self.last_selection.choice
+                variants, devices = self.last_selection.choice, self.last_selection.devices
             if memory_mb is not None:
                 self.cache_limit_bytes = int(memory_mb * (1 << 20))
-            variants = self._indices([0] * len(self.blocks) if variants is None else variants)
-            choice = dict(zip((b.name for b in self.blocks), variants))
+            steps = self.plan(variants, devices)
             before = self.modules_loaded
-            plan = tuple((s, self._executable(s, choice.get(s.name, 0))) for s in self.segments)
+            compiled = []
+            for step in steps:
+                if isinstance(step, Run):
+                    seg = self._segment(step.segment)
+                    exe = self._executable(seg, step.variant, step.device)
+                    compiled.append((exe, tuple((n, step.device) for n in step.inputs),
+                                     tuple((n, step.device) for n in step.outputs)))
+                else:
+                    compiled.append((_Copier(self._tvm_device(step.dst)), ((step.tensor, step.src),),
+                                     ((step.tensor, step.dst),)))
+            runs = [s for s in steps if isinstance(s, Run)]
+            block_runs = [s for s in runs if s.segment in self._block_names]
             with self._lock:
-                self._plan, self.choice = plan, tuple(variants)
+                self._steps, self.steps = tuple(compiled), steps
+                self.choice = tuple(s.variant for s in block_runs)
+                self.devices = tuple(s.device for s in block_runs)
             self.last_switch_loaded = self.modules_loaded - before
-            self._evict({(s.name, choice.get(s.name, 0)) for s in self.segments})
+            self._evict({self._key(s.segment, s.variant, s.device) for s in runs})
         return self
 
-    def preload(self, variants: Sequence[int]) -> "Model":
+    def preload(self, variants: Sequence[int], devices: Sequence[str] | str | None = None) -> "Model":
         """Load the modules of a configuration into the cache without switching to it."""
         with self._config_lock:
-            variants = self._indices(variants)
-            for b, v in zip(self.blocks, variants):
-                self._executable(b, v)
-            for s in self.frame:
-                self._executable(s, 0)
-            keep = {(b.name, v) for b, v in zip(self.blocks, self.choice)} if self.choice else set()
-            self._evict(keep | {(b.name, v) for b, v in zip(self.blocks, variants)})
+            runs = [s for s in self.plan(variants, devices) if isinstance(s, Run)]
+            for s in runs:
+                self._executable(self._segment(s.segment), s.variant, s.device)
+            self._evict({self._key(s.segment, s.variant, s.device) for s in (*self.steps, *runs) if isinstance(s, Run)})
         return self
 
-    def _variant_cost(self, key: tuple[str, int]):
-        return variant_cost(self._segment_entries[key[0]]["variants"][key[1]])
+    def _key(self, segment: str, variant: int, device: str) -> tuple:
+        return (segment, variant) if device == self.profiles.default_device else (segment, variant, device)
+
+    def _unkey(self, key: tuple) -> tuple[str, int, str]:
+        return key if len(key) == 3 else (*key, self.profiles.default_device)
+
+    def _variant_cost(self, key: tuple):
+        name, index, device = self._unkey(key)
+        return variant_cost(self._segment_entries[name]["variants"][index], device)
 
     def _evict(self, keep: set) -> None:
         """Drop least recently used modules not in ``keep`` while the held ones exceed the limit."""
@@ -247,28 +374,33 @@ class Model:
 
     @property
     def loaded(self) -> list[tuple[str, str]]:
-        return [(name, self._segment(name).variants[i].id) for name, i in self._cache]
+        """(segment, variant id) of every cached module; ``id@device`` for a non-default device."""
+        default = self.profiles.default_device
+        return [(name, self._segment(name).variants[i].id + ("" if d == default else f"@{d}"))
+                for name, i, d in map(self._unkey, self._cache)]
 
     def _segment(self, name: str) -> Segment:
         return next(s for s in self.segments if s.name == name)
 
     # -- inference -----------------------------------------------------------------------------
     def __call__(self, *inputs: np.ndarray) -> Any:
-        if self._plan is None:
+        if self._steps is None:
             self.configure()
         with self._lock:
-            plan = self._plan
+            steps = self._steps
             if len(inputs) != len(self.input_names):
                 raise UserError(f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), got {len(inputs)}")
             env = {}
+            cpu = self._devices["cpu"]
             for name, shape, x in zip(self.input_names, self.input_shapes, inputs):
                 x = np.ascontiguousarray(x, dtype=np.float32)
                 if tuple(x.shape) != shape:
                     raise UserError(f"input {name} must have shape {shape}, got {tuple(x.shape)}")
-                env[name] = self._tensor(x, self._device)
-            for seg, exe in plan:
-                env.update(zip(seg.outputs, exe(*[env[n] for n in seg.inputs])))
-            return build_output(self.manifest["output"], env, leaf=lambda t: t.numpy())
+                env[(name, "cpu")] = self._tensor(x, cpu)
+            for fn, ins, outs in steps:
+                env.update(zip(outs, fn(*[env[k] for k in ins])))
+            return build_output(self.manifest["output"], {n: env[(n, "cpu")] for n in self._outputs},
+                                leaf=lambda t: t.numpy())
 
 
 def median_latency_ms(model, inputs: Sequence[np.ndarray], warmup: int = 3, calls: int = 20) -> float:

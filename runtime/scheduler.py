@@ -47,7 +47,7 @@ class Scheduler:
     def configure(self, memory_mb: float | None = None, latency_ms=None, period_ms: float | None = None,
                   min_accuracy=None, **options) -> solver.Selection:
         sel = self.select(memory_mb, latency_ms, period_ms, min_accuracy, **options)
-        for m, choice in zip(self.models, sel.choices):
-            m.configure(variants=choice)
+        for m, choice, devices in zip(self.models, sel.choices, sel.device_choices):
+            m.configure(variants=choice, devices=devices)
         self.last_selection = sel
         return sel

@@ -10,6 +10,20 @@ Data → model → variables → constraints → objective → solve (time limit
 * objective: maximise the weighted estimated accuracy minus a charge for every module that must
   be loaded relative to what is loaded now (so a small budget change does not reshuffle blocks).
 
+Devices (artifacts compiled with ``--devices cpu,gpu``; see legoc.runtime.estimate): the variables
+become ``x[m][b][(v, d)]``, one per block, variant *and device*, still exactly one per block. Let
+``g_b = sum_v x[m][b][(v, "gpu")]`` (1 if block b runs on the GPU); frame segments have a constant
+``g`` (the default device), model inputs and outputs ``g = 0`` (host memory). For every tensor n
+crossing a segment boundary, with producer p and consumers c, a boolean ``t_n`` with
+``t_n >= g_p - g_c`` and ``t_n >= g_c - g_p`` for each consumer: ``t_n`` is 1 whenever some
+consumer runs on another device than the producer, and ``copy_ms(n) * t_n`` is added to the
+model's latency (a tensor whose ends are all fixed adds a constant). Nothing pushes ``t_n`` up
+except the latency budget, so at an optimum it may be 1 without need only where that is harmless;
+the reported estimate is recomputed from the choice. Accuracy does not depend on the device, so
+ties are the rule: a second solve keeps the objective at its optimum and minimises latency (the
+fastest of the most accurate choices). Without devices the model is the same one as before: one
+option per variant, no ``g`` or ``t``, one solve.
+
 Integer scaling: accuracy to 1e-6 of the metric (rounded), latency to 1 ns rounded *up* and
 memory in bytes (exact). Rounding latency up keeps every returned configuration within the real
 budget; the optimum can only be missed by a configuration whose true latency lies within
@@ -56,10 +70,15 @@ class Selection:
     status: str
     solve_ms: float
     objective: float
+    device_choices: tuple[tuple[str, ...], ...] = ()   # per model, one device per block ("cpu"/"gpu")
 
     @property
     def choice(self) -> tuple[int, ...]:
         return self.choices[0]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.device_choices[0]
 
     @property
     def estimate(self) -> Estimate:
@@ -74,8 +93,9 @@ class Problem:
     budget: Budget = field(default_factory=Budget)
     weight: float = 1.0
     current: Sequence[int] | None = None     # the configuration now in use (None: nothing loaded)
-    loaded: set = field(default_factory=set)  # (block index, variant index) already in memory
+    loaded: set = field(default_factory=set)  # (block, variant) or (block, variant, device) in memory
     name: str = "model"
+    current_devices: Sequence[str] | None = None   # the devices now in use (None: the default device)
 
 
 def _check_profiles(p: Problem) -> None:
@@ -83,8 +103,12 @@ def _check_profiles(p: Problem) -> None:
     if prof.baseline is None or any(v.drop is None for vs in prof.blocks for v in vs):
         raise UserError(f"{p.name}: the artifact has no accuracy profile; compile it with val_data() or "
                         "train_data() in model.py to select by budget, or use configure(variants=[...])")
-    if (p.budget.latency_ms is not None or p.budget.block_latency_ms) and any(
-            v.latency_ms is None for vs in prof.blocks + [prof.frame] for v in vs):
+    if p.budget.latency_ms is not None and any(t.ms is None for t in prof.transfers):
+        raise UserError(f"{p.name}: the CPU<->GPU copy costs of target {prof.manifest.get('target', {}).get('name')} "
+                        "are not estimated (no transfer calibration); select without latency_ms")
+    if (p.budget.latency_ms is not None or p.budget.block_latency_ms) and (any(
+            v.latency_ms is None for vs in prof.blocks + [prof.frame] for v in vs) or any(
+            c.latency_ms is None for vs in prof.device_costs for v in vs for c in v.values())):
         raise UserError(f"{p.name}: some variants have no latency figure for target "
                         f"{prof.manifest.get('target', {}).get('name')}; measure them with `legoc profile ART --rpc …` "
                         "or select without latency_ms")
@@ -99,10 +123,7 @@ def _bounds(problems: list[Problem]) -> str:
     parts = []
     for p in problems:
         prof = p.profiles
-        lat = None
-        if all(v.latency_ms is not None for vs in prof.blocks for v in vs) and all(
-                v.latency_ms is not None for v in prof.frame):
-            lat = prof.latency_ms([min(range(len(vs)), key=lambda i: vs[i].latency_ms) for vs in prof.blocks])
+        lat = prof.min_latency_ms() if all(v.latency_ms is not None for v in prof.frame) else None
         mem = prof.memory_bytes([min(range(len(vs)), key=lambda i: prof.memory_of([vs[i]])) for vs in prof.blocks])
         acc = prof.accuracy([min(range(len(vs)), key=lambda i: vs[i].drop) for vs in prof.blocks])
         who = f"{p.name}: " if len(problems) > 1 else ""
@@ -131,6 +152,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
     # -- data: integer coefficients --------------------------------------------------------------
     model = cp_model.CpModel()
     xs: list[list[list]] = []
+    options: list[list[list[tuple[int, str]]]] = []   # per model, block: the (variant, device) of each x
     lat_terms, mem_terms, objective = [], [], []
     fixed_lat, fixed_mem = 0, 0
     for m, p in enumerate(problems):
@@ -140,34 +162,47 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
         if unknown - set(names):
             raise UserError(f"{p.name}: unknown block(s) {sorted(unknown - set(names))}; blocks are {names}")
         frame_lat = sum(v.latency_ms or 0.0 for v in prof.frame) + prof.call_overhead_ms * prof.num_segments
-        frame_lat_int = math.ceil(frame_lat * LAT_SCALE)
         frame_mem = prof.memory_of(prof.frame)
+        # options per block: (variant, device); one device: exactly the variants, as without devices
+        devices = prof.devices
+        opts = [[(v, d) for v in range(len(vs)) for d in devices] for vs in prof.device_costs]
+        options.append(opts)
+        default = prof.default_device
+        current = None
+        if p.current is not None:
+            current = list(zip(p.current, p.current_devices or [default] * len(p.current)))
+        loaded = {(k[0], k[1], default) if len(k) == 2 else tuple(k) for k in p.loaded}
         # -- variables
-        x = [[model.new_bool_var(f"x_{m}_{b}_{v}") for v in range(len(vs))] for b, vs in enumerate(prof.blocks)]
+        x = [[model.new_bool_var(f"x_{m}_{b}_{v}" if len(devices) == 1 else f"x_{m}_{b}_{v}_{d}")
+              for v, d in row] for b, row in enumerate(opts)]
         xs.append(x)
-        if p.current is not None:   # start the search from the configuration in use
+        if current is not None:   # start the search from the configuration in use
             for b, row in enumerate(x):
-                for v, var in enumerate(row):
-                    model.add_hint(var, v == p.current[b])
+                for k, var in enumerate(row):
+                    model.add_hint(var, opts[b][k] == current[b])
         m_lat, m_mem, m_acc = [], [], []
-        for b, vs in enumerate(prof.blocks):
+        for b, vs in enumerate(prof.device_costs):
             model.add_exactly_one(x[b])
             allowed = budget.allowed.get(names[b])
             limit = budget.block_latency_ms.get(names[b])
-            shared = max((v.shared_bytes for v in vs if v.shared_file), default=0)
-            for v, cost in enumerate(vs):
+            shared = max((c.shared_bytes for v in vs for c in v.values() if c.shared_file), default=0)
+            for k, (v, d) in enumerate(opts[b]):
+                cost = vs[v][d]
                 if (allowed is not None and v not in allowed) or (limit is not None and cost.latency_ms > limit):
-                    model.add(x[b][v] == 0)
+                    model.add(x[b][k] == 0)
                 lat = math.ceil((cost.latency_ms or 0.0) * LAT_SCALE)
                 mem = prof.memory_of([cost]) - (cost.shared_bytes if cost.shared_file else 0) + shared
                 acc = round(-cost.drop * ACC_SCALE)
                 charge = 0
-                if p.current is not None and (b, v) not in p.loaded and p.current[b] != v:
+                if current is not None and (b, v, d) not in loaded and current[b] != (v, d):
                     charge = round(switch_penalty * _load_ms(cost) * ACC_SCALE)
-                m_lat.append((lat, x[b][v]))
-                m_mem.append((mem, x[b][v]))
-                m_acc.append((acc, x[b][v]))
-                objective.append((round(p.weight * acc) - round(p.weight * charge), x[b][v]))
+                m_lat.append((lat, x[b][k]))
+                m_mem.append((mem, x[b][k]))
+                m_acc.append((acc, x[b][k]))
+                objective.append((round(p.weight * acc) - round(p.weight * charge), x[b][k]))
+        # -- device choice: copies between CPU and GPU
+        frame_lat += _transfer_terms(model, prof, opts, x, m, m_lat)
+        frame_lat_int = math.ceil(frame_lat * LAT_SCALE)
         # -- constraints
         lat_expr = sum(c * var for c, var in m_lat) + frame_lat_int
         if budget.latency_ms is not None:
@@ -186,7 +221,8 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
     if shared_latency_ms is not None:
         model.add(sum(lat_terms) <= math.floor(shared_latency_ms * LAT_SCALE))
     # -- objective
-    model.maximize(sum(c * var for c, var in objective))
+    accuracy = sum(c * var for c, var in objective)
+    model.maximize(accuracy)
     # -- solve with a time limit
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
@@ -213,8 +249,67 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
             raise InternalError(f"CP-SAT rejected the selection model: {model.validate()}")
         raise UserError(f"the solver found no configuration within its time limit of {time_limit_s} s "
                         f"(status {name}); raise time_limit_s")
-    choices = tuple(tuple(next(v for v, var in enumerate(row) if solver.boolean_value(var)) for row in x) for x in xs)
+    best = solver.objective_value
+    values = [[[solver.boolean_value(var) for var in row] for row in x] for x in xs]
+    if status == cp_model.OPTIMAL and any(len(p.profiles.devices) > 1 for p in problems):
+        # the device decides latency, not accuracy: among the most accurate choices, the fastest
+        remaining = time_limit_s - (time.perf_counter() - t0)
+        values = _fastest_of_best(model, solver, accuracy, round(best), sum(lat_terms), xs, values, remaining)
+    picked = [[opts[b][row.index(True)] for b, row in enumerate(x)] for x, opts in zip(values, options)]
+    choices = tuple(tuple(v for v, _ in rows) for rows in picked)
+    devices = tuple(tuple(d for _, d in rows) for rows in picked)
     return Selection(
-        choices=choices, estimates=tuple(p.profiles.estimate(c) for p, c in zip(problems, choices)),
+        choices=choices, estimates=tuple(p.profiles.estimate(c, d) for p, c, d in zip(problems, choices, devices)),
         optimal=status == cp_model.OPTIMAL, status=name, solve_ms=(time.perf_counter() - t0) * 1e3,
-        objective=solver.objective_value / ACC_SCALE)
+        objective=best / ACC_SCALE, device_choices=devices)
+
+
+def _fastest_of_best(model, solver, accuracy, best: int, latency, xs, values, time_limit_s: float):
+    """Second pass for device choices: keep the objective at its optimum ``best`` and minimise the
+    summed latency (every x fixed by the first pass is a hint). Returns the new x values, or
+    ``values`` unchanged if the time left does not reach an optimum."""
+    from ortools.sat.python import cp_model
+
+    if time_limit_s <= 0.01:
+        return values
+    model.add(accuracy >= best)
+    model.clear_hints()
+    for x, vx in zip(xs, values):
+        for row, vrow in zip(x, vx):
+            for var, value in zip(row, vrow):
+                model.add_hint(var, value)
+    model.minimize(latency)
+    solver.parameters.max_time_in_seconds = time_limit_s
+    if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return values
+    return [[[solver.boolean_value(var) for var in row] for row in x] for x in xs]
+
+
+def _transfer_terms(model, prof: Profiles, opts, x, m: int, m_lat: list) -> float:
+    """The copies of one model (see the module docstring): appends ``(ns, t_n)`` latency terms
+    for copies that depend on the device choice and returns the ms of those that do not."""
+    if not prof.transfers:
+        return 0.0
+
+    def on_gpu(segment: int | None):
+        """g of a segment: a linear expression of x for a block, 0/1 for the frame and host."""
+        if segment is None:
+            return 0
+        block = prof.segment_block[segment]
+        if block is None:
+            return int(prof.frame_device == "gpu")
+        return sum(var for var, (_, d) in zip(x[block], opts[block]) if d == "gpu")
+
+    fixed = 0.0
+    for t in prof.transfers:
+        ms = t.ms or 0.0   # None only without a latency budget (checked before): then it does not matter
+        src, dsts = on_gpu(t.producer), [on_gpu(c) for c in t.consumers]
+        if isinstance(src, int) and all(isinstance(g, int) for g in dsts):
+            fixed += ms if any(g != src for g in dsts) else 0.0
+            continue
+        copy = model.new_bool_var(f"t_{m}_{t.name}")
+        for g in dsts:
+            model.add(copy >= src - g)
+            model.add(copy >= g - src)
+        m_lat.append((math.ceil(ms * LAT_SCALE), copy))
+    return fixed

@@ -12,6 +12,15 @@
 
 These are guesses with a stated basis, recorded with ``source: estimated``; ``legoc profile ART
 --rpc`` replaces them with measurements from the board.
+
+A Jetson's CPU (``NAME:cpu``, and the CPU modules of ``--devices cpu,gpu``) has its own peak. For
+``--devices`` the cost of moving a tensor between CPU and GPU is estimated too
+(:func:`estimate_transfer`): ``per-copy latency + bytes / bandwidth``. Jetson boards have unified
+memory (CPU and GPU share one DRAM), but a TVM cuda tensor copy (``Tensor.copyto``) still goes
+through ``cudaMemcpy`` from pageable host memory and synchronises: the driver stages it through a
+pinned buffer, so the data moves twice and each copy pays a driver call. The figures are
+conservative: about a tenth of the DRAM's published peak bandwidth, and a per-copy latency of
+20-50 us (synchronous ``cudaMemcpy`` on these ARM hosts). Nothing here has measured them.
 """
 from __future__ import annotations
 
@@ -33,6 +42,11 @@ PEAKS = {
     "jetson-tx2": Calibration(665.0, "256 Pascal CUDA cores @ 1.3 GHz x 2"),
     "jetson-xavier-nx": Calibration(845.0, "384 Volta CUDA cores @ 1.1 GHz x 2"),
     "jetson-orin-nano": Calibration(1280.0, "1024 Ampere CUDA cores @ 625 MHz x 2"),
+    # the CPUs of the Jetsons (NAME:cpu; the cpu modules of --devices cpu,gpu)
+    "jetson-nano:cpu": Calibration(45.8, "4x Cortex-A57 @ 1.43 GHz x 8 FLOP/cycle (NEON FMA)"),
+    "jetson-tx2:cpu": Calibration(64.0, "4x Cortex-A57 @ 2.0 GHz x 8 FLOP/cycle (the 2 Denver2 cores not counted)"),
+    "jetson-xavier-nx:cpu": Calibration(134.4, "6x Carmel @ 1.4 GHz x 16 FLOP/cycle (2 NEON FMA pipes)"),
+    "jetson-orin-nano:cpu": Calibration(144.0, "6x Cortex-A78AE @ 1.5 GHz x 16 FLOP/cycle (2 NEON FMA pipes)"),
 }
 # Share of peak reached by legoc's compiled code. cpu: measured here (see module docstring);
 # cuda: assumed (no GPU on the build machine).
@@ -53,3 +67,39 @@ def estimate_latency_ms(target_name: str, device: str, macs: int) -> dict:
     return {"value": value, "source": "estimated",
             "how": f"2 x MACs / ({cal.peak_gflops:g} GFLOP/s peak [{cal.basis}] x efficiency {eff:g} [{eff_basis}])"
                    f" + {CALL_OVERHEAD_MS.get(device, 0.02)} ms per call"}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    bandwidth_gb_s: float     # effective host<->device copy bandwidth (GB/s, 1e9 bytes)
+    per_copy_ms: float        # fixed cost of one copy (driver call, synchronisation)
+    basis: str
+
+
+# Host<->device copies of a TVM cuda tensor on each Jetson (see the module docstring): estimated.
+TRANSFERS = {
+    "jetson-nano": Transfer(2.0, 0.05, "LPDDR4 25.6 GB/s peak shared by CPU and GPU; pageable cudaMemcpy"),
+    "jetson-tx2": Transfer(4.0, 0.04, "LPDDR4 59.7 GB/s peak shared by CPU and GPU; pageable cudaMemcpy"),
+    "jetson-xavier-nx": Transfer(5.0, 0.03, "LPDDR4x 51.2 GB/s peak shared by CPU and GPU; pageable cudaMemcpy"),
+    "jetson-orin-nano": Transfer(6.0, 0.02, "LPDDR5 68 GB/s peak shared by CPU and GPU; pageable cudaMemcpy"),
+}
+
+
+def estimate_transfer(target_name: str) -> dict:
+    """The copy-cost model of a GPU board: ``{"bandwidth_gb_s", "per_copy_ms", "source", "how"}``
+    (values None and source ``unmeasured`` without a calibration: a custom target)."""
+    cal = TRANSFERS.get(target_name)
+    if cal is None:
+        return {"bandwidth_gb_s": None, "per_copy_ms": None, "source": "unmeasured",
+                "how": f"no transfer calibration for custom target {target_name}"}
+    return {"bandwidth_gb_s": cal.bandwidth_gb_s, "per_copy_ms": cal.per_copy_ms, "source": "estimated",
+            "how": f"{cal.per_copy_ms:g} ms per copy + bytes / {cal.bandwidth_gb_s:g} GB/s [{cal.basis}; "
+                   "about a tenth of the DRAM peak, not measured]"}
+
+
+def transfer_ms(model: dict, nbytes: int) -> float | None:
+    """Milliseconds to copy ``nbytes`` between CPU and GPU under ``model`` (from
+    :func:`estimate_transfer`; None if it has no figures)."""
+    if model.get("bandwidth_gb_s") is None or model.get("per_copy_ms") is None:
+        return None
+    return float(model["per_copy_ms"]) + nbytes / (float(model["bandwidth_gb_s"]) * 1e9) * 1e3

@@ -225,6 +225,42 @@ def cpu_part(spec: TargetSpec) -> TargetSpec:
     )
 
 
+# What ``--devices`` takes: a Jetson's CPU and its GPU (a cuda target's own device).
+DEVICE_NAMES = ("cpu", "gpu")
+
+
+def device_name(spec: TargetSpec) -> str:
+    """The target's own device as ``--devices`` names it: "gpu" for cuda targets, else "cpu"."""
+    return "gpu" if spec.device == "cuda" else "cpu"
+
+
+def device_targets(spec: TargetSpec, devices=None) -> dict[str, TargetSpec]:
+    """The target of each device a compile builds for, the target's own (default) device first.
+
+    ``devices`` None or empty: the target's own device alone (no device choice). Otherwise a
+    GPU board's devices (``("cpu", "gpu")``): the GPU is ``spec`` itself, the CPU its
+    :func:`cpu_part`. Every mistake is a one-line UserError."""
+    own = device_name(spec)
+    if not devices:
+        return {own: spec}
+    devices = list(devices)
+    unknown = [d for d in devices if d not in DEVICE_NAMES]
+    if unknown:
+        raise UserError(f"unknown device '{unknown[0]}' in --devices; devices: {', '.join(DEVICE_NAMES)}")
+    if spec.device != "cuda":
+        raise UserError(f"--devices chooses between the CPU and the GPU of a Jetson; target {spec.name} "
+                        "has a CPU only: drop --devices")
+    if len(set(devices)) != len(devices):
+        raise UserError(f"--devices names a device twice: {','.join(devices)}")
+    if own not in devices:
+        raise UserError(f"--devices {','.join(devices)} leaves out the GPU of {spec.name}; for its CPU alone "
+                        f"use --target {spec.name}{CPU_SUFFIX}")
+    out = {own: spec}
+    if "cpu" in devices:
+        out["cpu"] = cpu_part(spec)
+    return out
+
+
 def list_targets() -> list[TargetSpec]:
     """Every built-in target, sorted by name (detects the host CPU)."""
     return [TARGETS[name] for name in sorted(TARGETS)]
