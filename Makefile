@@ -27,7 +27,7 @@ demo: setup
 	$(VENV)/bin/legoc compile examples/mnist_resnet.py --target host -o $(OUT)/mnist-host.lego
 	$(VENV)/bin/legoc compile examples/mnist_resnet.py --target jetson-nano -o $(OUT)/mnist-jetson-nano.lego
 	$(VENV)/bin/legoc inspect $(OUT)/mnist-host.lego --plot $(OUT)/mnist-host-pareto.png
-	$(VENV)/bin/legoc select $(OUT)/mnist-host.lego --latency-ms 6
+	$(VENV)/bin/legoc select $(OUT)/mnist-host.lego --latency-ms 0.9
 	$(PY) examples/demo_app.py $(OUT)/mnist-host.lego
 
 test: setup emulation

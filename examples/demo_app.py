@@ -13,6 +13,7 @@ Device-side: imports numpy, legoc.runtime and mnist_digits only; never torch.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -108,21 +109,36 @@ def _print_cells(header, cells, title: str, left: int) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
-BUDGET_TRACE = [  # (what happens on the device, latency budget ms, memory budget MiB or None)
-    ("idle board", 20.0, None),
-    ("camera app starts", 10.0, None),
-    ("board heats up", 6.0, None),
-    ("battery saver", 3.0, None),
-    ("memory pressure", 10.0, 2.7),
-    ("back to idle", 20.0, None),
+# (what happens on the device, latency budget, memory budget or None). Budgets are fractions of
+# the artifact's own range, so the trace means the same on a fast and a slow machine: latency
+# 0 = the fastest combination, 1 = the full model (above 1: slack); memory likewise.
+BUDGET_TRACE = [
+    ("idle board", 1.5, None),
+    ("camera app starts", 0.7, None),
+    ("board heats up", 0.4, None),
+    ("battery saver", 0.05, None),
+    ("memory pressure", 0.7, 0.3),
+    ("back to idle", 1.5, None),
 ]
+
+
+def budgets(model, trace=BUDGET_TRACE) -> list[tuple[str, float, float | None]]:
+    """The trace in ms and MiB for ``model``, from its estimated latency and memory range."""
+    prof = model.profiles
+    full = [0] * len(model.blocks)
+    fast, slow = prof.min_latency_ms(), prof.latency_ms(full)
+    small = prof.memory_bytes([min(range(len(vs)), key=lambda i: prof.memory_of([vs[i]])) for vs in prof.blocks])
+    big = prof.memory_bytes(full)
+    up = lambda v: math.ceil(v * 100) / 100   # noqa: E731 - two decimals, never below the range
+    return [(event, up(fast + lat * (slow - fast)), None if mem is None else up((small + mem * (big - small)) / 2**20))
+            for event, lat, mem in trace]
 
 
 def follow_budget(model, x: np.ndarray, y: np.ndarray, trace=BUDGET_TRACE, limit: int = 300) -> list[dict]:
     """Reconfigure by budget at every step (CP-SAT), then measure what the chosen configuration does."""
     rows = []
     x, y = x[:limit], y[:limit]
-    for event, latency_ms, memory_mb in trace:
+    for event, latency_ms, memory_mb in budgets(model, trace):
         loaded_before = model.modules_loaded
         t0 = time.perf_counter()
         model.configure(latency_ms=latency_ms, memory_mb=memory_mb)

@@ -236,3 +236,27 @@ def test_demo_app_helpers(examples):
 
     assert demo.configurations([B(5), B(4), B(1)]) == [
         ("full", [0, 0, 0]), ("middle", [2, 2, 0]), ("smallest", [4, 3, 0])]
+
+
+def test_demo_budget_trace_follows_the_artifacts_own_range(examples, artifact):
+    """The demo's budgets scale with the artifact (fastest .. full), so every step is feasible
+    and the tight steps really pick smaller variants, on a fast or a slow machine."""
+    from legoc.runtime import load
+
+    demo = examples("demo_app")
+    mnist_digits = examples("mnist_digits")
+    m = load(artifact("mnist_resnet", "host", ratios=(0.0, 0.4, 0.8)).artifact)
+    steps = demo.budgets(m)
+    full = m.profiles.latency_ms([0] * len(m.blocks))
+    assert [s[0] for s in steps] == [e for e, _, _ in demo.BUDGET_TRACE]
+    assert steps[0][1] >= full and min(s[1] for s in steps) >= m.profiles.min_latency_ms()
+    _, _, x, y = mnist_digits.load_split()
+    rows = demo.follow_budget(m, x, y, limit=20)
+    for row, (_, lat, mem) in zip(rows, steps):
+        assert row["est_latency_ms"] <= lat
+        if mem is not None:
+            assert row["est_memory_mb"] <= mem
+    assert rows[0]["choice"] != rows[3]["choice"]     # the battery saver step shrinks the model
+    # back to idle: only blocks evicted under the memory budget (those that changed) are loaded again
+    assert rows[-1]["choice"] == rows[0]["choice"]
+    assert rows[-1]["loaded"] <= sum(a != b for a, b in zip(rows[-2]["choice"], rows[-1]["choice"]))
