@@ -158,7 +158,7 @@ def _latency(module, inputs, built, target, macs, report, build: dict) -> dict:
     key = measure.fingerprint(module, inputs, target.to_json(), build)
     data, reused = measure.measure(key, built.path, tuple(t.numpy() for t in inputs), built.params)
     report.latency_reused += int(reused)
-    how = f"TVM time_evaluator, median of {measure.REPEAT} x {measure.NUMBER} runs, batch of example_inputs()"
+    how = f"TVM time_evaluator, median of {measure.REPEAT} x {measure.NUMBER} runs on {measure.threads()} threads, batch of example_inputs()"
     return {"value": data["latency_ms"], "source": "measured-local", "how": how}
 
 

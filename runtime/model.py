@@ -439,4 +439,6 @@ def set_num_threads(num_threads: int) -> None:
     # affinity mode 1 ("big cores": every core on a homogeneous CPU), as TVM's own start-up
     tvm.get_global_func("runtime.config_threadpool")(1, num_threads)
     if int(tvm.get_global_func("runtime.NumThreads")()) != num_threads:
-        raise UserError(f"TVM's thread pool did not accept {num_threads} threads")
+        raise UserError(f"TVM's thread pool has {int(tvm.get_global_func('runtime.NumThreads')())} threads and "
+                        f"cannot grow to {num_threads} once started; set TVM_NUM_THREADS={num_threads} in the "
+                        "environment before the process starts")
