@@ -2,6 +2,8 @@
 variant of every segment -> artifact. Named pipelines of passes live here."""
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +105,26 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
         timings[t.name] = t.seconds
     report = CompileReport(artifact=out, partition=state.partition)
     t0 = time.perf_counter()
-    report.manifest = build_artifact(state, target, out, config, report)
+    with _single_threaded_torch():
+        report.manifest = build_artifact(state, target, out, config, report)
     timings["compile+write"] = time.perf_counter() - t0
     report.timings = timings
     return report
+
+
+@contextlib.contextmanager
+def _single_threaded_torch():
+    """PyTorch on one thread while TVM modules are built and timed: after a parallel region
+    torch's OpenMP workers keep spinning on the cores TVM's thread pool times its modules on
+    (measured here: every variant timed ~2x slower than the same module in a torch-free process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def warn(message: str) -> None:
@@ -156,10 +174,32 @@ def _latency(module, inputs, built, target, macs, report, build: dict) -> dict:
     if not target.runs_here:
         return estimate_latency_ms(target.name, target.device, macs)
     key = measure.fingerprint(module, inputs, target.to_json(), build)
-    data, reused = measure.measure(key, built.path, tuple(t.numpy() for t in inputs), built.params)
-    report.latency_reused += int(reused)
-    how = f"TVM time_evaluator, median of {measure.REPEAT} x {measure.NUMBER} runs on {measure.threads()} threads, batch of example_inputs()"
-    return {"value": data["latency_ms"], "source": "measured-local", "how": how}
+    how = (f"TVM time_evaluator in a torch-free worker process (legoc.runtime.bench), median of "
+           f"{measure.REPEAT} x {measure.NUMBER} runs on {measure.threads()} threads, random inputs")
+    data = measure.cached(key)
+    if data is not None:
+        report.latency_reused += 1
+        return {"value": data["latency_ms"], "source": "measured-local", "how": how}
+    # timed with the other new modules once all are built (_measure_pending)
+    return {"value": None, "source": "measured-local", "how": how, "pending": key}
+
+
+def _measure_pending(manifest: dict, writer) -> None:
+    """Time every module whose latency is pending, all in one clean worker process (see
+    legoc.runtime.bench for why not here), and cache the results."""
+    from legoc.runtime.bench import measure_in_subprocess
+    from legoc.targets import measure
+
+    pending = [(seg["name"], i, v["profile"]["latency_ms"]) for seg in manifest["segments"]
+               for i, v in enumerate(seg["variants"]) if "pending" in v["profile"]["latency_ms"]]
+    if not pending:
+        return
+    draft = writer.draft(manifest)
+    result = measure_in_subprocess(draft, [(name, i) for name, i, _ in pending],
+                                   number=measure.NUMBER, repeat=measure.REPEAT)
+    for (_, _, figure), ms in zip(pending, result["modules"]):
+        measure.store(figure.pop("pending"), {"latency_ms": ms})
+        figure["value"] = ms
 
 
 def _variant_profile(state, seg, vid, module, inputs, built, target, macs, report, build: dict) -> dict:
@@ -219,14 +259,12 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
     if not target.runs_here or not config.validate:
         return out
     from legoc.runtime.estimate import Profiles
-    from legoc.runtime.model import Model
 
     _measure_loads(manifest, draft)
-    model = Model(draft)
     profiles = Profiles(manifest)
     x = [t.numpy() for t in state.example_inputs]
     full = [0] * len(profiles.blocks)
-    measured_full = _runtime_latency(model, full, x)
+    measured_full = _runtime_latency(draft, [full], x)[0]
     sum_full = sum(v.latency_ms for v in profiles.chosen(full) + profiles.frame)
     overhead = max(0.0, (measured_full - sum_full) / profiles.num_segments)
     out["call_overhead_ms"] = {"value": overhead, "source": "measured-local",
@@ -236,9 +274,10 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
     prof = state.accuracy["profiler"] if state.accuracy else None   # reuses its cached block inputs
     picks = _validation_choices(profiles)
     task = bar.add_task(f"validating {len(picks)} combinations", total=len(picks))
-    for choice in picks:
+    latencies = _runtime_latency(draft, picks, x)
+    for choice, latency_ms in zip(picks, latencies):
         est = profiles.estimate(choice)
-        measured = {"latency_ms": _runtime_latency(model, list(choice), x)}
+        measured = {"latency_ms": latency_ms}
         if prof is not None:
             measured["accuracy"] = prof.metric(dict(zip(profiles.block_names, choice)))
         out["validation"].append({"choice": list(choice),
@@ -246,9 +285,9 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
                                                 "memory_bytes": est.memory_bytes},
                                   "measured": measured})
         bar.advance(task)
-    out["validation_how"] = ("latency: legoc.runtime end to end, median of 20 calls after 3 warm-up; "
+    out["validation_how"] = (f"latency: legoc.runtime end to end in a torch-free worker process, median of "
+                             f"{VALIDATE_CALLS} calls after {VALIDATE_WARMUP} warm-up; "
                              "accuracy: the same metric as the profiles, whole model in PyTorch")
-    del model
     return out
 
 
@@ -264,11 +303,15 @@ def _validation_choices(profiles) -> list[tuple[int, ...]]:
     return picks
 
 
-def _runtime_latency(model, choice: list[int], x: list) -> float:
-    from legoc.runtime.model import median_latency_ms
+VALIDATE_WARMUP, VALIDATE_CALLS = 5, 50
 
-    model.configure(variants=choice)
-    return median_latency_ms(model, x, warmup=3, calls=20)
+
+def _runtime_latency(draft: Path, choices: list, x: list) -> list[float]:
+    """End-to-end runtime latency (ms) of each configuration in ``choices``, in a worker process."""
+    from legoc.runtime.bench import measure_in_subprocess
+
+    return measure_in_subprocess(draft, [], choices, x, warmup=VALIDATE_WARMUP,
+                                 calls=VALIDATE_CALLS)["combinations"]
 
 
 def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> dict:
@@ -447,6 +490,7 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
         }
         if extra:
             manifest["devices"] = _devices_summary(part, target, devices)
+        _measure_pending(manifest, writer)
         manifest["combination"] = _combination(state, target, manifest, writer.draft(manifest), config, bar)
         if config.rpc is not None:  # measured on the board before anything is committed
             from legoc.targets.rpc import measure_into

@@ -1,5 +1,6 @@
 """Measurements on this machine, cached per (module, target) so a re-compile re-measures only
-what changed: a module's latency (TVM time evaluator).
+what changed: a module's latency (TVM time evaluator, timed in a worker process by
+legoc.runtime.bench).
 
 The cache key is a fingerprint of the torch module (code and weights), the input shapes, the
 target, how it was compiled (legoc's compiler sources, prepacking, tuning) and the measurement
@@ -10,9 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 
-CACHE_VERSION = "latency/4"
+CACHE_VERSION = "latency/5"  # 5: timed in a worker process (legoc.runtime.bench)
 NUMBER, REPEAT = 10, 5
 
 
@@ -54,15 +54,3 @@ def store(key: str, data: dict) -> None:
     from legoc.paths import write_json_cache
 
     write_json_cache(_path(key), data)
-
-
-def measure(key: str, so: Path, inputs: tuple[np.ndarray, ...], params: list[np.ndarray]) -> tuple[dict, bool]:
-    """``({"latency_ms"}, reused)``: from the cache, or measured now and cached."""
-    from legoc.targets.build import measure_local
-
-    hit = cached(key)
-    if hit is not None:
-        return hit, True
-    data = {"latency_ms": measure_local(so, inputs, params, number=NUMBER, repeat=REPEAT)}
-    store(key, data)
-    return data, False
