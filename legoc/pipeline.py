@@ -303,7 +303,7 @@ def _validation_choices(profiles) -> list[tuple[int, ...]]:
     return picks
 
 
-VALIDATE_WARMUP, VALIDATE_CALLS = 5, 50
+VALIDATE_WARMUP, VALIDATE_CALLS = 3, 30
 
 
 def _runtime_latency(draft: Path, choices: list, x: list) -> list[float]:

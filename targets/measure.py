@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 CACHE_VERSION = "latency/5"  # 5: timed in a worker process (legoc.runtime.bench)
-NUMBER, REPEAT = 10, 5
+NUMBER, REPEAT = 10, 3
 
 
 def fingerprint(module, inputs, target_json: dict, build: dict) -> str:
