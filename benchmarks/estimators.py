@@ -9,7 +9,8 @@ with measurements of the compiled artifact:
 
 * accuracy: the model file's evaluate() on val_data(), with legoc.runtime (TVM, batch of the
   example inputs) as the model: the compiled code, not PyTorch;
-* latency: legoc.runtime end to end, median of 50 calls after 5 warm-up calls;
+* latency: legoc.runtime end to end in a torch-free worker process (legoc.runtime.bench), median
+  of 50 calls after 5 warm-up calls;
 * memory: peak resident memory the configuration adds to a fresh process
   (``python -m legoc.runtime.memory``).
 
@@ -39,7 +40,7 @@ from legoc.runtime import load
 from legoc.runtime.artifact import read_manifest
 from legoc.runtime.estimate import Profiles
 from legoc.runtime.memory import measure_in_subprocess
-from legoc.runtime.model import median_latency_ms
+from legoc.runtime import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,12 +105,14 @@ def main(argv=None) -> int:
         x = [np.zeros(s, np.float32) for s in model.input_shapes]
         rng = random.Random(args.seed)
         choices = [tuple(rng.randrange(len(vs)) for vs in prof.blocks) for _ in range(args.n)]
+        # latency: all combinations in one torch-free worker process, as an app on a board runs
+        # them (in this process torch's OpenMP workers would share the cores with TVM's threads)
+        latencies = bench.measure_in_subprocess(art, [], choices, x, warmup=5, calls=50)["combinations"]
         rows = []
-        for k, choice in enumerate(choices):
+        for k, (choice, lat) in enumerate(zip(choices, latencies)):
             est = prof.estimate(choice)
             model.configure(variants=list(choice))
             acc = float(spec.evaluate(RuntimeAsTorch(model), val))
-            lat = median_latency_ms(model, x, warmup=5, calls=50)
             mem = measure_in_subprocess(art, choice)["peak_bytes"]
             rows.append({"choice": list(choice), "est_accuracy": est.accuracy, "accuracy": acc,
                          "est_latency_ms": est.latency_ms, "latency_ms": lat,

@@ -263,12 +263,19 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
     _measure_loads(manifest, draft)
     profiles = Profiles(manifest)
     x = [t.numpy() for t in state.example_inputs]
-    full = [0] * len(profiles.blocks)
-    measured_full = _runtime_latency(draft, [full], x)[0]
-    sum_full = sum(v.latency_ms for v in profiles.chosen(full) + profiles.frame)
-    overhead = max(0.0, (measured_full - sum_full) / profiles.num_segments)
+    # calibration: the uniform configurations (same variant in every block) end to end, fitted by
+    # least squares as  measured = scale * (sum of the modules' latencies) + segments * overhead
+    n = min(len(vs) for vs in profiles.blocks)
+    uniform = [tuple([i] * len(profiles.blocks)) for i in range(n)]
+    measured_uniform = _runtime_latency(draft, uniform, x)
+    sums = [sum(v.latency_ms for v in profiles.chosen(c) + profiles.frame) for c in uniform]
+    scale, overhead = _fit_latency(sums, measured_uniform, profiles.num_segments)
     out["call_overhead_ms"] = {"value": overhead, "source": "measured-local",
-                               "how": "(runtime latency of the full configuration - sum of its modules' latencies) / segments"}
+                               "how": f"least-squares fit of the {n} uniform configurations measured end to end: "
+                                      "runtime latency = scale x sum of module latencies + segments x overhead"}
+    out["latency_scale"] = {"value": scale, "source": "measured-local",
+                            "how": "the same fit: isolated module timings (time evaluator) vs modules run in sequence "
+                                   "by the runtime"}
     manifest["combination"] = out
     profiles = Profiles(manifest)
     prof = state.accuracy["profiler"] if state.accuracy else None   # reuses its cached block inputs
@@ -289,6 +296,21 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
                              f"{VALIDATE_CALLS} calls after {VALIDATE_WARMUP} warm-up; "
                              "accuracy: the same metric as the profiles, whole model in PyTorch")
     return out
+
+
+def _fit_latency(sums: list[float], measured: list[float], segments: int) -> tuple[float, float]:
+    """(scale, per-segment overhead ms) fitting ``measured = scale * sums + segments * overhead``
+    by least squares; scale kept within [0.5, 1.5] and overhead >= 0 (noise on a few points)."""
+    import numpy as np
+
+    a, b = np.asarray(sums, float), np.asarray(measured, float)
+    if len(a) >= 2 and np.ptp(a) > 1e-9:
+        scale, intercept = np.polyfit(a, b, 1)
+    else:
+        scale, intercept = 1.0, float(np.mean(b - a))
+    scale = float(min(1.5, max(0.5, scale)))
+    intercept = max(0.0, float(np.mean(b - scale * a)))   # refit the intercept after clamping
+    return scale, intercept / max(1, segments)
 
 
 def _validation_choices(profiles) -> list[tuple[int, ...]]:

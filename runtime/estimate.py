@@ -25,6 +25,7 @@ a ``devices`` section there is one device and no copy is counted: the estimates 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -137,6 +138,11 @@ class Profiles:
         overhead = comb.get("call_overhead_ms") or {}
         value = overhead.get("value")
         self.call_overhead_ms = float(DEFAULT_CALL_OVERHEAD_MS if value is None else value)
+        # modules timed alone vs run in sequence by the runtime (fitted at compile time; 1 if not)
+        self.latency_scale = float((comb.get("latency_scale") or {}).get("value") or 1.0)
+        if self.latency_scale != 1.0:
+            self.blocks = [[self._scaled(v) for v in vs] for vs in self.blocks]
+            self.frame = [self._scaled(v) for v in self.frame]
         self.module_overhead_bytes = int(comb.get("module_overhead_bytes") or MODULE_OVERHEAD_BYTES)
         self.num_segments = len(segs)
         # devices: the default one first; per block, variant and device its cost
@@ -162,6 +168,11 @@ class Profiles:
         self.transfers: list[Transfer] = _transfers(segs, manifest) if len(self.devices) > 1 else []
         self.transfer_sources: list[str] = sorted({(dev.get("transfer") or {}).get("source", "unmeasured")}) \
             if self.transfers else []
+
+    def _scaled(self, v: VariantCost) -> VariantCost:
+        if v.latency_ms is None or v.latency_source != "measured-local":
+            return v
+        return dataclasses.replace(v, latency_ms=v.latency_ms * self.latency_scale)
 
     # -- the estimators --------------------------------------------------------------------------
     def chosen(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> list[VariantCost]:
