@@ -52,7 +52,8 @@ PEAKS = {
 # cuda: assumed (no GPU on the build machine).
 EFFICIENCY = {"cpu": (0.5, "legoc's CPU schedules on the x86-64 build host reach 53-96% of its numpy sgemm "
                            "peak (benchmarks/inference.py; MNIST example 53%); not measured on ARM"),
-              "cuda": (0.05, "assumed; no GPU on the build machine to measure it")}
+              "cuda": (0.25, "assumed for dlight's untuned GPU schedules (half the CPU figure); no GPU on "
+                             "the build machine to measure it")}
 CALL_OVERHEAD_MS = {"cpu": 0.02, "cuda": 0.05}
 
 

@@ -146,7 +146,10 @@ def test_manifest_holds_both_modules_with_checksums_and_sources(nano):
             gpu_ms, cpu_ms = v["profile"]["latency_ms"], cpu["profile"]["latency_ms"]
             assert gpu_ms["source"] == cpu_ms["source"] == "estimated"
             assert "Cortex-A57" in cpu_ms["how"] and "Maxwell" in gpu_ms["how"]
-            assert cpu_ms["value"] > gpu_ms["value"] > 0
+            # per MAC the Nano's GPU is the faster (a module this small may still be faster on the
+            # CPU, whose per-call overhead is smaller)
+            from legoc.targets.calibration import CALL_OVERHEAD_MS
+            assert cpu_ms["value"] - CALL_OVERHEAD_MS["cpu"] > gpu_ms["value"] - CALL_OVERHEAD_MS["cuda"] > 0
     # every boundary tensor with its bytes and its estimated copy time
     transfer = dev["transfer"]
     cal = TRANSFERS["jetson-nano"]
