@@ -175,7 +175,8 @@ def _latency(module, inputs, built, target, macs, report, build: dict) -> dict:
         return estimate_latency_ms(target.name, target.device, macs)
     key = measure.fingerprint(module, inputs, target.to_json(), build)
     how = (f"TVM time_evaluator in a torch-free worker process (legoc.runtime.bench), median of "
-           f"{measure.REPEAT} x {measure.NUMBER} runs on {measure.threads()} threads, random inputs")
+           f"{measure.REPEAT} x {measure.NUMBER} runs in {measure.ROUNDS} rounds interleaved with the other new "
+           f"modules, on {measure.threads()} threads, random inputs")
     data = measure.cached(key)
     if data is not None:
         report.latency_reused += 1
@@ -196,7 +197,7 @@ def _measure_pending(manifest: dict, writer) -> None:
         return
     draft = writer.draft(manifest)
     result = measure_in_subprocess(draft, [(name, i) for name, i, _ in pending],
-                                   number=measure.NUMBER, repeat=measure.REPEAT)
+                                   number=measure.NUMBER, repeat=measure.REPEAT, rounds=measure.ROUNDS)
     for (_, _, figure), ms in zip(pending, result["modules"]):
         measure.store(figure.pop("pending"), {"latency_ms": ms})
         figure["value"] = ms
@@ -264,10 +265,15 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
     profiles = Profiles(manifest)
     x = [t.numpy() for t in state.example_inputs]
     # calibration: the uniform configurations (same variant in every block) end to end, fitted by
-    # least squares as  measured = scale * (sum of the modules' latencies) + segments * overhead
+    # least squares as  measured = scale * (sum of the modules' latencies) + segments * overhead;
+    # timed in one worker, in interleaved rounds, with the validation points (the estimated Pareto
+    # front: a positive scale and a constant overhead do not change it, so it is known before the fit)
     n = min(len(vs) for vs in profiles.blocks)
-    uniform = [tuple([i] * len(profiles.blocks)) for i in range(n)]
-    measured_uniform = _runtime_latency(draft, uniform, x)
+    picks = _validation_choices(profiles)   # the n uniform configurations first
+    task = bar.add_task(f"validating {len(picks)} combinations", total=len(picks) + 1)
+    latencies = _runtime_latency(draft, picks, x)
+    bar.advance(task)
+    uniform, measured_uniform = picks[:n], latencies[:n]
     sums = [sum(v.latency_ms for v in profiles.chosen(c) + profiles.frame) for c in uniform]
     scale, overhead = _fit_latency(sums, measured_uniform, profiles.num_segments)
     out["call_overhead_ms"] = {"value": overhead, "source": "measured-local",
@@ -279,9 +285,6 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
     manifest["combination"] = out
     profiles = Profiles(manifest)
     prof = state.accuracy["profiler"] if state.accuracy else None   # reuses its cached block inputs
-    picks = _validation_choices(profiles)
-    task = bar.add_task(f"validating {len(picks)} combinations", total=len(picks))
-    latencies = _runtime_latency(draft, picks, x)
     for choice, latency_ms in zip(picks, latencies):
         est = profiles.estimate(choice)
         measured = {"latency_ms": latency_ms}
@@ -293,7 +296,8 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
                                   "measured": measured})
         bar.advance(task)
     out["validation_how"] = (f"latency: legoc.runtime end to end in a torch-free worker process, median of "
-                             f"{VALIDATE_CALLS} calls after {VALIDATE_WARMUP} warm-up; "
+                             f"{VALIDATE_CALLS} calls in {VALIDATE_ROUNDS} interleaved rounds after {VALIDATE_WARMUP} "
+                             "warm-up (the uniform configurations are also the calibration points); "
                              "accuracy: the same metric as the profiles, whole model in PyTorch")
     return out
 
@@ -325,15 +329,15 @@ def _validation_choices(profiles) -> list[tuple[int, ...]]:
     return picks
 
 
-VALIDATE_WARMUP, VALIDATE_CALLS = 3, 30
+VALIDATE_WARMUP, VALIDATE_CALLS, VALIDATE_ROUNDS = 3, 30, 3
 
 
 def _runtime_latency(draft: Path, choices: list, x: list) -> list[float]:
     """End-to-end runtime latency (ms) of each configuration in ``choices``, in a worker process."""
     from legoc.runtime.bench import measure_in_subprocess
 
-    return measure_in_subprocess(draft, [], choices, x, warmup=VALIDATE_WARMUP,
-                                 calls=VALIDATE_CALLS)["combinations"]
+    return measure_in_subprocess(draft, [], choices, x, warmup=VALIDATE_WARMUP, calls=VALIDATE_CALLS,
+                                 rounds=VALIDATE_ROUNDS)["combinations"]
 
 
 def _shared_weights(writer, shared: dict, block: str, ratio: float, built) -> dict:

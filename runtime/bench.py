@@ -9,12 +9,18 @@ slower in the compiling process than in a clean one (measured here: 0.21-0.25 ms
 an MNIST block). The worker imports the runtime only, as an app on a board would.
 
 Request (JSON): ``{"modules": [[segment, variant index], ...], "combinations": [[v0, v1, ...],
-...], "inputs": "x.npz" or null, "number": 10, "repeat": 5, "warmup": 5, "calls": 50}``.
-Modules are timed with TVM's time evaluator (median of ``repeat`` timings of ``number`` runs) on
-seeded random inputs of the segment's input shapes; combinations with the runtime end to end
-(median of ``calls`` calls after ``warmup``) on the model inputs of ``inputs`` (arrays ``arr_0``,
-``arr_1``, … in input order; random when null). Result: ``{"modules": [ms, ...],
-"combinations": [ms, ...], "threads": N}``.
+...], "inputs": "x.npz" or null, "number": 10, "repeat": 5, "warmup": 5, "calls": 50,
+"rounds": 3}``. Modules are timed with TVM's time evaluator (median of ``repeat`` timings of
+``number`` runs) on seeded random inputs of the segment's input shapes; combinations with the
+runtime end to end (median of ``calls`` calls after ``warmup``) on the model inputs of
+``inputs`` (arrays ``arr_0``, ``arr_1``, … in input order; random when null). Result:
+``{"modules": [ms, ...], "combinations": [ms, ...], "threads": N}``.
+
+Interleaved rounds: the timings of each module and the calls of each combination are spread
+over ``rounds`` passes through the whole list, so a slow drift of the machine's speed hits every
+item alike instead of whichever was timed last. Measured on the MNIST artifact here: in one
+worker, the uniform configurations timed before and after 50 others differed by 7-21%, which a
+single pass turns into estimator error.
 """
 from __future__ import annotations
 
@@ -36,36 +42,59 @@ def _random(meta: dict, rng: np.random.Generator) -> np.ndarray:
 
 def measure(path: Path, modules: Sequence[Sequence], combinations: Sequence[Sequence[int]] = (),
             inputs: Sequence[np.ndarray] | None = None, *, number: int = 10, repeat: int = 5,
-            warmup: int = 5, calls: int = 50) -> dict:
+            warmup: int = 5, calls: int = 50, rounds: int = 1) -> dict:
     """Time ``modules`` ((segment, variant index)) and ``combinations`` of the artifact at
     ``path`` in this process (see the module docstring; :func:`measure_in_subprocess` is the
     clean-process form)."""
+    import statistics
+
     import tvm
 
     from legoc.runtime.model import Model, _Executable, _WeightFiles, median_latency_ms
 
+    rounds = max(1, int(rounds))
     model = Model(path)
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
     weights = _WeightFiles(model.path)
     segments = {s["name"]: s for s in model.manifest["segments"]}
-    module_ms = []
+    timers = []
     for name, index in modules:
         seg = model._segment(name)
         exe = _Executable(model.path, seg, seg.variants[int(index)], dev, weights)
         args = [tvm.runtime.tensor(_random(segments[name]["tensors"][n], rng), dev) for n in seg.inputs]
         exe.main(*args, *exe.params)   # loads and warms the code
-        timer = exe.vm.time_evaluator("main", dev, number=number, repeat=repeat)
-        module_ms.append(float(timer(*args, *exe.params).median) * 1e3)
-        del exe
+        timers.append((exe, args))
+        if rounds == 1:   # one pass: time it now and free it (a whole model's modules need not fit)
+            timers[-1] = _module_timings(exe, args, dev, number, repeat)
+    module_times = [t if isinstance(t, list) else [] for t in timers]
+    for r in range(rounds if rounds > 1 else 0):
+        for k, (exe, args) in enumerate(timers):
+            module_times[k] += _module_timings(exe, args, dev, number, _share(repeat, rounds, r))
+    del timers
     if inputs is None:
         inputs = [_random(i, rng) for i in model.manifest["inputs"]]
-    combination_ms = []
-    for choice in combinations:
-        model.configure(variants=list(choice))
-        combination_ms.append(median_latency_ms(model, inputs, warmup=warmup, calls=calls))
-    return {"modules": module_ms, "combinations": combination_ms,
+    combination_times = [[] for _ in combinations]
+    for r in range(rounds):
+        for k, choice in enumerate(combinations):
+            model.configure(variants=list(choice))
+            n = _share(calls, rounds, r)
+            combination_times[k] += median_latency_ms(model, inputs, warmup=warmup if r == 0 else 2, calls=n,
+                                                      all_times=True)
+    return {"modules": [statistics.median(t) for t in module_times],
+            "combinations": [statistics.median(t) for t in combination_times],
             "threads": int(tvm.get_global_func("runtime.NumThreads")())}
+
+
+def _share(total: int, rounds: int, r: int) -> int:
+    """Round ``r``'s part of ``total`` spread over ``rounds`` (at least 1 each)."""
+    return max(1, total // rounds + (r < total % rounds))
+
+
+def _module_timings(exe, args, dev, number: int, repeat: int) -> list[float]:
+    """``repeat`` timings (ms, each the mean of ``number`` runs) of one module, time evaluator."""
+    timer = exe.vm.time_evaluator("main", dev, number=number, repeat=repeat)
+    return [float(t) * 1e3 for t in timer(*args, *exe.params).results]
 
 
 def measure_in_subprocess(path: Path, modules: Sequence[Sequence], combinations: Sequence[Sequence[int]] = (),
@@ -102,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if request.get("inputs"):
         with np.load(request["inputs"]) as data:
             inputs = [data[f"arr_{i}"] for i in range(len(data.files))]
-    options = {k: int(request[k]) for k in ("number", "repeat", "warmup", "calls") if k in request}
+    options = {k: int(request[k]) for k in ("number", "repeat", "warmup", "calls", "rounds") if k in request}
     result = measure(Path(argv[0]), request.get("modules", []), request.get("combinations", []), inputs, **options)
     print(json.dumps(result))
     return 0

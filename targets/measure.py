@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 
-CACHE_VERSION = "latency/5"  # 5: timed in a worker process (legoc.runtime.bench)
-NUMBER, REPEAT = 10, 3
+CACHE_VERSION = "latency/6"  # 5: timed in a worker process (legoc.runtime.bench); 6: in rounds
+NUMBER, REPEAT, ROUNDS = 10, 3, 3   # ROUNDS: all new modules are timed in interleaved passes
 
 
 def fingerprint(module, inputs, target_json: dict, build: dict) -> str:
@@ -26,7 +26,7 @@ def fingerprint(module, inputs, target_json: dict, build: dict) -> str:
     _digest_module(h, module)
     h.update(repr([tuple(t.shape) for t in inputs]).encode())
     h.update(json.dumps(target_json, sort_keys=True).encode())
-    h.update(repr((NUMBER, REPEAT, threads())).encode())
+    h.update(repr((NUMBER, REPEAT, ROUNDS, threads())).encode())
     return h.hexdigest()[:32]
 
 
