@@ -125,8 +125,12 @@ def variant_cost(v: dict, device: str | None = None) -> VariantCost:
 class Profiles:
     """Per-block variant costs of one artifact, and the combination estimators."""
 
-    def __init__(self, manifest: dict):
+    def __init__(self, manifest: dict, slowdown: float = 1.0):
+        """``slowdown``: a factor on every latency figure, the runtime's observed latency over the
+        estimate (legoc.runtime.model.Model.slowdown: 1.2 = this machine now runs 20% slower than
+        when it was profiled, e.g. throttled or shared); 1: as profiled."""
         self.manifest = manifest
+        self.slowdown = float(slowdown)
         segs = manifest["segments"]
         self.block_names = [s["name"] for s in segs if s["kind"] == "block"]
         self.blocks: list[list[VariantCost]] = [[variant_cost(v) for v in s["variants"]] for s in segs if s["kind"] == "block"]
@@ -143,6 +147,10 @@ class Profiles:
         if self.latency_scale != 1.0:
             self.blocks = [[self._scaled(v) for v in vs] for vs in self.blocks]
             self.frame = [self._scaled(v) for v in self.frame]
+        if self.slowdown != 1.0:
+            self.call_overhead_ms *= self.slowdown
+            self.blocks = [[self._slowed(v) for v in vs] for vs in self.blocks]
+            self.frame = [self._slowed(v) for v in self.frame]
         self.module_overhead_bytes = int(comb.get("module_overhead_bytes") or MODULE_OVERHEAD_BYTES)
         self.num_segments = len(segs)
         # devices: the default one first; per block, variant and device its cost
@@ -152,7 +160,7 @@ class Profiles:
         self.devices: tuple[str, ...] = tuple(dev.get("choices") or [self.default_device])
         self.device_costs: list[list[dict[str, VariantCost]]] = [
             [{self.default_device: cost,
-              **{d: variant_cost(v, d) for d in (v.get("devices") or {}) if d in self.devices}}
+              **{d: self._slowed(variant_cost(v, d)) for d in (v.get("devices") or {}) if d in self.devices}}
              for v, cost in zip(s["variants"], costs)]
             for s, costs in zip((s for s in segs if s["kind"] == "block"), self.blocks)]
         for name, vs in zip(self.block_names, self.device_costs):
@@ -166,6 +174,8 @@ class Profiles:
         for s in segs:
             self.segment_block.append(sum(b is not None for b in self.segment_block) if s["kind"] == "block" else None)
         self.transfers: list[Transfer] = _transfers(segs, manifest) if len(self.devices) > 1 else []
+        if self.slowdown != 1.0:
+            self.transfers = [t if t.ms is None else dataclasses.replace(t, ms=t.ms * self.slowdown) for t in self.transfers]
         self.transfer_sources: list[str] = sorted({(dev.get("transfer") or {}).get("source", "unmeasured")}) \
             if self.transfers else []
 
@@ -173,6 +183,15 @@ class Profiles:
         if v.latency_ms is None or v.latency_source != "measured-local":
             return v
         return dataclasses.replace(v, latency_ms=v.latency_ms * self.latency_scale)
+
+    def _slowed(self, v: VariantCost) -> VariantCost:
+        if v.latency_ms is None or self.slowdown == 1.0:
+            return v
+        return dataclasses.replace(v, latency_ms=v.latency_ms * self.slowdown)
+
+    def slowed(self, slowdown: float) -> "Profiles":
+        """These profiles with every latency multiplied by ``slowdown`` (this machine now vs when profiled)."""
+        return self if slowdown == self.slowdown else Profiles(self.manifest, slowdown)
 
     # -- the estimators --------------------------------------------------------------------------
     def chosen(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> list[VariantCost]:

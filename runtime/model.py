@@ -13,8 +13,10 @@ outputs end there). GPU modules run on ``tvm.cuda()``, CPU modules on ``tvm.cpu(
 from __future__ import annotations
 
 import platform
+import statistics
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,6 +177,9 @@ class Model:
         self.choice: tuple[int, ...] = ()
         self.devices: tuple[str, ...] = ()   # the device of every block in the configuration
         self.steps: tuple[Run | Copy, ...] = ()   # the configuration's plan
+        # observed speed: the wall times of the latest calls in the current configuration
+        self._call_ms: deque[float] = deque(maxlen=SLOWDOWN_WINDOW)
+        self.adapt_to_speed = False   # budget selection scales the latency profile by slowdown()
 
     # -- configuration -------------------------------------------------------------------------
     def _tvm_device(self, device: str):
@@ -234,13 +239,33 @@ class Model:
                 raise UserError(f"{b.name} has variants 0..{len(b.variants) - 1}, got {v}")
         return variants
 
+    def slowdown(self) -> float | None:
+        """How much slower this machine runs the model now than its profile says: the median wall
+        time of the latest calls in the current configuration (at least SLOWDOWN_MIN_CALLS of
+        them, up to SLOWDOWN_WINDOW) over its latency estimate; None before enough calls or
+        without a latency profile. A board that throttles, or another app on the cores, shows
+        here as a slowdown above 1; with ``adapt_to_speed`` budget selection accounts for it."""
+        with self._lock:
+            times, choice, devices = list(self._call_ms), self.choice, self.devices
+        if len(times) < SLOWDOWN_MIN_CALLS or not choice:
+            return None
+        estimate = self.profiles.latency_ms(choice, devices)
+        if not estimate:
+            return None
+        return min(SLOWDOWN_RANGE[1], max(SLOWDOWN_RANGE[0], statistics.median(times) / estimate))
+
     def problem(self, budget=None, name: str | None = None, weight: float = 1.0):
-        """This model as one item of a selection (see legoc.runtime.solver)."""
+        """This model as one item of a selection (see legoc.runtime.solver); with
+        ``adapt_to_speed``, its latencies scaled by the observed :meth:`slowdown`."""
         from legoc.runtime.solver import Budget, Problem
 
         index = {s.name: b for b, s in enumerate(self.blocks)}
         loaded = {(index[n], i, d) for n, i, d in map(self._unkey, self._cache) if n in index}
-        return Problem(self.profiles, budget or Budget(), weight, list(self.choice) if self.choice else None,
+        profiles = self.profiles
+        slowdown = self.slowdown() if self.adapt_to_speed else None
+        if slowdown is not None:
+            profiles = profiles.slowed(slowdown)
+        return Problem(profiles, budget or Budget(), weight, list(self.choice) if self.choice else None,
                        loaded, name or self.path.name, list(self.devices) if self.choice else None)
 
     def plan(self, variants: Sequence[int] | None = None,
@@ -329,6 +354,8 @@ class Model:
             runs = [s for s in steps if isinstance(s, Run)]
             block_runs = [s for s in runs if s.segment in self._block_names]
             with self._lock:
+                if steps != self.steps:
+                    self._call_ms.clear()   # the observed times were of the old configuration
                 self._steps, self.steps = tuple(compiled), steps
                 self.choice = tuple(s.variant for s in block_runs)
                 self.devices = tuple(s.device for s in block_runs)
@@ -387,6 +414,7 @@ class Model:
         if self._steps is None:
             self.configure()
         with self._lock:
+            t0 = time.perf_counter()
             steps = self._steps
             if len(inputs) != len(self.input_names):
                 raise UserError(f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), got {len(inputs)}")
@@ -399,13 +427,20 @@ class Model:
                 env[(name, "cpu")] = self._tensor(x, cpu)
             for fn, ins, outs in steps:
                 env.update(zip(outs, fn(*[env[k] for k in ins])))
-            return build_output(self.manifest["output"], {n: env[(n, "cpu")] for n in self._outputs},
-                                leaf=lambda t: t.numpy())
+            out = build_output(self.manifest["output"], {n: env[(n, "cpu")] for n in self._outputs},
+                               leaf=lambda t: t.numpy())
+            self._call_ms.append((time.perf_counter() - t0) * 1e3)
+            return out
 
 
-def median_latency_ms(model, inputs: Sequence[np.ndarray], warmup: int = 3, calls: int = 20) -> float:
+SLOWDOWN_WINDOW, SLOWDOWN_MIN_CALLS = 32, 8
+SLOWDOWN_RANGE = (0.25, 4.0)   # a factor outside this is a measurement gone wrong, not a machine
+
+
+def median_latency_ms(model, inputs: Sequence[np.ndarray], warmup: int = 3, calls: int = 20, *,
+                      all_times: bool = False) -> float | list[float]:
     """Median wall time in ms of ``model(*inputs)`` in its current configuration, after ``warmup``
-    untimed calls."""
+    untimed calls (``all_times``: the list of every call's time instead)."""
     import statistics
     import time
 
@@ -416,17 +451,20 @@ def median_latency_ms(model, inputs: Sequence[np.ndarray], warmup: int = 3, call
         t0 = time.perf_counter()
         model(*inputs)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times if all_times else statistics.median(times)
 
 
-def load(path: str | Path, *, num_threads: int | None = None) -> Model:
+def load(path: str | Path, *, num_threads: int | None = None, adapt_to_speed: bool = False) -> Model:
     """Open an artifact (the manifest is read and validated; modules load on configure/first call).
 
     ``num_threads``: threads of TVM's CPU thread pool (see :func:`set_num_threads`); default:
-    ``TVM_NUM_THREADS``, else one per core."""
+    ``TVM_NUM_THREADS``, else one per core. ``adapt_to_speed``: budget selection scales the
+    latency profile by the slowdown observed in the latest calls (:meth:`Model.slowdown`)."""
     if num_threads is not None:
         set_num_threads(num_threads)
-    return Model(path)
+    model = Model(path)
+    model.adapt_to_speed = bool(adapt_to_speed)
+    return model
 
 
 def set_num_threads(num_threads: int) -> None:

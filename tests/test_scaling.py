@@ -108,6 +108,20 @@ def test_switching_charge_keeps_loaded_blocks():
     assert cached.choice == (1, 0)     # already in the cache: no charge
 
 
+def test_slowed_profiles_scale_every_latency_and_change_the_choice():
+    # block 0: full (4 ms, exact) or pruned (1 ms, -0.1); at the profiled speed 6 ms fits the full one
+    prof = Profiles(_manifest([[(0.0, 4.0, 100), (0.1, 1.0, 50)], [(0.0, 1.0, 100)]]))
+    assert solve([Problem(prof, Budget(latency_ms=6.0))]).choice == (0, 0)
+    slow = prof.slowed(1.5)
+    for choice in prof.all_choices():
+        assert slow.latency_ms(choice) == pytest.approx(1.5 * prof.latency_ms(choice))
+        assert slow.accuracy(choice) == prof.accuracy(choice)
+        assert slow.memory_bytes(choice) == prof.memory_bytes(choice)
+    picked = solve([Problem(slow, Budget(latency_ms=6.0))])   # 1.5 x (4 + 1 + 0.2) = 7.8 ms > 6
+    assert picked.choice == (1, 0) and picked.estimate.latency_ms == pytest.approx(1.5 * 2.2)
+    assert prof.slowed(1.0) is prof
+
+
 def test_infeasible_budget_states_what_is_reachable():
     prof = Profiles(_manifest([[(0.0, 4.0, 100), (0.1, 1.0, 50)]]))
     with pytest.raises(UserError) as err:
@@ -153,6 +167,36 @@ def test_configure_by_budget_switches_only_changed_blocks(mnist):
     assert m.modules_loaded == before and m.last_switch_loaded == 0
     with pytest.raises(UserError, match="smallest latency"):
         m.configure(latency_ms=0.001)
+
+
+def test_selection_adapts_to_the_observed_slowdown(mnist):
+    from legoc.runtime import load
+
+    m = load(mnist, adapt_to_speed=True)
+    n = len(m.blocks)
+    m.configure(variants=[0] * n)
+    assert m.slowdown() is None                     # no calls observed yet
+    x = np.zeros(m.input_shapes[0], np.float32)
+    for _ in range(10):
+        m(x)
+    observed = m.slowdown()
+    assert observed is not None and 0.25 <= observed <= 4.0
+    full = m.profiles.latency_ms([0] * n)
+    budget = full * 1.05
+    # a board at 3x its profiled latency (throttled, or another app on the cores): the latest
+    # calls in this configuration took 3x the estimate
+    m._call_ms.clear()
+    m._call_ms.extend([3.0 * full] * 16)
+    assert m.slowdown() == pytest.approx(3.0)
+    slowed = m.select(latency_ms=3.0 * budget)
+    assert slowed.choice == (0,) * n and slowed.estimate.latency_ms == pytest.approx(3.0 * full)
+    tight = m.select(latency_ms=3.0 * full * 0.8)
+    assert tight.choice != (0,) * n and tight.estimate.latency_ms <= 3.0 * full * 0.8
+    m.adapt_to_speed = False                         # as profiled: the full model fits 0.8 x 3 x full
+    assert m.select(latency_ms=3.0 * full * 0.8).choice == (0,) * n
+    m.adapt_to_speed = True
+    m.configure(variants=[1] + [0] * (n - 1))        # a new configuration: the old times no longer apply
+    assert m.slowdown() is None
 
 
 def test_lru_cache_stays_within_the_memory_budget(mnist):
