@@ -137,7 +137,6 @@ def model_file(name: str, folder: Path) -> Path:
 
 def bench_model(name: str, folder: Path, args) -> list[tuple[str, float, float]]:
     """[(row, latency ms, MACs)] for one model."""
-    import numpy as np
     import onnxruntime as ort
     import torch
     import tvm

@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from legoc.passes import PassManager, ProgramState
-from legoc.passes.capture import Capture
 from legoc.passes.prune import leading, nest_block
 from legoc.passes.retrain import Retrain, _held_mse
 from legoc.pipeline import CompileConfig, default_pipeline

@@ -177,7 +177,7 @@ def test_held_session_blocks_then_times_out(artifact, tracker, x86_server, tmp_p
             "(another session may hold it; --rpc-timeout waits longer)")
         assert digest(art) == before  # nothing written
     finally:
-        held = None
+        del held  # releases the session
         __import__("gc").collect()
     manifest = profile_artifact(art, RpcConfig(HOST, tracker, x86_server, timeout=30, number=1, repeat=1))
     assert {lat["source"] for lat in latencies(manifest)} == {"measured-rpc"}
