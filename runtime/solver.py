@@ -249,6 +249,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
     solver.parameters.num_workers = workers
     solver.parameters.symmetry_level = 0       # measured (benchmarks/solver.py): both cut the solve time of
     solver.parameters.linearization_level = 2  # these knapsacks, the joint ones by 2-8x
+    solver.parameters.cp_model_presolve = False  # one-hot knapsacks gain nothing from it: 8x5 median 4.4 -> 3.5 ms
     status = solver.solve(model)
     name = solver.status_name(status)
     # -- check the status
