@@ -58,20 +58,22 @@ def measure(path: Path, modules: Sequence[Sequence], combinations: Sequence[Sequ
     rng = np.random.default_rng(0)
     weights = _WeightFiles(model.path)
     segments = {s["name"]: s for s in model.manifest["segments"]}
-    timers = []
+    module_times: list[list[float]] = []
+    held = []   # (executable, inputs) of every module, kept for the rounds
     for name, index in modules:
         seg = model._segment(name)
         exe = _Executable(model.path, seg, seg.variants[int(index)], dev, weights)
         args = [tvm.runtime.tensor(_random(segments[name]["tensors"][n], rng), dev) for n in seg.inputs]
         exe.main(*args, *exe.params)   # loads and warms the code
-        timers.append((exe, args))
         if rounds == 1:   # one pass: time it now and free it (a whole model's modules need not fit)
-            timers[-1] = _module_timings(exe, args, dev, number, repeat)
-    module_times = [t if isinstance(t, list) else [] for t in timers]
-    for r in range(rounds if rounds > 1 else 0):
-        for k, (exe, args) in enumerate(timers):
-            module_times[k] += _module_timings(exe, args, dev, number, _share(repeat, rounds, r))
-    del timers
+            module_times.append(_module_timings(exe, args, dev, number, repeat))
+        else:
+            module_times.append([])
+            held.append((exe, args))
+    for r in range(rounds if held else 0):
+        for times, (exe, args) in zip(module_times, held):
+            times += _module_timings(exe, args, dev, number, _share(repeat, rounds, r))
+    del held
     if inputs is None:
         inputs = [_random(i, rng) for i in model.manifest["inputs"]]
     combination_times = [[] for _ in combinations]
