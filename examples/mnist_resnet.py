@@ -1,4 +1,4 @@
-"""A small ResNet for 1x28x28 MNIST digits, trained on the 4,000 training digits of mnist_digits.
+"""A small ResNet for 1x28x28 MNIST digits, trained on the 3,000 training digits of mnist_digits.
 
 Stem conv 1->16 + BN + ReLU, then three stages of two basic blocks at 16/32/64 channels
 (stride-2 stage transitions with 1x1 conv + BN downsample shortcuts, ``out += identity``
@@ -10,16 +10,15 @@ covers the architecture and the training hyper-parameters, so changing either re
 When the cache file is missing the model is trained (seeded, deterministic, CPU, well under
 three minutes on two cores) and the cache written atomically.
 
+Training (examples/mnist_training.py) uses the train split and keeps the epoch with the best
+val-split accuracy; the test split is only for reporting.
+
 legoc model.py convention: ``build_model()``, ``example_inputs()``, ``train_data()``,
-``val_data()``, ``evaluate(model, data)`` (top-1 accuracy in [0, 1]).
+``val_data()``, ``test_data()``, ``evaluate(model, data)`` (top-1 accuracy in [0, 1]).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 import mnist_digits  # same folder; on sys.path when legoc loads this file or when run directly
+import mnist_training
 
 NUM_CLASSES = 10
 BATCH_SIZE = 64
@@ -49,9 +49,10 @@ TRAIN = {
     "weight_decay": 5e-4,
     "schedule": "onecycle",
     "augment_shift": 2,  # random translation by up to this many pixels
+    "keep": "best_val_epoch",  # the epoch with the best val-split accuracy is returned
     "num_threads": 2,
 }
-CACHE_VERSION = 1  # bump to invalidate caches written by an older training procedure
+CACHE_VERSION = 2  # bump to invalidate caches written by an older training procedure
 
 
 class BasicBlock(nn.Module):
@@ -115,168 +116,85 @@ def _new_model() -> MnistResNet:
     return model
 
 
-def config_hash() -> str:
-    """Hash of everything that determines the trained weights (architecture + training)."""
+def spec() -> dict:
+    """Everything that determines the trained weights: the cache key of ``build_model()``."""
     with torch.random.fork_rng(devices=[]):  # building a throwaway model must not touch the RNG
         modules = repr(MnistResNet())
-    spec = {
+    return {
         "version": CACHE_VERSION,
         "arch": ARCH,
         "train": TRAIN,
         "modules": modules,  # catches layer changes not reflected in ARCH
         "n_train": mnist_digits.N_TRAIN_PER_CLASS,
         "n_val": mnist_digits.N_VAL_PER_CLASS,
+        "n_test": mnist_digits.N_TEST_PER_CLASS,
     }
-    blob = json.dumps(spec, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_hash() -> str:
+    """Hash of everything that determines the trained weights (architecture + training)."""
+    return mnist_training.spec_hash(spec())
 
 
 def cache_path() -> Path:
-    root = os.environ.get("LEGOC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "legoc")
-    return Path(root) / "examples" / f"mnist_resnet-{config_hash()}.safetensors"
+    return mnist_training.cache_path(ARCH["name"], spec())
 
 
 # --------------------------------------------------------------------------------- data
 
-_SPLIT = None
+_SPLITS = None
 
 
-def _split():
-    global _SPLIT
-    if _SPLIT is None:
-        _SPLIT = mnist_digits.load_split(seed=TRAIN["split_seed"])
-    return _SPLIT
-
-
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int = BATCH_SIZE):
-    return [(torch.from_numpy(x[i:i + batch_size].copy()), torch.from_numpy(y[i:i + batch_size].copy()))
-            for i in range(0, len(x), batch_size)]
+def _split(name: str) -> tuple[np.ndarray, np.ndarray]:
+    global _SPLITS
+    if _SPLITS is None:
+        _SPLITS = mnist_digits.load_splits(seed=TRAIN["split_seed"])
+    return _SPLITS[name]
 
 
 def train_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The 4,000 training digits as (x, y) batches of 64 (fixed order)."""
-    x, y, _, _ = _split()
-    return _batches(x, y)
+    """The 3,000 training digits as (x, y) batches of 64 (fixed order)."""
+    return mnist_training.batches(*_split("train"), BATCH_SIZE)
 
 
 def val_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The 1,000 held-out digits as (x, y) batches of 64."""
-    _, _, x, y = _split()
-    return _batches(x, y)
+    """The 1,000 validation digits as (x, y) batches of 64: what `legoc compile` measures on."""
+    return mnist_training.batches(*_split("val"), BATCH_SIZE)
 
 
-def evaluate(model: nn.Module, data) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) over (x, y) batches."""
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in data:
-            x, y = torch.as_tensor(x), torch.as_tensor(y)
-            pred = model(x).argmax(dim=1)
-            correct += int((pred == y).sum())
-            total += int(y.numel())
-    return correct / max(total, 1)
+def test_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 1,000 test digits as (x, y) batches of 64: reported accuracy only, never compile."""
+    return mnist_training.batches(*_split("test"), BATCH_SIZE)
+
+
+evaluate = mnist_training.evaluate  # top-1 accuracy in [0, 1] over (x, y) batches
 
 
 def example_inputs() -> tuple[torch.Tensor, ...]:
-    _, _, x, _ = _split()
+    x, _ = _split("val")
     return (torch.from_numpy(x[:1].copy()),)
 
 
 # ----------------------------------------------------------------------------- training
 
-def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by a random (dy, dx) in [-max_shift, max_shift], background-filled."""
-    if max_shift <= 0:
-        return x
-    n, _, h, w = x.shape
-    background = (0.0 - mnist_digits.MEAN) / mnist_digits.STD
-    padded = nn.functional.pad(x, [max_shift] * 4, value=background)
-    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offs)])
-
-
 def train(log=None) -> MnistResNet:
-    """Train a fresh model on the training split (deterministic for fixed TRAIN settings)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    x_train, y_train, _, _ = _split()
-    x_train, y_train = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    val = val_data()
-    model = _new_model()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN["num_threads"])
-    torch.set_flush_denormal(True)  # denormals can slow CPU training a lot
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TRAIN["seed"])
-            gen = torch.Generator().manual_seed(TRAIN["seed"])
-            opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"],
-                                    weight_decay=TRAIN["weight_decay"])
-            steps_per_epoch = (len(x_train) + BATCH_SIZE - 1) // BATCH_SIZE
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=TRAIN["lr"], epochs=TRAIN["epochs"], steps_per_epoch=steps_per_epoch)
-            loss_fn = nn.CrossEntropyLoss()
-            t0 = time.perf_counter()
-            for epoch in range(TRAIN["epochs"]):
-                model.train()
-                perm = torch.randperm(len(x_train), generator=gen)
-                total_loss = 0.0
-                for i in range(0, len(x_train), BATCH_SIZE):
-                    idx = perm[i:i + BATCH_SIZE]
-                    xb = _shift(x_train[idx], TRAIN["augment_shift"], gen)
-                    loss = loss_fn(model(xb), y_train[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    total_loss += loss.item() * len(idx)
-                acc = evaluate(model, val)
-                log(f"mnist_resnet: epoch {epoch + 1}/{TRAIN['epochs']} "
-                    f"loss {total_loss / len(x_train):.4f} val_acc {acc:.4f} "
-                    f"({time.perf_counter() - t0:.0f}s)")
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.set_flush_denormal(False)
-    return model.eval()
-
-
-def _save_atomic(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"config_hash": config_hash()})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is ordinary shared data
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Train a fresh model on the training split; the best epoch on the val split is kept."""
+    log = log or (lambda msg: print(f"mnist_resnet: {msg}", file=sys.stderr, flush=True))
+    x, y = _split("train")
+    return mnist_training.train_classifier(
+        _new_model(), x, y, epochs=TRAIN["epochs"], lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"],
+        batch_size=TRAIN["batch_size"], seed=TRAIN["seed"], augment_shift=TRAIN["augment_shift"],
+        num_threads=TRAIN["num_threads"], val=val_data(), log=log)
 
 
 def build_model() -> nn.Module:
     """The trained model (eval mode): loaded from the cache, or trained and cached."""
-    path = cache_path()
-    if path.exists():
-        from safetensors.torch import load_file
-
-        model = _new_model()
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    print(f"mnist_resnet: no cached weights at {path}; training (takes about a minute or two)",
-          file=sys.stderr, flush=True)
-    model = train()
-    _save_atomic(model, path)
-    return model
+    return mnist_training.cached_weights(ARCH["name"], spec(), _new_model, train)
 
 
 if __name__ == "__main__":
     t = time.perf_counter()
     m = build_model()
     print(f"build_model {time.perf_counter() - t:.1f}s, val accuracy {evaluate(m, val_data()):.4f}, "
+          f"test accuracy {evaluate(m, test_data()):.4f}, "
           f"{sum(p.numel() for p in m.parameters())} params, cache {cache_path()}")

@@ -99,28 +99,26 @@ def test_random_weights_are_deterministic(examples, name):
 
 # ------------------------------------------------------------------------------ MNIST data
 
-def test_mnist_digits_split(examples):
+def test_mnist_digits_splits(examples):
     digits = examples("mnist_digits")
-    xt, yt, xv, yv = digits.load_split()
-    assert xt.shape == (4000, 1, 28, 28) and xv.shape == (1000, 1, 28, 28)
-    assert xt.dtype == np.float32 and xv.dtype == np.float32
-    assert yt.shape == (4000,) and yv.shape == (1000,)
-    assert yt.dtype == np.int64 and yv.dtype == np.int64
-    assert np.bincount(yt).tolist() == [400] * 10 and np.bincount(yv).tolist() == [100] * 10
+    splits = digits.load_splits()
+    assert list(splits) == ["train", "val", "test"]
+    sizes = {"train": 3000, "val": 1000, "test": 1000}
     lo, hi = (0 - 0.1307) / 0.3081, (1 - 0.1307) / 0.3081
-    assert xt.min() == pytest.approx(lo, abs=1e-5) and xt.max() == pytest.approx(hi, abs=1e-5)
-    # Deterministic for a seed, different for another; train and held-out digits are disjoint.
-    again = digits.load_split()
-    assert all(np.array_equal(a, b) for a, b in zip((xt, yt, xv, yv), again))
-    other = digits.load_split(seed=1)
-    assert not np.array_equal(other[2], xv)
-    train_rows = {r.tobytes() for r in xt.reshape(len(xt), -1)}
-    assert not any(r.tobytes() in train_rows for r in xv.reshape(len(xv), -1))
+    for name, (x, y) in splits.items():
+        assert x.shape == (sizes[name], 1, 28, 28) and x.dtype == np.float32
+        assert y.shape == (sizes[name],) and y.dtype == np.int64
+        assert np.bincount(y).tolist() == [sizes[name] // 10] * 10
+        assert x.min() == pytest.approx(lo, abs=1e-5) and x.max() == pytest.approx(hi, abs=1e-5)
+    # Deterministic for a seed, different for another (further split checks: test_splits.py).
+    again = digits.load_splits()
+    assert all(np.array_equal(a, b) for k in splits for a, b in zip(splits[k], again[k]))
+    assert not np.array_equal(digits.load_splits(seed=1)["test"][0], splits["test"][0])
 
 
 def test_mnist_digits_does_not_import_torch():
     code = (f"import sys; sys.path.insert(0, {str(EXAMPLES)!r}); import mnist_digits; "
-            "mnist_digits.load_split(); assert 'torch' not in sys.modules, 'torch was imported'")
+            "mnist_digits.load_splits(); assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 
@@ -129,12 +127,12 @@ def test_mnist_digits_does_not_import_torch():
 
 def test_mnist_resnet_data_and_accuracy(built):
     mod, model, _ = built("mnist_resnet")
-    train, val = mod.train_data(), mod.val_data()
-    assert sum(len(y) for _, y in train) == 4000 and sum(len(y) for _, y in val) == 1000
-    assert all(x.shape[0] <= 64 and x.shape[1:] == (1, 28, 28) for x, _ in train + val)
+    train, val, test = mod.train_data(), mod.val_data(), mod.test_data()
+    assert [sum(len(y) for _, y in d) for d in (train, val, test)] == [3000, 1000, 1000]
+    assert all(x.shape[0] <= 64 and x.shape[1:] == (1, 28, 28) for x, _ in train + val + test)
     assert train[0][0].dtype == torch.float32 and train[0][1].dtype == torch.int64
-    acc = mod.evaluate(model, val)
-    assert 0.95 <= acc <= 1.0, f"val accuracy {acc:.4f}"
+    acc = mod.evaluate(model, test)
+    assert 0.95 <= acc <= 1.0, f"test accuracy {acc:.4f}"
     assert mod.cache_path().is_file()
 
 
@@ -155,7 +153,7 @@ def test_mnist_resnet_cache_roundtrip(examples, built, monkeypatch, tmp_path):
     mod, model, inputs = built("mnist_resnet")
     monkeypatch.setenv("LEGOC_CACHE", str(tmp_path))
     path = mod.cache_path()
-    mod._save_atomic(model, path)
+    examples("mnist_training").save_atomic(model, path)
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]  # no temp left
     reloaded = mod.build_model()  # loads from tmp_path without training
     with torch.no_grad():
@@ -185,7 +183,7 @@ FAKE_RUNTIME = textwrap.dedent('''
         input_shapes = [(1, 1, 28, 28)]
 
         def __init__(self, path):
-            xt, yt, _, _ = mnist_digits.load_split()
+            xt, yt = mnist_digits.load_splits()["train"]
             self.centroids = np.stack([xt[yt == c].mean(0).ravel() for c in range(10)])
             self.blocks = [Block("block0", 5), Block("block1", 5), Block("block2", 3)]
             self.frame = [Block("stem", 1)]
@@ -222,7 +220,7 @@ def test_demo_app_with_fake_runtime():
     out = r.stdout
     for name in ("full", "middle", "smallest"):
         assert name in out
-    assert "all 0.00" in out and "200 held-out" in out
+    assert "all 0.00" in out and "200 test MNIST digits" in out
 
 
 def test_demo_app_helpers(examples):
@@ -250,7 +248,7 @@ def test_demo_budget_trace_follows_the_artifacts_own_range(examples, artifact):
     full = m.profiles.latency_ms([0] * len(m.blocks))
     assert [s[0] for s in steps] == [e for e, _, _ in demo.BUDGET_TRACE]
     assert steps[0][1] >= full and min(s[1] for s in steps) >= m.profiles.min_latency_ms()
-    _, _, x, y = mnist_digits.load_split()
+    x, y = mnist_digits.load_splits()["test"]
     rows = demo.follow_budget(m, x, y, limit=20)
     for row, (_, lat, mem) in zip(rows, steps):
         assert row["est_latency_ms"] <= lat
