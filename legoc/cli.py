@@ -230,7 +230,7 @@ def cmd_inspect(args) -> int:
             t.add_row(s["name"] if k == 0 else "", s["kind"] if k == 0 else "", shapes if k == 0 else "",
                       v["id"], f"{v['ratio']:.2f}", f"{v['macs'] / 1e6:.2f}", f"{v['param_bytes'] / 1024:.1f}",
                       _profile(v, "peak_activation_bytes", 1 / 1024, ".1f"), _latencies(v, m),
-                      _profile(v, "accuracy_drop", 1, "+.4f"),
+                      _drop(v),
                       f"{v['module']['bytes'] / 1024:.0f}")
         t.add_section()
     con.print(t)
@@ -254,6 +254,11 @@ def _print_estimates(con, m: dict) -> None:
     if acc:
         con.print(f"accuracy: {acc['metric']} = {acc['baseline']:.4f} at full size; drops per variant from "
                   f"{acc['how']}")
+        cal = acc.get("calibration")
+        if cal:
+            alpha = "none" if cal.get("alpha") is None else f"{cal['alpha']:.4g} per unit of signal"
+            con.print(f"acc. drop column: the estimate the solver uses (measured drop ±95% interval); signal: "
+                      f"{acc.get('signal')}; calibration: alpha {alpha}; {cal.get('how')}")
     val = (m.get("combination") or {}).get("validation") or []
     if not val:
         return
@@ -268,6 +273,18 @@ def _print_estimates(con, m: dict) -> None:
         t.add_row(" ".join(map(str, v["choice"])), fmt(e["accuracy"], ".4f"), fmt(me.get("accuracy"), ".4f"),
                   fmt(e["latency_ms"], ".2f"), fmt(me["latency_ms"], ".2f"), f"{e['memory_bytes'] / 2**20:.2f}")
     con.print(t)
+
+
+def _drop(variant: dict) -> str:
+    """The accuracy-drop cell: the estimate, then the measured drop with its 95% interval."""
+    fig = (variant.get("profile") or {}).get("accuracy_drop")
+    if not fig or fig.get("value") is None:
+        return "-"
+    ci = fig.get("measured_ci95")
+    if not fig.get("measured") or ci is None:
+        return f"{fig['value']:+.4f}"
+    measured = sum(fig["measured"].values()) / len(fig["measured"])
+    return f"{fig['value']:+.4f} ({measured:+.4f} ±{(ci[1] - ci[0]) / 2:.4f})"
 
 
 def _latencies(variant: dict, manifest: dict) -> str:

@@ -163,7 +163,8 @@ def _accuracy_summary(state) -> dict | None:
     acc = state.accuracy
     if acc is None:
         return None
-    return {k: acc[k] for k in ("metric", "source", "how", "samples", "baseline", "contexts", "evaluations", "reused")}
+    return {k: acc[k] for k in ("metric", "source", "how", "samples", "baseline", "contexts", "signal", "calibration",
+                                "evaluations", "reused")}
 
 
 def _latency(module, inputs, built, target, macs, report, build: dict) -> dict:
@@ -213,8 +214,12 @@ def _variant_profile(state, seg, vid, module, inputs, built, target, macs, repor
     acc = state.accuracy
     if seg.is_block and acc is not None:
         drop = acc["variants"][(seg.name, vid)]
-        profile["accuracy_drop"] = {"value": drop["value"], "contexts": drop["contexts"], "metric": acc["metric"],
-                                    "source": "measured-local", "how": acc["how"] + "; mean over contexts (PyTorch)"}
+        profile["accuracy_drop"] = {
+            "value": drop["value"], "contexts": drop["contexts"], "metric": acc["metric"],
+            "measured": drop["measured"], "measured_ci95": drop["measured_ci95"],
+            "signal": drop["signal"], "signal_ci95": drop["signal_ci95"],
+            "source": "measured-local",
+            "how": acc["how"] + "; estimate from the calibrated signal, mean over contexts (PyTorch)"}
     return profile
 
 

@@ -14,6 +14,22 @@ The metric is, in order of preference:
   original model's on the inputs at hand (train inputs, else the example inputs); recorded as
   such, because it is not an accuracy.
 
+Top-1 on a thousand samples moves in steps of 0.1 points, and a pruned block often changes fewer
+answers than that: raw drops inside that noise (zero, or below zero) would make every pruned variant
+look as good as full size. So every evaluation also keeps a *per-sample* record:
+
+* correctness (classifiers: labels are class indices), which gives the drop a 95% interval (normal
+  approximation of the paired per-sample differences, context vs context with the variant);
+* a continuous *signal* that does not saturate: how far the outputs move from the original model's,
+  the KL divergence of the class distributions (classifiers; never negative, so it cannot say that
+  pruning helps), else the squared relative output error.
+
+One factor ``alpha`` maps signal to metric (least squares through the origin over every measured
+variant and the uniform configurations). A variant's estimated drop is ``alpha x signal``, never
+below zero unless the signal's interval lies below zero; where the metric's own interval excludes
+that estimate (a drop clearly larger, or clearly negative), the measured drop stands. Without a
+usable fit the measured drop is used, clipped at zero unless its interval lies below zero.
+
 Fast and resumable: block inputs of each context are computed once per batch and reused for
 every variant of a block (segments before the block are not re-run). Each figure is cached in
 ``<cache>/profile/accuracy`` under a fingerprint of every module involved, the data and the
@@ -30,7 +46,8 @@ import torch
 from legoc.errors import InternalError, UserError
 from legoc.passes.infra import Pass, PassResult, ProgramState
 
-CACHE_VERSION = "accuracy/1"
+CACHE_VERSION = "accuracy/2"
+Z95 = 1.959964   # two-sided 95% normal quantile
 MAX_FIDELITY_BATCHES = 8
 
 
@@ -55,17 +72,40 @@ def _cache_file(key: str):
     return cache_dir() / "profile" / "accuracy" / f"{key}.json"
 
 
-def _cached(key: str) -> float | None:
+def _cached(key: str) -> tuple[float, dict] | None:
+    """(metric, per-sample arrays) from the disk cache; None if missing or malformed."""
     from legoc.paths import read_json_cache
 
-    value = (read_json_cache(_cache_file(key)) or {}).get("value")
-    return float(value) if isinstance(value, (int, float)) else None
+    data = read_json_cache(_cache_file(key)) or {}
+    value, samples = data.get("value"), data.get("samples")
+    if not isinstance(value, (int, float)) or not isinstance(samples, dict):
+        return None
+    try:
+        return float(value), {k: _unpack(v) for k, v in samples.items()}
+    except (ValueError, TypeError):
+        return None
 
 
-def _store(key: str, value: float) -> None:
+def _store(key: str, value: float, samples: dict) -> None:
     from legoc.paths import write_json_cache
 
-    write_json_cache(_cache_file(key), {"value": value})
+    write_json_cache(_cache_file(key), {"value": value, "samples": {k: _pack(v) for k, v in samples.items()}})
+
+
+def _pack(a) -> str:
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.asarray(a, dtype="<f8").tobytes()).decode()
+
+
+def _unpack(text: str):
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(text.encode(), validate=True), dtype="<f8")
 
 
 class _Replay(torch.nn.Module):
@@ -115,8 +155,7 @@ class AccuracyProfiler:
             where = "train_data inputs" if state.train_inputs else "example_inputs"
             self.kind = Metric("fidelity", f"output fidelity, 1 - relative L2 error vs the original model on {n} "
                                            f"{where} (no val_data() in model.py: not an accuracy)", n)
-        with torch.no_grad():
-            self.reference = [self.part.run(*x) for x in self.inputs] if self.kind.kind == "fidelity" else None
+        self.reference = None   # the original model's outputs, when a figure needs them
         self.digests = {b: [_module_digest(v.gm) for v in self.variants[b]] for b in self.blocks}
         frame = hashlib.sha256(CACHE_VERSION.encode())
         for s in self.part.segments:
@@ -131,7 +170,7 @@ class AccuracyProfiler:
                 frame.update(repr(evaluate).encode())
         self.base_key = frame.hexdigest()
         self._env: dict[tuple, list[dict]] = {}
-        self._memo: dict[tuple, float] = {}
+        self._memo: dict[tuple, tuple[float, dict]] = {}
         self.computed = self.reused = 0
 
     def _count(self) -> int:
@@ -189,7 +228,7 @@ class AccuracyProfiler:
     def _score(self, outs: list) -> float:
         if self.kind.kind == "fidelity":
             num = den = 0.0
-            for got, ref in zip(outs, self.reference):
+            for got, ref in zip(outs, self._reference()):
                 for g, r in zip(_leaves(got), _leaves(ref)):
                     num += float(torch.linalg.vector_norm((g - r).double())) ** 2
                     den += float(torch.linalg.vector_norm(r.double())) ** 2
@@ -208,7 +247,63 @@ class AccuracyProfiler:
             raise InternalError(f"evaluate() ran the model on {replay.misses} inputs that are not val_data batches")
         return float(value)
 
+    def _is_classifier(self, outs: list) -> bool:
+        """Labels are class indices of the first output's (N, classes) logits."""
+        if not self._classes():
+            return False
+        for out, y in zip(outs, self.targets):
+            logits = next(iter(_leaves(out)), None)
+            if logits is None or logits.dim() != 2 or logits.shape[0] != y.shape[0] or int(y.max()) >= logits.shape[1]:
+                return False
+        return True
+
+    def _reference(self) -> list:
+        """The original model's outputs on the profiling inputs (computed once)."""
+        if self.reference is None:
+            with torch.no_grad():
+                self.reference = [self.part.run(*x) for x in self.inputs]
+        return self.reference
+
+    @torch.no_grad()
+    def _per_sample(self, outs: list) -> dict:
+        """Per-sample records of one evaluation: ``correct`` (classifiers) and ``signal``, how far the
+        outputs are from the original model's: KL divergence of the class distributions (classifiers),
+        else the squared relative error."""
+        import numpy as np
+
+        if self._is_classifier(outs):
+            correct, kl = [], []
+            for out, y, ref in zip(outs, self.targets, self._reference()):
+                logp = torch.log_softmax(next(iter(_leaves(out))).double(), dim=1)
+                logq = torch.log_softmax(next(iter(_leaves(ref))).double(), dim=1)
+                correct.append((logp.argmax(dim=1) == y).double())
+                kl.append((logq.exp() * (logq - logp)).sum(1))
+            return {"correct": torch.cat(correct).numpy(), "signal": torch.cat(kl).clamp_min(0).numpy()}
+        err = []
+        for got, ref in zip(outs, self._reference()):
+            num = den = None
+            for g, r in zip(_leaves(got), _leaves(ref)):
+                n = int(r.shape[0]) if r.dim() > 0 else 1
+                gd, rd = g.double().reshape(n, -1), r.double().reshape(n, -1)
+                a, b = ((gd - rd) ** 2).sum(1), (rd ** 2).sum(1)
+                num, den = (a, b) if num is None or num.shape != a.shape else (num + a, den + b)
+            err.append((num / den.clamp_min(1e-24)).numpy() if num is not None else np.zeros(1))
+        return {"signal": np.concatenate(err)}
+
+    def signal_kind(self) -> str:
+        """What the per-sample signal is, for the manifest."""
+        if self.kind.kind != "fidelity" and self._classes():
+            return "KL divergence from the original model's class distribution (nats per sample)"
+        return "squared relative output error against the original model (per sample)"
+
     def metric(self, context: dict[str, int], block: str | None = None, index: int = 0) -> float:
+        return self.measure(context, block, index)[0]
+
+    def samples(self, context: dict[str, int], block: str | None = None, index: int = 0) -> dict:
+        """The per-sample records (numpy arrays) of the evaluation ``metric()`` scores."""
+        return self.measure(context, block, index)[1]
+
+    def measure(self, context: dict[str, int], block: str | None = None, index: int = 0) -> tuple[float, dict]:
         choice = dict(context)
         if block is not None:
             choice[block] = index
@@ -216,15 +311,16 @@ class AccuracyProfiler:
         if mkey in self._memo:
             return self._memo[mkey]
         key = self._key(choice)
-        value = _cached(key)
-        if value is None:
-            value = self._score(self._outputs(context, block, index))
-            _store(key, value)
+        hit = _cached(key)
+        if hit is None:
+            outs = self._outputs(context, block, index)
+            hit = (self._score(outs), self._per_sample(outs))
+            _store(key, *hit)
             self.computed += 1
         else:
             self.reused += 1
-        self._memo[mkey] = value
-        return value
+        self._memo[mkey] = hit
+        return hit
 
 
 def _leaves(out):
@@ -245,6 +341,48 @@ def contexts_of(variants: dict) -> dict[str, dict[str, int]]:
             "others-middle": {b: len(vs) // 2 for b, vs in variants.items()}}
 
 
+def paired(ref, var, floor: float = 0.0) -> tuple[float, float, float]:
+    """Mean of ``ref - var`` per sample and its 95% interval (normal approximation), at least
+    ``floor`` wide on each side."""
+    import numpy as np
+
+    d = np.asarray(ref, float) - np.asarray(var, float)
+    mean = float(d.mean())
+    half = Z95 * float(d.std(ddof=1)) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+    half = max(half, floor)
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Drop:
+    """One variant in one context: the metric's drop and the signal's increase, with intervals."""
+
+    metric: float
+    metric_ci: tuple[float, float] | None    # None: the metric is not a per-sample mean we can see
+    signal: float
+    signal_ci: tuple[float, float]
+
+    def estimate(self, alpha: float | None) -> float:
+        """The drop the estimators use (see the module docstring)."""
+        measured = self.metric if self.metric_ci is not None and self.metric_ci[1] < 0 else max(self.metric, 0.0)
+        if alpha is None:
+            return measured
+        est = alpha * (self.signal if self.signal_ci[1] < 0 else max(self.signal, 0.0))
+        if self.metric_ci is not None and not self.metric_ci[0] <= est <= self.metric_ci[1]:
+            return measured              # the measured drop clearly disagrees: it stands
+        return est
+
+
+def calibrate(points: list[tuple[float, float]]) -> float | None:
+    """``alpha`` of ``metric drop = alpha x signal increase`` by least squares through the origin over
+    (signal, metric) points; None when the signal does not move or the fit is not positive."""
+    den = sum(s * s for s, _ in points)
+    if den <= 1e-18:
+        return None
+    alpha = sum(s * m for s, m in points) / den
+    return alpha if alpha > 0 else None
+
+
 class ProfileAccuracy(Pass):
     """Measure every variant's accuracy drop (or fidelity drop) on validation data."""
 
@@ -259,22 +397,65 @@ class ProfileAccuracy(Pass):
             return PassResult(state, False)
         prof = AccuracyProfiler(state, state.val_batches, state.evaluate)
         contexts = contexts_of(state.variants)
-        base = prof.metric({b: 0 for b in prof.blocks})
-        per_variant: dict[tuple[str, str], dict] = {}
+        full = {b: 0 for b in prof.blocks}
+        base = prof.metric(full)
         context_metric = {name: prof.metric(ctx) for name, ctx in contexts.items()}
+        drops: dict[tuple[str, str], dict[str, Drop]] = {}
         for b in prof.blocks:
             for i, v in enumerate(state.variants[b]):
-                drops = {}
+                drops[(b, v.id)] = {}
                 for name, ctx in contexts.items():
                     c = {k: j for k, j in ctx.items() if k != b}
                     c[b] = 0
-                    ref = prof.metric(c)
-                    drops[name] = ref - prof.metric(c, b, i)
-                per_variant[(b, v.id)] = {"value": sum(drops.values()) / len(drops), "contexts": drops}
+                    drops[(b, v.id)][name] = self._drop(prof, prof.measure(c), prof.measure(c, b, i))
+        # calibration points: every pruned variant in every context, and the uniform configurations
+        uniform = [self._drop(prof, prof.measure(full), prof.measure({b: i for b in prof.blocks}))
+                   for i in range(1, min(len(vs) for vs in state.variants.values()))]
+        points = [(d.signal, d.metric) for (b, vid), ds in drops.items() if vid != state.variants[b][0].id
+                  for d in ds.values()] + [(d.signal, d.metric) for d in uniform]
+        alpha = calibrate(points)
+        per_variant = {}
+        for key, ds in drops.items():
+            est = {name: d.estimate(alpha) for name, d in ds.items()}
+            per_variant[key] = {
+                "value": sum(est.values()) / len(est), "contexts": est,
+                "measured": {name: d.metric for name, d in ds.items()},
+                "measured_ci95": _mean_ci([d.metric_ci for d in ds.values()]),
+                "signal": sum(d.signal for d in ds.values()) / len(ds),
+                "signal_ci95": _mean_ci([d.signal_ci for d in ds.values()]),
+            }
+        how = ("alpha x signal increase, alpha fitted by least squares through the origin on "
+               f"{len(points)} points (every pruned variant in every context, the uniform configurations); "
+               "never below zero unless the signal's 95% interval is; the measured drop where its own 95% "
+               "interval excludes that" if alpha is not None else
+               "measured drop (the signal gave no positive fit), never below zero unless its 95% interval is")
         report = {
             "metric": prof.kind.kind, "source": "measured-local", "how": prof.kind.source,
             "samples": prof.kind.samples, "baseline": base, "contexts": context_metric,
+            "signal": prof.signal_kind(),
+            "calibration": {"alpha": alpha, "points": len(points), "how": how},
             "variants": per_variant, "evaluations": prof.computed, "reused": prof.reused,
             "profiler": prof,   # kept for measuring whole combinations later (not written to the manifest)
         }
         return PassResult(state.replace(accuracy=report), True)
+
+    @staticmethod
+    def _drop(prof: AccuracyProfiler, ref: tuple[float, dict], var: tuple[float, dict]) -> Drop:
+        """The drop from ``ref`` to ``var``; the metric's interval only where it is the per-sample
+        correctness mean (top-1, or an evaluate() equal to it)."""
+        (rm, rs), (vm, vs) = ref, var
+        metric_ci = None
+        if "correct" in rs and abs(rs["correct"].mean() - rm) < 1e-9 and abs(vs["correct"].mean() - vm) < 1e-9:
+            # no answer changed in the sample does not mean none would: at least the rule of three (3/n)
+            _, lo, hi = paired(rs["correct"], vs["correct"], floor=3 / len(rs["correct"]))
+            metric_ci = (lo, hi)
+        # the signal rises when things get worse (cross-entropy, error): increase = var - ref
+        s, lo, hi = paired(vs["signal"], rs["signal"])
+        return Drop(rm - vm, metric_ci, s, (lo, hi))
+
+
+def _mean_ci(cis: list) -> list[float] | None:
+    """The interval of a mean over contexts, conservatively the mean of the bounds."""
+    if any(c is None for c in cis):
+        return None
+    return [sum(c[0] for c in cis) / len(cis), sum(c[1] for c in cis) / len(cis)]

@@ -74,6 +74,7 @@ class VariantCost:
     shared_file: str | None      # nested: the block's shared weight file, held once
     shared_bytes: int
     load_ms: float | None = None   # measured time to load module + weights, if measured
+    macs: int | None = None        # multiply-accumulates of one call (the solver's capacity tie-break)
 
     @property
     def load_bytes(self) -> int:
@@ -119,6 +120,7 @@ def variant_cost(v: dict, device: str | None = None) -> VariantCost:
         weight_bytes=wb, module_bytes=int(v["module"]["bytes"]),
         activation_bytes=int((prof.get("peak_activation_bytes") or {}).get("value") or 0),
         shared_file=shared, shared_bytes=sb, load_ms=(prof.get("load_ms") or {}).get("value"),
+        macs=None if v.get("macs") is None else int(v["macs"]),
     )
 
 
@@ -138,6 +140,10 @@ class Profiles:
         acc = manifest.get("accuracy") or {}
         self.baseline: float | None = acc.get("baseline")
         self.metric: str | None = acc.get("metric")
+        # estimates closer than half a validation sample's worth are ties; the solver breaks them
+        # toward configurations that keep more MACs (solver.capacity_terms)
+        samples = acc.get("samples")
+        self.capacity_reward: float = 0.5 / samples if isinstance(samples, int) and samples > 0 else 1e-4
         comb = manifest.get("combination") or {}
         overhead = comb.get("call_overhead_ms") or {}
         value = overhead.get("value")
@@ -243,6 +249,17 @@ class Profiles:
         if self.baseline is None or any(v.drop is None for v in vs):
             return None
         return self.baseline - sum(v.drop for v in vs)
+
+    def full_block_macs(self) -> int | None:
+        """MACs of every block at its largest variant (None if some variant's MACs are unknown)."""
+        if any(v.macs is None for vs in self.blocks for v in vs):
+            return None
+        return sum(max(v.macs for v in vs) for vs in self.blocks) or None
+
+    def capacity(self, choice: Sequence[int]) -> float | None:
+        """The share of the full-size blocks' MACs that ``choice`` keeps (None if MACs are unknown)."""
+        full = self.full_block_macs()
+        return None if full is None else sum(v.macs for v in self.chosen(choice)) / full
 
     def latency_ms(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> float | None:
         vs = self.chosen(choice, devices) + self.frame

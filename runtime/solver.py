@@ -8,7 +8,11 @@ Data → model → variables → constraints → objective → solve (time limit
   latencies), a shared memory budget, per-model minimum accuracy, optional per-block latency
   limits and allowed variants;
 * objective: maximise the weighted estimated accuracy minus a charge for every module that must
-  be loaded relative to what is loaded now (so a small budget change does not reshuffle blocks).
+  be loaded relative to what is loaded now (so a small budget change does not reshuffle blocks),
+  plus a reward for the MACs a configuration keeps: at most ``Profiles.capacity_reward`` (half a
+  validation sample's worth of accuracy) for keeping every MAC over keeping none. It only decides
+  between configurations whose estimates are closer than that, so a budget that fits the full
+  model gets the full model, not an equally-estimated smaller one.
 
 Devices (artifacts compiled with ``--devices cpu,gpu``; see legoc.runtime.estimate): the variables
 become ``x[m][b][(v, d)]``, one per block, variant *and device*, still exactly one per block. Let
@@ -134,6 +138,15 @@ def _check_profiles(p: Problem) -> None:
                         "or select without latency_ms")
 
 
+def capacity_terms(prof: Profiles) -> list[list[int]]:
+    """Objective units of the capacity tie-break per block and variant: the variant's share of the
+    full model's block MACs times ``prof.capacity_reward`` (0 everywhere if MACs are unknown)."""
+    full = prof.full_block_macs()
+    if full is None:
+        return [[0] * len(vs) for vs in prof.blocks]
+    return [[round(prof.capacity_reward * ACC_SCALE * v.macs / full) for v in vs] for vs in prof.blocks]
+
+
 def _load_ms(v) -> float:
     return v.load_ms if v.load_ms is not None else v.load_bytes / 200e6 * 1e3   # ~200 MB/s if unmeasured
 
@@ -201,6 +214,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
                 for k, var in enumerate(row):
                     model.add_hint(var, opts[b][k] == current[b])
         m_lat, m_mem, m_acc = [], [], []
+        reward = capacity_terms(prof)
         for b, vs in enumerate(prof.device_costs):
             model.add_exactly_one(x[b])
             allowed = budget.allowed.get(names[b])
@@ -219,7 +233,8 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
                 m_lat.append((lat, x[b][k]))
                 m_mem.append((mem, x[b][k]))
                 m_acc.append((acc, x[b][k]))
-                objective.append((round(p.weight * acc) - round(p.weight * charge), x[b][k]))
+                objective.append((round(p.weight * acc) - round(p.weight * charge) + round(p.weight * reward[b][v]),
+                                  x[b][k]))
         # -- device choice: copies between CPU and GPU
         frame_lat += _transfer_terms(model, prof, opts, x, m, m_lat)
         frame_lat_int = math.ceil(frame_lat * LAT_SCALE)

@@ -76,7 +76,7 @@ def test_accuracy_drop_is_measured_per_variant_in_two_contexts(tmp_path, monkeyp
     b, v = blocks[0], state.variants[blocks[0]][2]
     model = lambda x: state.partition.run(x, replace={b: v.gm})  # noqa: E731
     correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in state.val_batches)
-    assert acc["variants"][(b, v.id)]["contexts"]["others-full"] == pytest.approx(1.0 - correct / 64)
+    assert acc["variants"][(b, v.id)]["measured"]["others-full"] == pytest.approx(1.0 - correct / 64)
     # a second profile of the same model is served from the disk cache: nothing recomputed
     again = AccuracyProfiler(state, state.val_batches)
     again.metric({b: 2})
