@@ -1,4 +1,4 @@
-"""legoc's command line: compile, inspect, select, run, profile, targets.
+"""legoc's command line: compile, inspect, select, run, evaluate, profile, targets.
 
 Exit codes: 0 ok, 2 user error (bad model, target, options, artifact), 1 internal error.
 Errors print one line; LEGOC_DEBUG=1 adds the traceback.
@@ -67,6 +67,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --variants: one device per block (cpu or gpu), comma-separated, or one for all "
                         "(artifacts compiled with --devices; default: the target's own device)")
     _budget_args(r)
+
+    e = sub.add_parser("evaluate", help="accuracy of an artifact's configurations on model.py's test_data() "
+                                        "(never used by compile), run by the runtime")
+    e.add_argument("artifact")
+    e.add_argument("model", help="the model.py the artifact was compiled from (its test_data() and evaluate())")
+    e.add_argument("--variants", action="append", default=[], metavar="I,J,...",
+                   help="a configuration: one variant index per block (repeatable)")
+    e.add_argument("--latency-ms", action="append", type=float, default=[], metavar="MS",
+                   help="the configuration CP-SAT picks under this latency budget (repeatable)")
+    e.add_argument("--uniform", action="store_true",
+                   help="every uniform configuration (the same variant in every block); the default when "
+                        "no configuration is given")
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test_data() (default) or val_data(), the split compile measured on")
+    e.add_argument("--record", action="store_true",
+                   help="also store the results in the artifact's manifest, where `legoc inspect` shows them")
 
     tg = sub.add_parser("targets", help="list the known targets")
     tg.add_argument("--names", action="store_true", help="only the names, one a line (for scripts)")
@@ -188,6 +204,52 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from legoc.evaluate import configurations, evaluate_artifact, record, split_batches
+    from legoc.modelfile import load_model_file
+    from legoc.runtime.model import Model
+
+    m = Model(args.artifact)
+    variants = []
+    for text in args.variants:
+        try:
+            variants.append([int(v) for v in text.split(",")])
+        except ValueError:
+            raise UserError(f"--variants takes comma-separated integers like 0,2,1,4, got {text!r}")
+    picks = configurations(m, variants, args.latency_ms, args.uniform)
+    spec = load_model_file(args.model)
+    batches = split_batches(spec, args.split)
+    results = evaluate_artifact(m, batches, picks, spec.evaluate, str(spec.path))
+    metric = "evaluate() of model.py" if spec.evaluate is not None else "top-1"
+    n = sum(len(b[1]) if len(b) > 1 and hasattr(b[1], "__len__") else 1 for b in batches)
+    t = Table(title=f"{args.artifact} on {n} samples of {spec.path.name}'s {args.split}_data() "
+                    f"({metric}, run by legoc.runtime)")
+    for col in ("configuration", "variants", "ratios", "MMACs", "est. acc. (val)", f"{args.split} acc.",
+                "est. latency (ms)"):
+        t.add_column(col, justify="left" if col in ("configuration", "variants", "ratios") else "right")
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    for r in results:
+        ratios = (f"all {r.ratios[0]:.2f}" if len(set(r.ratios)) == 1 else " ".join(f"{x:.2f}" for x in r.ratios))
+        t.add_row(r.label, ",".join(map(str, r.choice)), ratios, f"{r.macs / 1e6:.2f}",
+                  fmt(r.est_accuracy, ".4f"), f"{r.accuracy:.4f}", fmt(r.est_latency_ms, ".3f"))
+    con = Console(width=max(120, Console().width))
+    con.print(t)
+    if args.record:
+        from pathlib import Path
+
+        from legoc.runtime.artifact import read_manifest
+        from legoc.targets.rpc import write_manifest
+
+        manifest = read_manifest(args.artifact)
+        manifest["evaluation"] = record(results, args.split, metric, n, spec.path.name)
+        write_manifest(Path(args.artifact), manifest)
+        con.print(f"recorded in {Path(args.artifact) / 'manifest.json'} (shown by `legoc inspect`)")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from legoc.passes.prune import DEFAULT_RATIOS
     from legoc.pipeline import CompileConfig, compile_model
@@ -260,18 +322,62 @@ def _print_estimates(con, m: dict) -> None:
             con.print(f"acc. drop column: the estimate the solver uses (measured drop ±95% interval); signal: "
                       f"{acc.get('signal')}; calibration: alpha {alpha}; {cal.get('how')}")
     val = (m.get("combination") or {}).get("validation") or []
-    if not val:
+    if val:
+        _print_validation(con, val)
+    _print_evaluation(con, m.get("evaluation"))
+
+
+def _print_validation(con, val: list[dict]) -> None:
+    """The compile-time measured combinations, the latency fit's calibration points (in-sample)
+    apart from the held-out ones, with the mean latency error of each group."""
+    from rich.table import Table
+
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    groups = [("held out", [v for v in val if v.get("fitted") is False]),
+              ("fitted (in-sample: latency calibration points)", [v for v in val if v.get("fitted") is True]),
+              ("fit status not recorded (older artifact)", [v for v in val if "fitted" not in v])]
+    t = Table(title="combinations measured at compile time (val split): estimate vs measurement")
+    for col in ("points", "variants", "acc. est.", "acc. meas.", "latency est. (ms)", "latency meas. (ms)",
+                "latency error", "memory est. (MiB)"):
+        t.add_column(col, justify="left" if col in ("points", "variants") else "right")
+    summary = []
+    for name, rows in groups:
+        if not rows:
+            continue
+        errors = []
+        for k, v in enumerate(rows):
+            e, me = v["estimated"], v["measured"]
+            err = None
+            if e["latency_ms"] is not None and me.get("latency_ms"):
+                err = (e["latency_ms"] - me["latency_ms"]) / me["latency_ms"]
+                errors.append(abs(err))
+            t.add_row(name if k == 0 else "", " ".join(map(str, v["choice"])), fmt(e["accuracy"], ".4f"),
+                      fmt(me.get("accuracy"), ".4f"), fmt(e["latency_ms"], ".2f"), fmt(me.get("latency_ms"), ".2f"),
+                      fmt(err, "+.1%"), f"{e['memory_bytes'] / 2**20:.2f}")
+        t.add_section()
+        if errors:
+            summary.append(f"{name.split(' (')[0]} {sum(errors) / len(errors):.1%} over {len(errors)}")
+    con.print(t)
+    if summary:
+        con.print("mean |latency error|: " + "; ".join(summary))
+
+
+def _print_evaluation(con, ev: dict | None) -> None:
+    """Accuracy on the model file's test split recorded by `legoc evaluate --record`."""
+    if not ev:
+        con.print("test-split accuracy: not recorded; run `legoc evaluate ART model.py --record` "
+                  "(compile never reads test_data())")
         return
     from rich.table import Table
 
-    t = Table(title="combinations measured at compile time: estimate vs measurement")
-    for col in ("variants", "acc. est.", "acc. meas.", "latency est. (ms)", "latency meas. (ms)", "memory est. (MiB)"):
-        t.add_column(col, justify="left" if col == "variants" else "right")
-    for v in val:
-        e, me = v["estimated"], v["measured"]
-        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-        t.add_row(" ".join(map(str, v["choice"])), fmt(e["accuracy"], ".4f"), fmt(me.get("accuracy"), ".4f"),
-                  fmt(e["latency_ms"], ".2f"), fmt(me["latency_ms"], ".2f"), f"{e['memory_bytes'] / 2**20:.2f}")
+    t = Table(title=f"accuracy on {ev['samples']} samples of {ev['model_file']}'s {ev['split']}_data() "
+                    f"({ev['metric']}; legoc evaluate, {ev['created']})")
+    for col in ("configuration", "variants", "est. acc. (val)", f"{ev['split']} acc.", "est. latency (ms)"):
+        t.add_column(col, justify="left" if col in ("configuration", "variants") else "right")
+    for r in ev["results"]:
+        t.add_row(r["label"], ",".join(map(str, r["choice"])),
+                  "-" if r["est_accuracy"] is None else f"{r['est_accuracy']:.4f}", f"{r['accuracy']:.4f}",
+                  "-" if r["est_latency_ms"] is None else f"{r['est_latency_ms']:.3f}")
     con.print(t)
 
 
@@ -327,7 +433,7 @@ def cmd_targets(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"compile": cmd_compile, "inspect": cmd_inspect, "targets": cmd_targets, "select": cmd_select,
-               "run": cmd_run, "profile": cmd_profile}[args.command]
+               "run": cmd_run, "evaluate": cmd_evaluate, "profile": cmd_profile}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -1,7 +1,9 @@
 """Load a user's model.py (the convention in README) into a ModelSpec.
 
 Required: ``build_model() -> nn.Module`` and ``example_inputs() -> tuple of tensors``.
-Optional: ``train_data()``, ``val_data()``, ``evaluate(model, data) -> float``, ``concrete_args``.
+Optional: ``train_data()``, ``val_data()``, ``test_data()``, ``evaluate(model, data) -> float``,
+``concrete_args``. ``legoc compile`` trains on train_data and measures on val_data; test_data is
+only for reported accuracy (``legoc evaluate``) and compile never calls it.
 The model file's folder is on sys.path while it loads (as when running ``python model.py``), so
 it may import its neighbours.
 """
@@ -26,6 +28,7 @@ class ModelSpec:
     concrete_args: dict | None = None
     train_data: Callable | None = None
     val_data: Callable | None = None
+    test_data: Callable | None = None  # reporting only: never called by compile
     evaluate: Callable | None = None
 
     @property
@@ -81,6 +84,7 @@ def load_model_file(path: str | Path) -> ModelSpec:
             path=path, module=module, model=model.eval(), example_inputs=tuple(inputs),
             concrete_args=getattr(module, "concrete_args", None),
             train_data=getattr(module, "train_data", None), val_data=getattr(module, "val_data", None),
+            test_data=getattr(module, "test_data", None),
             evaluate=getattr(module, "evaluate", None),
         )
     finally:

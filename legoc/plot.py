@@ -73,7 +73,9 @@ def plot_blocks(manifest: dict, path: str | Path) -> Path:
 def plot_pareto(manifest: dict, path: str | Path) -> Path:
     """Estimated accuracy against latency: every combination (grey), the estimated Pareto front
     (line), the model-grained baseline (the same ratio in every block, squares) and the
-    combinations validated by measurement at compile time (measured value, linked to its estimate)."""
+    combinations validated by measurement at compile time (measured value, linked to its estimate;
+    the latency fit's calibration points apart from the held-out ones) and, when recorded by
+    ``legoc evaluate --record``, the test-split accuracy of configurations."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,16 +103,29 @@ def plot_pareto(manifest: dict, path: str | Path) -> Path:
     uni = [prof.estimate([i] * len(prof.blocks)) for i in range(n)]
     ax.plot([e.latency_ms for e in uni], [e.accuracy * scale for e in uni], "s--", c="tab:orange", ms=6,
             label="model-grained: same ratio in every block (estimated)")
-    val = (manifest.get("combination") or {}).get("validation") or []
-    if val:
-        for v in val:
-            e, m = v["estimated"], v["measured"]
-            if m.get("accuracy") is not None and e.get("accuracy") is not None:
-                ax.plot([e["latency_ms"], m["latency_ms"]], [e["accuracy"] * scale, m["accuracy"] * scale],
-                        c="tab:red", lw=0.8, alpha=0.6)
-        ax.scatter([v["measured"]["latency_ms"] for v in val if v["measured"].get("accuracy") is not None],
-                   [v["measured"]["accuracy"] * scale for v in val if v["measured"].get("accuracy") is not None],
-                   marker="x", s=40, c="tab:red", label=f"validated: measured ({len(val)} combinations)", zorder=5)
+    val = [v for v in (manifest.get("combination") or {}).get("validation") or []
+           if v["measured"].get("accuracy") is not None]
+    for v in val:
+        e, m = v["estimated"], v["measured"]
+        if e.get("accuracy") is not None:
+            ax.plot([e["latency_ms"], m["latency_ms"]], [e["accuracy"] * scale, m["accuracy"] * scale],
+                    c="tab:red", lw=0.8, alpha=0.6)
+    # The uniform configurations calibrate the latency estimator (fitted: in-sample); the Pareto
+    # points are held out. Older artifacts do not record which is which.
+    for fitted, marker, colour, label in (
+            (False, "x", "tab:red", "validated, held out: measured"),
+            (True, "+", "tab:purple", "validated, fitted (in-sample latency calibration): measured"),
+            (None, "x", "tab:gray", "validated (fit status not recorded): measured")):
+        pts = [v["measured"] for v in val if v.get("fitted") is fitted]
+        if pts:
+            ax.scatter([p["latency_ms"] for p in pts], [p["accuracy"] * scale for p in pts], marker=marker, s=50,
+                       c=colour, label=f"{label} ({len(pts)})", zorder=5)
+    ev = manifest.get("evaluation")
+    if ev and ev.get("results"):
+        pts = [r for r in ev["results"] if r.get("est_latency_ms") is not None]
+        ax.scatter([r["est_latency_ms"] for r in pts], [r["accuracy"] * scale for r in pts], marker="*", s=90,
+                   c="tab:green", zorder=6,
+                   label=f"{ev['split']} split (legoc evaluate), at estimated latency ({len(pts)})")
     src = sorted({v.latency_source for vs in prof.blocks for v in vs})
     ax.set_xlabel(f"latency per inference, ms ({', '.join(src)})")
     ax.set_ylabel(f"accuracy{' (' + unit + ')' if unit else ''} — {prof.metric}")
