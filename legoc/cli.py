@@ -334,7 +334,7 @@ def _print_validation(con, val: list[dict]) -> None:
 
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     groups = [("held out", [v for v in val if v.get("fitted") is False]),
-              ("fitted (in-sample: latency calibration points)", [v for v in val if v.get("fitted") is True]),
+              ("fitted (in-sample: the estimators' calibration points)", [v for v in val if v.get("fitted") is True]),
               ("fit status not recorded (older artifact)", [v for v in val if "fitted" not in v])]
     t = Table(title="combinations measured at compile time (val split): estimate vs measurement")
     for col in ("points", "variants", "acc. est.", "acc. meas.", "latency est. (ms)", "latency meas. (ms)",

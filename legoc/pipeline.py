@@ -296,15 +296,15 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
         if prof is not None:
             measured["accuracy"] = prof.metric(dict(zip(profiles.block_names, choice)))
         out["validation"].append({"choice": list(choice),
-                                  "fitted": k < n,   # a calibration point of the latency fit: in-sample
+                                  "fitted": k < n,   # the estimators were calibrated on it: in-sample
                                   "estimated": {"accuracy": est.accuracy, "latency_ms": est.latency_ms,
                                                 "memory_bytes": est.memory_bytes},
                                   "measured": measured})
         bar.advance(task)
     out["validation_how"] = (f"latency: legoc.runtime end to end in a torch-free worker process, median of "
                              f"{VALIDATE_CALLS} calls in {VALIDATE_ROUNDS} interleaved rounds after {VALIDATE_WARMUP} "
-                             "warm-up; fitted: true marks the uniform configurations, which are also the calibration points of "
-                             "the latency fit (in-sample), fitted: false the held-out Pareto points; "
+                             "warm-up; fitted: true marks the uniform configurations, the calibration points of the latency fit "
+                             "and of the accuracy-drop calibration (in-sample), fitted: false the held-out Pareto points; "
                              "accuracy: the same metric as the profiles, whole model in PyTorch")
     return out
 

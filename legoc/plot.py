@@ -110,11 +110,11 @@ def plot_pareto(manifest: dict, path: str | Path) -> Path:
         if e.get("accuracy") is not None:
             ax.plot([e["latency_ms"], m["latency_ms"]], [e["accuracy"] * scale, m["accuracy"] * scale],
                     c="tab:red", lw=0.8, alpha=0.6)
-    # The uniform configurations calibrate the latency estimator (fitted: in-sample); the Pareto
-    # points are held out. Older artifacts do not record which is which.
+    # The uniform configurations calibrate the latency and accuracy estimators (fitted: in-sample);
+    # the Pareto points are held out. Older artifacts do not record which is which.
     for fitted, marker, colour, label in (
             (False, "x", "tab:red", "validated, held out: measured"),
-            (True, "+", "tab:purple", "validated, fitted (in-sample latency calibration): measured"),
+            (True, "+", "tab:purple", "validated, fitted (in-sample: calibration points): measured"),
             (None, "x", "tab:gray", "validated (fit status not recorded): measured")):
         pts = [v["measured"] for v in val if v.get("fitted") is fitted]
         if pts:
