@@ -1,0 +1,53 @@
+"""benchmarks/scaling.py's budget sweep on the small MNIST example, two budgets: the torch-free
+worker steps the budget, picks by CP-SAT, and scores every configuration on the test split."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _scaling():
+    spec = importlib.util.spec_from_file_location("scaling_benchmark", ROOT / "benchmarks" / "scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_sweep_reports_test_split_accuracy(artifact, load_example, tmp_path):
+    scaling = _scaling()
+    example = load_example("mnist_resnet")
+    art = artifact("mnist_resnet", "host", ratios=(0.0, 0.4, 0.8)).artifact
+    test = list(example.test_data())
+    x = np.concatenate([b[0].numpy() for b in test]).astype(np.float32)
+    y = np.concatenate([b[1].numpy() for b in test])
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    from legoc.runtime import load
+
+    n = len(load(art).blocks)
+    request = {"test": str(tmp_path / "test.npz"), "artifacts": {"legoc": str(art)}, "scalable": ["legoc"],
+               "budgets": [0.6, 1.0], "items": [["legoc", [0] * n], ["legoc", [2] * n]], "calls": 6, "rounds": 2}
+    result = scaling.run_worker("tvm", request)
+
+    sweep = result["sweeps"]["legoc"]
+    assert sweep["full_ms"] > 0
+    assert [s["fraction"] for s in sweep["steps"]] == [1.0, 0.6, 1.0]   # down, then back up
+    for step in sweep["steps"]:
+        assert "choice" in step, step   # both budgets are feasible: 0.6 x full is above the smallest
+        assert step["est_ms"] <= step["budget_ms"] + 1e-9 and step["measured_ms"] > 0
+    configs = {tuple(c["choice"]): c for c in result["configs"]}
+    assert (0,) * n in configs and (2,) * n in configs
+    assert all(tuple(s["choice"]) in configs for s in sweep["steps"])
+    # accuracy is on the 1,000 test digits, from the compiled artifact: it matches PyTorch's
+    full = configs[(0,) * n]["accuracy"]
+    with torch.no_grad():
+        want = example.evaluate(example.model, test)
+    assert len(y) == 1000 and abs(full - want) <= 0.002, (full, want)
+    assert 0.5 < configs[(2,) * n]["accuracy"] <= 1.0
+    assert configs[(2,) * n]["latency_ms"] > 0
+    costs = result["costs"]["legoc"]
+    assert costs["reload_ms"] > costs["swap_ms"] > 0 and costs["reload_bytes"] > costs["swap_bytes"] > 0
