@@ -1,97 +1,118 @@
-"""Batch-1 inference latency: PyTorch eager, ONNX Runtime, one TVM module, and legoc's runtime.
+"""Batch-1 inference latency and pruning efficiency: PyTorch eager, ONNX Runtime, one TVM module,
+and legoc's runtime at full size and at uniform pruning ratios.
 
-    .venv/bin/python benchmarks/inference.py [--threads 2] [--models resnet18-32,resnet18-224,cifar_resnet,mnist_resnet]
-                                             [--tune-trials N] [--runs 50]
+    .venv/bin/python benchmarks/inference.py [--threads 2] [--models mnist_resnet,resnet18-224,mobilenetv2-224]
+                                             [--runs 60] [--rounds 3] [--round-to N] [--tune-trials N]
 
-For each model, in one run, on this machine, with the same thread count everywhere:
+For each model, with the same thread count everywhere, every runner in a process of its own (no
+torch OpenMP workers spinning beside TVM, no ORT pool beside either):
 
-* ``eager``: the PyTorch model (``torch.set_num_threads``);
+* ``pytorch eager``: the PyTorch model (``torch.set_num_threads``);
 * ``onnxruntime``: the model exported to ONNX, ORT CPU provider, all graph optimizations;
 * ``tvm monolithic``: the whole model compiled by ``legoc.targets.build.build_module`` (legoc's
-  CPU schedules, or the tuning database with ``--tune-trials``) as one TVM module;
-* ``legoc full``: ``legoc compile`` (ratios 0, 0.25, 0.5; no retraining) run block by block by
-  ``legoc.runtime`` at full size; ``legoc r0.25``/``legoc r0.50``: every block at that ratio.
+  CPU schedules, prepacked weights) as one TVM module;
+* ``legoc full``: ``legoc compile`` (ratios 0, 0.25, 0.5, 0.75; no retraining; channel rounding
+  as ``legoc compile`` does by default, or ``--round-to``) run block by block by
+  ``legoc.runtime``; ``legoc r0.25`` ...: every block at that ratio.
 
-Every row times the same thing: numpy input in, numpy output out, median of ``--runs`` calls
-after warm-up, taken in 5 rounds that interleave the runners (the machine is shared: a change of
-load hits every row alike). GFLOP/s counts 2 x multiply-accumulates (legoc's MAC count of the configuration)
-per latency, next to this machine's measured GEMM peak (numpy sgemm 2048^3, same threads).
-ResNet-18 (ImageNet layout, 1000 classes, random weights) is written here at 32x32 and 224x224.
+Each runner is timed in ``--rounds`` rounds; in every round each runner starts a fresh process,
+warms up and times ``--runs / --rounds`` calls (numpy in, numpy out); the latency is the median
+over all rounds and the spread is the range of the per-round medians. Rounds interleave the
+runners, so a change of load on this shared machine hits every row alike.
+
+GFLOP/s counts 2 x legoc's MAC count of the configuration per latency and is stated against the
+peak basis of ``benchmarks/peak.py`` (measured sgemm with OpenBLAS's overrides unset, and the
+theoretical FMA peak), both taken at the start of the run.
+
+Pruning efficiency = (latency full / latency variant) / (MACs full / MACs variant): 1.0 when a
+MAC cut becomes the same cut in time. Per uniform configuration from the end-to-end latencies
+above (whole model, frame included); per block variant from the artifact's own module timings
+(``profile.latency_ms``, TVM time evaluator in a torch-free worker), printed for blocks of at
+least 1 M MACs.
+
+Models: the MNIST example (``examples/mnist_resnet.py``; trains itself once), ResNet-18 and
+MobileNetV2 in their ImageNet layouts (1000 classes, random seeded weights) built from the
+layers of ``tests/zoo.py`` (``BasicBlock``, ``InvertedResidual``, ``cbr``), at 224 (or 32) input.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ["resnet18-32", "resnet18-224", "cifar_resnet", "mnist_resnet"]
-RATIOS = (0.0, 0.25, 0.5)
-ROUNDS = 5  # measurement rounds, each running every runner in turn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak import peak  # noqa: E402 - benchmarks/peak.py, next to this file
 
-# A model.py for legoc (build_model / example_inputs), written to a temporary folder per size.
-RESNET18_SOURCE = '''"""ResNet-18 (ImageNet layout, random seeded weights), {size}x{size} input."""
+MODELS = ["mnist_resnet", "resnet18-224", "mobilenetv2-224"]
+KNOWN = MODELS + ["resnet18-32", "mobilenetv2-32", "cifar_resnet"]
+RATIOS = (0.0, 0.25, 0.5, 0.75)
+MIN_BLOCK_MACS = 1_000_000
+
+# A model.py for legoc (build_model / example_inputs) in ImageNet layout from tests/zoo.py's layers.
+ZOO_SOURCE = '''"""{arch} (ImageNet layout, 1000 classes, random seeded weights) from tests/zoo.py's layers, {size}x{size}."""
+import importlib.util
+
 import torch
 from torch import nn
 
-SIZE = {size}
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+_spec = importlib.util.spec_from_file_location("legoc_bench_zoo", {zoo!r})
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+ARCH, SIZE = {arch!r}, {size}
 
 
 class ResNet18(nn.Module):
     def __init__(self, num_classes=1000):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.stem = nn.Sequential(zoo.cbr(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout)))
+            layers += [zoo.BasicBlock(cin, cout, stride), zoo.BasicBlock(cout, cout)]
             cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MobileNetV2(nn.Module):
+    # (expansion t, out channels c, repeats n, first stride s): the MobileNetV2 paper's table 2
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        layers, cin = [zoo.cbr(3, 32, 3, 2, act=nn.ReLU6)], 32
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(zoo.InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(zoo.cbr(cin, 1280, 1, act=nn.ReLU6))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def build_model():
     torch.manual_seed(0)
-    model = ResNet18()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    model = {{"resnet18": ResNet18, "mobilenetv2": MobileNetV2}}[ARCH]()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -101,49 +122,101 @@ def example_inputs():
 '''
 
 
-def _times_ms(fn, runs: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _median_ms(fn, runs: int, warmup: int = 5) -> float:
-    return statistics.median(_times_ms(fn, runs, warmup))
-
-
-def gemm_peak(runs: int = 10) -> float:
-    import numpy as np
-
-    n = 2048
-    a = np.random.rand(n, n).astype(np.float32)
-    b = np.random.rand(n, n).astype(np.float32)
-    ms = _median_ms(lambda: a @ b, runs, warmup=2)
-    return 2 * n**3 / (ms * 1e-3) / 1e9
-
-
 def model_file(name: str, folder: Path) -> Path:
-    if name.startswith("resnet18-"):
-        size = int(name.split("-")[1])
-        path = folder / f"resnet18_{size}.py"
-        path.write_text(RESNET18_SOURCE.format(size=size))
+    if "-" in name:
+        arch, size = name.split("-")
+        path = folder / f"{arch}_{size}.py"
+        path.write_text(ZOO_SOURCE.format(arch=arch, size=int(size), zoo=str(ROOT / "tests" / "zoo.py")))
         return path
     return ROOT / "examples" / f"{name}.py"
 
 
-def bench_model(name: str, folder: Path, args) -> list[tuple[str, float, float]]:
-    """[(row, latency ms, MACs)] for one model."""
-    import onnxruntime as ort
+# ---------------------------------------------------------------------------------------------
+# Worker: one runner in a process of its own
+
+
+def _worker(spec: dict) -> dict:
+    import numpy as np
+
+    threads = spec["threads"]
+    x = np.load(spec["input"])
+    kind = spec["kind"]
+    if kind == "eager":
+        import torch
+
+        from legoc.modelfile import load_model_file
+
+        torch.set_num_threads(threads)
+        model = load_model_file(spec["model"]).model.eval()
+        tx = torch.from_numpy(x)
+
+        def call():
+            with torch.no_grad():
+                return model(tx).numpy()
+    elif kind == "ort":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(spec["onnx"], so, providers=["CPUExecutionProvider"])
+
+        def call():
+            return sess.run(None, {"x": x})[0]
+    elif kind == "tvm":
+        import tvm
+
+        dev = tvm.cpu()
+        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(spec["library"]), dev)
+        main_fn = vm["main"]
+        with np.load(spec["params"]) as f:
+            params = [tvm.runtime.tensor(f[f"arr_{i}"], dev) for i in range(len(f.files))]
+
+        def call():
+            return main_fn(tvm.runtime.tensor(x, dev), *params).numpy()
+    else:  # legoc: one configuration of an artifact
+        from legoc.runtime.model import load
+
+        runtime = load(spec["artifact"])
+        runtime.configure(spec["variants"])
+
+        def call():
+            return runtime(x)
+    out = call()
+    if spec.get("output"):
+        np.save(spec["output"], np.asarray(out))
+    for _ in range(spec["warmup"]):
+        call()
+    times = []
+    for _ in range(spec["runs"]):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"times": times}
+
+
+def _run_worker(spec: dict) -> list[float]:
+    env = dict(os.environ)
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(spec["threads"])
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"worker {spec['kind']} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["times"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One model
+
+
+def bench_model(name: str, folder: Path, args) -> dict:
+    import numpy as np
     import torch
-    import tvm
 
     from legoc.modelfile import load_model_file
     from legoc.pipeline import CompileConfig, compile_model
-    from legoc.runtime.model import load
     from legoc.targets.build import build_module
     from legoc.targets.table import get_target
 
@@ -152,66 +225,76 @@ def bench_model(name: str, folder: Path, args) -> list[tuple[str, float, float]]
     model = spec.model.eval()
     inputs = tuple(spec.example_inputs)
     x = inputs[0].numpy()
+    np.save(folder / f"{name}-x.npy", x)
+    with torch.no_grad():
+        ref = model(*inputs).numpy()
 
-    # compile with legoc first (its MAC counts serve every row)
     art = folder / f"{name}.lego"
-    report = compile_model(path, CompileConfig(target="host", output=art, ratios=RATIOS, retrain_epochs=0,
-                                               progress=False, tune_trials=args.tune_trials))
+    options = dict(target="host", output=art, ratios=RATIOS, retrain_epochs=0, progress=False,
+                   tune_trials=args.tune_trials)
+    if args.round_to is not None:
+        options["round_to"] = args.round_to
+    report = compile_model(path, CompileConfig(**options))
     manifest = report.manifest
     total_macs = manifest["model"]["total_macs"]
 
-    runners = []  # (row, call, MACs): every call takes numpy in and gives numpy out
-
-    def eager():
-        with torch.no_grad():
-            return model(torch.from_numpy(x)).numpy()
-
-    ref = eager()
-    runners.append(("pytorch eager", eager, total_macs))
-
     onnx_path = folder / f"{name}.onnx"
     torch.onnx.export(model, inputs, str(onnx_path), input_names=["x"], dynamo=False)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    runners.append(("onnxruntime", lambda: sess.run(None, {"x": x})[0], total_macs))
-
     built = build_module(model, inputs, get_target("host"), folder / f"{name}-mono.so", name=name,
                          tune_trials=args.tune_trials, prepack=True)
-    dev = tvm.cpu()
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), dev)
-    main_fn = vm["main"]
-    params = [tvm.runtime.tensor(p, dev) for p in built.params]
-    runners.append(("tvm monolithic",
-                    lambda: main_fn(tvm.runtime.tensor(x, dev), *params).numpy(), total_macs))
+    np.savez(folder / f"{name}-mono-params.npz", *[np.asarray(p) for p in built.params])
 
-    frame_macs = sum(s["macs"] for s in manifest["segments"] if s["kind"] == "frame")
+    base = {"threads": args.threads, "input": str(folder / f"{name}-x.npy"), "warmup": 5}
+    runners = [("pytorch eager", {"kind": "eager", "model": str(path)}, total_macs),
+               ("onnxruntime", {"kind": "ort", "onnx": str(onnx_path)}, total_macs),
+               ("tvm monolithic", {"kind": "tvm", "library": str(built.path),
+                                   "params": str(folder / f"{name}-mono-params.npz")}, total_macs)]
+    segments = manifest["segments"]
+    blocks = [s for s in segments if s["kind"] == "block"]
+    frame_macs = sum(s["macs"] for s in segments if s["kind"] == "frame")
     for index, ratio in enumerate(RATIOS):
-        runtime = load(art)  # one runtime per configuration, so the rounds can interleave
-        runtime.configure([index] * len(runtime.blocks))
-        macs = frame_macs + sum(b.variants[index].macs for b in runtime.blocks)
+        macs = frame_macs + sum(b["variants"][index]["macs"] for b in blocks)
         label = "legoc full" if index == 0 else f"legoc r{ratio:.2f}"
-        runners.append((label, runtime, macs))
+        runners.append((label, {"kind": "legoc", "artifact": str(art), "variants": [index] * len(blocks)}, macs))
 
-    for label, call, _ in runners:
-        if label in ("onnxruntime", "tvm monolithic", "legoc full"):
-            _check(name, label, call(x) if label == "legoc full" else call(), ref)
-    # rounds interleave the runners, so a change of load on this shared machine hits all rows
+    per_round = max(1, args.runs // args.rounds)
+    medians: dict[str, list[float]] = {label: [] for label, _, _ in runners}
     times: dict[str, list[float]] = {label: [] for label, _, _ in runners}
-    per_round = max(1, args.runs // ROUNDS)
-    for _ in range(ROUNDS):
-        for label, call, _ in runners:
-            fn = (lambda c=call: c(x)) if label.startswith("legoc") else call
-            times[label].extend(_times_ms(fn, per_round))
-    return [(label, statistics.median(times[label]), macs) for label, _, macs in runners]
+    for r in range(args.rounds):
+        for label, wspec, _ in runners:
+            check = r == 0 and label in ("onnxruntime", "tvm monolithic", "legoc full")
+            out = folder / f"{name}-out.npy"
+            t = _run_worker({**base, **wspec, "runs": per_round, "output": str(out) if check else None})
+            if check:
+                _check(name, label, np.load(out), ref)
+            times[label] += t
+            medians[label].append(statistics.median(t))
+        print(f"{name}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    rows = [{"runner": label, "ms": statistics.median(times[label]), "lo": min(medians[label]),
+             "hi": max(medians[label]), "macs": macs} for label, _, macs in runners]
+    return {"rows": rows, "blocks": _block_efficiency(blocks), "round_to": manifest["options"]["round_to"]}
+
+
+def _block_efficiency(blocks: list[dict]) -> list[dict]:
+    """Per block variant: MACs, module latency (the artifact's profile) and pruning efficiency."""
+    out = []
+    for b in blocks:
+        full = b["variants"][0]
+        if full["macs"] < MIN_BLOCK_MACS:
+            continue
+        full_ms = full["profile"]["latency_ms"]["value"]
+        for v in b["variants"]:
+            ms = v["profile"]["latency_ms"]["value"]
+            eff = (full_ms / ms) / (full["macs"] / v["macs"]) if ms and v["macs"] else float("nan")
+            kept = "; ".join(f"{c[0]}→{c[-1]}" for c in v["channels"].values())
+            out.append({"block": b["name"], "variant": v["id"], "macs": v["macs"], "ms": ms, "eff": eff,
+                        "channels": kept})
+    return out
 
 
 def _check(model: str, what: str, out, ref) -> None:
     import numpy as np
 
-    out = np.asarray(out)
     err = float(np.abs(out - ref).max()) / max(float(np.abs(ref).max()), 1e-6)
     if err > 1e-3:
         raise SystemExit(f"{model}: {what} differs from PyTorch (relative error {err:.2e})")
@@ -220,43 +303,78 @@ def _check(model: str, what: str, out, ref) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(KNOWN)}")
+    ap.add_argument("--runs", type=int, default=60, help="timed calls per runner, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="legoc compile's --round-to (default: the target's own default)")
     ap.add_argument("--tune-trials", type=int, default=0,
                     help="MetaSchedule trials per new workload for the TVM rows (default 0: untuned)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    # thread counts must be set before numpy/torch/tvm start their pools
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    for name in args.models.split(","):
+        if name not in KNOWN:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(KNOWN)}")
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    import torch
-
-    torch.set_num_threads(args.threads)
 
     from rich.console import Console
-    from rich.table import Table
 
-    peak = gemm_peak()
-    tuned = f"MetaSchedule {args.tune_trials} trials/workload" if args.tune_trials else "untuned"
+    basis = peak(args.threads)
     load = os.getloadavg()[0]
-    table = Table(title=f"batch-1 latency, {args.threads} threads, TVM {tuned}; GEMM peak (numpy "
-                        f"sgemm 2048³) {peak:.0f} GFLOP/s; load average at start {load:.1f} "
-                        f"on {os.cpu_count()} cores")
-    for col in ("model", "runner", "ms", "× ORT", "× eager", "GFLOP/s", "% GEMM peak"):
-        table.add_column(col, justify="left" if col in ("model", "runner") else "right")
+    tuned = f"MetaSchedule {args.tune_trials} trials/workload" if args.tune_trials else "legoc's rules, untuned"
+    console = Console(width=160)
+    console.print(f"peak basis: {basis.describe()}")
+    console.print(f"load average at start {load:.1f} on {os.cpu_count()} cores; {args.threads} threads; TVM {tuned}")
+    results = {"peak": basis.__dict__, "load": load, "models": {}}
     with tempfile.TemporaryDirectory(prefix="legoc-bench-") as tmp:
         for name in args.models.split(","):
-            rows = bench_model(name, Path(tmp), args)
-            by = {label: ms for label, ms, _ in rows}
-            for label, ms, macs in rows:
-                gflops = 2 * macs / (ms * 1e-3) / 1e9
-                table.add_row(name, label, f"{ms:.3f}", f"{ms / by['onnxruntime']:.2f}",
-                              f"{ms / by['pytorch eager']:.2f}", f"{gflops:.1f}", f"{100 * gflops / peak:.0f}")
-            mono, full = by["tvm monolithic"], by["legoc full"]
-            table.add_row(name, "block-by-block overhead", f"{full - mono:+.3f}", "", "", "",
-                          f"{100 * (full / mono - 1):+.1f}%")
-            table.add_section()
-            print(f"done {name}", file=sys.stderr, flush=True)
-    Console(width=140).print(table)
+            folder = Path(tmp) / name
+            folder.mkdir()
+            res = bench_model(name, folder, args)
+            results["models"][name] = res
+            _print_model(console, name, res, basis)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def _print_model(console, name: str, res: dict, basis) -> None:
+    from rich.table import Table
+
+    rows = res["rows"]
+    by = {r["runner"]: r for r in rows}
+    full = by["legoc full"]
+    table = Table(title=f"{name}: batch 1 (legoc round_to {res['round_to']})")
+    for col in ("runner", "ms (median)", "round medians", "× ORT", "× eager", "GMAC", "GFLOP/s",
+                "% measured peak", "% theoretical", "speedup vs full", "MAC cut", "pruning eff."):
+        table.add_column(col, justify="left" if col == "runner" else "right")
+    for r in rows:
+        gflops = 2 * r["macs"] / (r["ms"] * 1e-3) / 1e9
+        pruned = r["runner"].startswith("legoc r")
+        speedup = full["ms"] / r["ms"]
+        cut = full["macs"] / r["macs"]
+        table.add_row(r["runner"], f"{r['ms']:.3f}", f"{r['lo']:.3f}–{r['hi']:.3f}",
+                      f"{r['ms'] / by['onnxruntime']['ms']:.2f}", f"{r['ms'] / by['pytorch eager']['ms']:.2f}",
+                      f"{r['macs'] / 1e9:.3f}", f"{gflops:.1f}", f"{100 * gflops / basis.measured_gflops:.0f}%",
+                      f"{100 * gflops / basis.theoretical_gflops:.0f}%",
+                      f"{speedup:.2f}" if pruned else "", f"{cut:.2f}" if pruned else "",
+                      f"{speedup / cut:.2f}" if pruned else "")
+    mono = by["tvm monolithic"]["ms"]
+    table.add_row("block-by-block overhead", f"{full['ms'] - mono:+.3f}", "", "", "", "", "",
+                  f"{100 * (full['ms'] / mono - 1):+.1f}%")
+    console.print(table)
+    if res["blocks"]:
+        bt = Table(title=f"{name}: block variants of ≥ 1 M MACs (module timings of the artifact's profile)")
+        for col in ("block", "variant", "MMAC", "ms", "pruning eff.", "channels (original→kept)"):
+            bt.add_column(col, justify="left" if col in ("block", "variant", "channels (original→kept)") else "right")
+        for b in res["blocks"]:
+            bt.add_row(b["block"], b["variant"], f"{b['macs'] / 1e6:.2f}", f"{b['ms']:.3f}",
+                       "" if b["variant"] == "r0.00" else f"{b['eff']:.2f}", b["channels"][:70])
+        console.print(bt)
 
 
 if __name__ == "__main__":
