@@ -126,3 +126,11 @@ def test_cross_targets_build_aarch64_libraries(target, artifact):
                for s in manifest["segments"] for v in s["variants"])
     with pytest.raises(UserError, match=f"compiled for target '{target}'.*cannot run"):
         load(rep.artifact).configure()
+
+
+def test_evaluate_errors_are_one_line(tmp_path, capsys):
+    code = main(["evaluate", str(tmp_path / "missing.lego"), str(ROOT / "examples" / "mnist_resnet.py")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no such artifact directory" in err and "\n" not in err
+    r = _run("evaluate", "--help")
+    assert r.returncode == 0 and "test_data()" in r.stdout and "--record" in r.stdout

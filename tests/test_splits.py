@@ -265,3 +265,22 @@ def test_evaluate_without_test_data_is_a_one_line_user_error(tiny, tmp_path, cap
     code = main(["evaluate", str(artifact), str(plain)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "defines no test_data()" in err and "\n" not in err
+
+
+def test_evaluate_configurations_choice_and_errors():
+    from types import SimpleNamespace
+
+    from legoc.errors import UserError
+    from legoc.evaluate import configurations
+
+    blocks = [SimpleNamespace(name="block0", variants=[0, 1, 2]), SimpleNamespace(name="block1", variants=[0, 1])]
+    budgets = []
+    model = SimpleNamespace(blocks=blocks, select=lambda latency_ms: budgets.append(latency_ms) or SimpleNamespace(choice=[2, 1]))
+    assert configurations(model) == [("full", (0, 0)), ("uniform 1", (1, 1))]   # uniform by default
+    assert configurations(model, [[2, 0]], [0.5]) == [("variants 2,0", (2, 0)), ("budget 0.5 ms", (2, 1))]
+    assert budgets == [0.5]
+    assert [label for label, _ in configurations(model, [[1, 1]], uniform=True)] == ["variants 1,1", "full", "uniform 1"]
+    with pytest.raises(UserError, match="one index per block"):
+        configurations(model, [[0]])
+    with pytest.raises(UserError, match="block block1 has variants 0..1, got 2"):
+        configurations(model, [[0, 2]])
