@@ -459,7 +459,7 @@ class DepthwiseConv2d(_CPURule):
             out_w = _extent(sch, xo) * chunk
             pad_w = int(sch.get(pad).writes[0].source.shape[3])
             k_w = _extent(sch, reduce[-1])
-            deinterleave = out_w > 1 and (pad_w - k_w) // (out_w - 1) == 2
+            deinterleave = out_w > 1 and pad_w % 2 == 0 and (pad_w - k_w) // (out_w - 1) == 2
             if deinterleave:
                 # stride 2: even and odd columns of the padded plane stored apart, so every tap
                 # reads contiguous vectors (x*2+rx: columns rx%2, from x + rx//2) instead of a gather

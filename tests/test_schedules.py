@@ -129,9 +129,54 @@ def test_conv2d_odd_channels(host, cin, cout, k, stride, seed):
 def test_conv2d_depthwise(host, c, mult, k, stride, hw, seed):
     torch.manual_seed(seed)
     conv = nn.Conv2d(c, c * mult, k, stride, k // 2, groups=c)
-    # one channel: groups=1, a plain conv
-    want = "Conv2dNCHWPacked" if c == 1 else "ReductionVectorized"
+    # one channel: groups=1, a plain conv; a channel multiplier of 2: the generic reduction rule
+    want = "Conv2dNCHWPacked" if c == 1 else "DepthwiseConv2d" if mult == 1 else "ReductionVectorized"
     assert rule_of(check(conv, (_randn(1, c, hw, hw),), host), "conv2d") == want
+
+
+@CASES
+@given(c=st.integers(2, 37), stride=st.sampled_from([1, 2]), pad=st.integers(0, 2), dil=st.sampled_from([1, 2]),
+       h=st.integers(5, 19), w=st.integers(5, 70), seed=st.integers(0, 2**16))
+def test_depthwise_with_epilogue_odd_shapes(host, c, stride, pad, dil, h, w, seed):
+    """DepthwiseConv2d (MobileNet's conv-BN-ReLU6) on odd channel counts, odd and even widths,
+    rows longer than the register chunk, stride 2 (deinterleaved columns), dilation, no padding."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, c, 3, stride, pad, dilation=dil, groups=c, bias=True)
+    module = nn.Sequential(conv, nn.ReLU6())
+    assert rule_of(check(module, (_randn(1, c, h, w),), host), "conv2d") == "DepthwiseConv2d"
+
+
+def test_depthwise_rule_builds_for_aarch64():
+    """The depthwise rule also schedules for a NEON target (4 lanes, 32 registers)."""
+    import tvm
+
+    from legoc.targets.schedules import cpu_pipeline, scheduled_by, scheduling_passes
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    target = get_target("raspberry-pi-4").tvm_target()
+    mod, _ = _relax(nn.Sequential(nn.Conv2d(24, 24, 3, 2, 1, groups=24), nn.ReLU6()), (_randn(1, 24, 30, 30),))
+    with target:
+        scheduled = tvm.transform.Sequential(scheduling_passes(target, strict=True))(mod)
+    assert "DepthwiseConv2d" in scheduled_by(scheduled).values()
+    executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
+    assert "fmla" in asm and ".4s" in asm
+
+
+def test_vector_width_from_cpu_features():
+    """Lanes and registers from the CPU's features, not TVM 0.27's llvm_get_vector_width (512 for
+    every x86 CPU): AVX2-only CPUs get 8 lanes and 16 registers."""
+    import tvm
+
+    from legoc.targets.schedules import _isa
+
+    def isa(mcpu, triple="x86_64-linux-gnu"):
+        return _isa(tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu}))
+
+    assert isa("znver3") == (8, 16) and isa("haswell") == (8, 16)
+    assert isa("skylake-avx512") == (16, 32) and isa("znver4") == (16, 32)
+    assert isa("cortex-a72", "aarch64-linux-gnu") == (4, 32)
 
 
 @CASES
@@ -142,7 +187,9 @@ def test_conv2d_grouped(host, groups, cpg, opg, stride, seed):
     conv = nn.Sequential(nn.Conv2d(groups * cpg, groups * opg, 3, stride, 1, groups=groups),
                          nn.ReLU())
     used = check(conv, (_randn(1, groups * cpg, 10, 12),), host)
-    assert rule_of(used, "conv2d") == "ReductionVectorized"
+    # one input and one output channel per group is a depthwise conv
+    want = "DepthwiseConv2d" if cpg == opg == 1 else "ReductionVectorized"
+    assert rule_of(used, "conv2d") == want
 
 
 # ---------------------------------------------------------------------------------------------
