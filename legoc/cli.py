@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks", type=int, help="number of blocks (default: up to 4, balanced by MACs)")
     c.add_argument("--ratios", type=_ratios, default=None, help="pruning ratios per block, e.g. 0,0.2,0.4,0.6,0.8 (default)")
     c.add_argument("--importance", default="l1", help="channel importance: l1 (default), bn (BN scale) or taylor (first-order Taylor on train_data)")
-    c.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    c.add_argument("--round-to", type=int, default=None,
+                   help="keep pruned channel counts multiples of N (default: the target's vector width; 1: off)")
     c.add_argument("--retrain-epochs", type=int, default=10, help="block-distillation epochs (0: no retraining; default 10)")
     c.add_argument("--retrain-minutes", type=float, default=10.0, help="time limit of retraining (default 10)")
     c.add_argument("--tune-trials", type=int, default=0,

@@ -3,6 +3,7 @@ variant of every segment -> artifact. Named pipelines of passes live here."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ class CompileConfig:
     blocks: int | None = None
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     importance: str = "l1"
-    round_to: int = 1
+    round_to: int | None = None    # pruned channel multiple; None: the target's vector width (1: off)
     progress: bool = True
     calibration_batches: int = 8
     nested: bool = False
@@ -41,7 +42,7 @@ class CompileConfig:
             raise UserError("--retrain-epochs and --retrain-minutes must be 0 (no retraining) or more")
         if self.tune_trials < 0:
             raise UserError(f"--tune-trials must be 0 (no tuning) or more, got {self.tune_trials}")
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise UserError(f"--round-to must be at least 1, got {self.round_to}")
 
 
@@ -85,6 +86,10 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
     timings: dict[str, float] = {}
     target = get_target(config.target)          # fail fast on a bad target, before any work
     device_targets(target, config.devices)      # ... and on --devices it cannot have
+    if config.round_to is None:                 # pruned channels: multiples of the vector width
+        from legoc.targets.table import channel_multiple
+
+        config = dataclasses.replace(config, round_to=channel_multiple(target))
     if config.rpc is not None:                  # ... and on an unreachable device farm
         from legoc.targets.rpc import check_device
 

@@ -3,7 +3,8 @@
 For each block and each ratio r, every prunable channel group inside the block (see
 legoc.passes.analysis: a group never touches the block's input or output tensor, so boundary
 shapes never change) keeps the ``round(C * (1 - r))`` channels of highest importance, rounded
-to a multiple of ``round_to``. Producers lose output filters, BN and depthwise convs lose
+to a multiple of ``round_to`` (``legoc compile``: the target's vector width unless ``--round-to``
+says otherwise), or of a finer :func:`granularity` where that would merge two ratios. Producers lose output filters, BN and depthwise convs lose
 per-channel parameters, consumers lose input channels.
 
 Nested variants (``config.nested``, after Xun et al. 2019): BN is folded first, the channels of
@@ -40,7 +41,7 @@ class Variant:
     gm: torch.fx.GraphModule
     macs: int
     param_bytes: int
-    channels: dict[str, tuple[int, int]] = field(default_factory=dict)  # group -> (original, kept)
+    channels: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # group -> (original, computed, kept)
     nested: bool = False   # weights are leading sub-tensors of the block's full-size variant
 
     @property
@@ -53,6 +54,23 @@ def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
     if round_to > 1:
         keep = round(keep / round_to) * round_to
     return int(min(channels, max(keep, round_to if round_to <= channels else 1, 1)))
+
+
+def granularity(channels: int, ratios, round_to: int) -> int:
+    """The multiple a group of ``channels`` is rounded to: ``round_to`` (by default the target's
+    vector width, so pruned convs fill whole vectors instead of padding to them) unless that
+    would give two of ``ratios`` the same count, then the largest of round_to/2, round_to/4, ...
+    that keeps them apart (a 16-channel group at 0/0.2/0.4/0.6/0.8 keeps 16/12/10/6/4 at
+    multiple 2, where multiples of 8 would make ratios 0 and 0.2, 0.4 to 0.8 the same variant).
+    ``ratios`` empty: ``round_to`` as given."""
+    wanted = sorted({float(r) for r in ratios})
+    g = max(1, int(round_to))
+    while g > 1 and wanted:
+        counts = [channels if r == 0 else kept_channels(channels, r, g) for r in wanted]
+        if len(set(counts)) == len(counts):
+            break
+        g //= 2
+    return g
 
 
 def taylor_scores(gm: torch.fx.GraphModule, inputs: list, targets: list, source: str = "the model") -> dict:
@@ -208,8 +226,12 @@ def _choose(score: torch.Tensor, n_per: int, divisions: int) -> torch.Tensor:
 
 
 def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratio: float,
-                importance: str = "l1", round_to: int = 1, name: str = "block", taylor: dict | None = None) -> Variant:
-    """A pruned copy of ``block_gm`` (never modified) at ``ratio``."""
+                importance: str = "l1", round_to: int = 1, name: str = "block", taylor: dict | None = None,
+                ratios=()) -> Variant:
+    """A pruned copy of ``block_gm`` (never modified) at ``ratio``. Kept counts are multiples of
+    ``round_to``, or of a finer :func:`granularity` where ``round_to`` would merge two of
+    ``ratios`` (all the ratios being compiled). ``channels``: group -> (original, kept before
+    rounding, kept)."""
     gm = copy.deepcopy(block_gm)
     ShapeProp(gm).propagate(example_input)
     channels = {}
@@ -220,11 +242,12 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
             if not group.prunable:
                 continue
             d = group.divisions
-            n = kept_channels(group.channels // d, ratio, round_to) * d
+            g = granularity(group.channels // d, ratios, round_to)
+            n = kept_channels(group.channels // d, ratio, g) * d
             if n < group.channels:
                 score = _importance(gm, plan, group, importance, taylor)
                 keep[group.root] = _choose(score, n // d, d)
-            channels[group.root] = (group.channels, n)
+            channels[group.root] = (group.channels, kept_channels(group.channels // d, ratio) * d, n)
         apply_channels(gm, plan, keep)
         gm.recompile()
         ShapeProp(gm).propagate(example_input)
@@ -253,10 +276,10 @@ def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rati
         gm = copy.deepcopy(full)
         keep, channels = {}, {}
         for g in groups:
-            n = kept_channels(g.channels, r, round_to) if r > 0 else g.channels
+            n = kept_channels(g.channels, r, granularity(g.channels, ratios, round_to)) if r > 0 else g.channels
             if n < g.channels:
                 keep[g.root] = torch.arange(n)
-            channels[g.root] = (g.channels, n)
+            channels[g.root] = (g.channels, kept_channels(g.channels, r) if r > 0 else g.channels, n)
         apply_channels(gm, plan, keep)
         gm.recompile()
         ShapeProp(gm).propagate(example_input)
@@ -305,7 +328,7 @@ class Prune(Pass):
     def call(self, state: ProgramState, config) -> PassResult:
         ratios = validate_ratios(getattr(config, "ratios", DEFAULT_RATIOS))
         importance = getattr(config, "importance", "l1")
-        round_to = getattr(config, "round_to", 1)
+        round_to = getattr(config, "round_to", 1) or 1  # None: compile_model resolves it from the target
         env = state.partition.trace_env(*state.example_inputs)
         taylor = None
         if importance == "taylor":
@@ -318,7 +341,7 @@ class Prune(Pass):
                 variants[block.name] = nest_block(block.gm, x, ratios, importance, round_to, block.name, taylor)
             else:
                 variants[block.name] = [
-                    prune_block(block.gm, x, r, importance, round_to, block.name, taylor) for r in ratios
+                    prune_block(block.gm, x, r, importance, round_to, block.name, taylor, ratios) for r in ratios
                 ]
         return PassResult(state.replace(variants=variants), modified=any(r > 0 for r in ratios))
 

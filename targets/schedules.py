@@ -71,6 +71,7 @@ __all__ = [
     "default_rules",
     "lowering_passes",
     "scheduling_passes",
+    "vector_lanes",
 ]
 
 _DATA_PAR = 0  # tirx.IterVar.DataPar
@@ -111,6 +112,11 @@ def _isa(target: Target) -> tuple[int, int]:
 def _lanes(target: Target, dtype_bits: int = 32) -> int:
     """Elements of ``dtype_bits`` per vector register for ``target`` (at least 4)."""
     return max(4, _isa(target)[0] * 32 // dtype_bits)
+
+
+def vector_lanes(target: Target) -> int:
+    """fp32 lanes of one vector register of ``target``'s CPU (the packed conv's channel block)."""
+    return _lanes(target)
 
 
 def _num_vector_registers(target: Target) -> int:

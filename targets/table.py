@@ -266,6 +266,20 @@ def list_targets() -> list[TargetSpec]:
     return [TARGETS[name] for name in sorted(TARGETS)]
 
 
+def channel_multiple(spec: TargetSpec) -> int:
+    """The multiple ``legoc compile`` rounds pruned channel counts to by default: the fp32 vector
+    width of the target's CPU code (a Jetson's host CPU for its cuda targets), so a pruned
+    conv's output channels fill whole vectors of the packed layout. Imports tvm."""
+    import tvm  # noqa: PLC0415 (lazy on purpose)
+
+    from legoc.targets.schedules import vector_lanes  # noqa: PLC0415
+
+    cpu = spec.target if spec.device == "cpu" else spec.host
+    if not cpu or cpu.get("kind") != "llvm":
+        return 1
+    return vector_lanes(tvm.target.Target(copy.deepcopy(cpu)))
+
+
 def get_target(name_or_path: str | os.PathLike) -> TargetSpec:
     """A built-in target by name, or a custom target from a ``.json`` file."""
     text = os.fspath(name_or_path)
