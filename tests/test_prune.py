@@ -9,7 +9,7 @@ from legoc.errors import UserError
 from legoc.passes import ProgramState
 from legoc.passes.analysis import channel_groups
 from legoc.passes.capture import Capture
-from legoc.passes.prune import kept_channels, prune_block, validate_ratios
+from legoc.passes.prune import granularity, kept_channels, prune_block, validate_ratios
 
 
 class Residual(nn.Module):
@@ -56,7 +56,7 @@ def test_pruning_dead_channels_changes_nothing():
     x = torch.randn(1, 16, 8, 8)
     gm = _gm(model, x)
     v = prune_block(gm, x, ratio=4 / 12)
-    assert list(v.channels.values()) == [(12, 8)]
+    assert list(v.channels.values()) == [(12, 8, 8)]
     assert v.gm.get_submodule("c1").out_channels == 8 and v.gm.get_submodule("dw").groups == 8
     with torch.no_grad():
         assert torch.allclose(v.gm(x), model(x), atol=1e-6)
@@ -175,7 +175,7 @@ def test_concat_and_linear_groups_are_pruned_at_their_offsets():
     hidden = next(g for g in plan.groups if g.producers == ["fc1"])
     assert hidden.prunable and hidden.consumers == ["fc2"]
     v = prune_block(gm, x, ratio=4 / 12)   # keeps 4 of 6 grown channels, 5 of 8, 8 of 12 hidden units
-    assert sorted(v.channels.values()) == [(6, 4), (8, 5), (12, 8)]
+    assert sorted(v.channels.values()) == [(6, 4, 4), (8, 5, 5), (12, 8, 8)]
     assert v.gm.get_submodule("bn2").num_features == 8 + 4 and v.gm.get_submodule("out").in_channels == 12
     assert v.gm.get_submodule("fc1").out_features == 8 and v.gm.get_submodule("fc2").in_features == 8
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_reading_a_shape_does_not_block_pruning():
 
     x = torch.randn(2, 3, 10, 10)
     v = prune_block(_gm(ViewHead().eval(), x), x, 0.5)
-    assert v.channels == {"a": (8, 4), "b": (8, 4)} and v.gm(x).shape == (2, 4)
+    assert v.channels == {"a": (8, 4, 4), "b": (8, 4, 4)} and v.gm(x).shape == (2, 4)
 
 
 class GroupedBlock(nn.Module):
@@ -262,3 +262,71 @@ def test_peak_activation_bytes_follows_tensor_liveness():
     unit = 5 * 5 * 4                                   # bytes per channel of a float32 5x5 map
     # at conv a: x (4 ch) + a (8 ch); at conv b: x + a + b (4 ch) = 16 channels alive
     assert peak_activation_bytes(gm) == 16 * unit
+
+
+# ---------------------------------------------------------------------------------------------
+# rounding to the target's vector width
+
+
+def test_granularity_keeps_every_ratio_a_distinct_variant():
+    ratios = (0.0, 0.2, 0.4, 0.6, 0.8)
+    # large groups take the full multiple
+    assert granularity(64, ratios, 8) == 8 and granularity(960, ratios, 16) == 16
+    # a 16-channel group at multiples of 8 would merge ratios 0/0.2 and 0.4/0.6/0.8: finer
+    assert granularity(16, ratios, 8) == 2
+    assert [kept_channels(16, r, 2) for r in ratios[1:]] == [12, 10, 6, 4]
+    assert granularity(16, (0.0, 0.5), 8) == 8          # two ratios: multiples of 8 keep them apart
+    assert granularity(13, (), 8) == 8                  # no ratios given: round_to as asked
+    for channels in range(2, 70):
+        for rt in (1, 2, 4, 8, 16):
+            g = granularity(channels, ratios, rt)
+            assert g <= rt and (g & (g - 1)) == 0
+            counts = [channels] + [kept_channels(channels, r, g) for r in ratios[1:]]
+            if g > 1:
+                assert len(set(counts)) == len(counts)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_rounded_and_unrounded_odd_channels_compile_equal_to_pytorch(round_to, tmp_path):
+    """Odd channel counts (13 hidden channels of a conv-dw-conv block), pruned with rounding off
+    and on, compiled by TVM with legoc's schedules: equal to the pruned PyTorch block (<= 1e-4)."""
+    import numpy as np
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(round_to)
+    model = Residual(c=11, hidden=37).eval()
+    with torch.no_grad():
+        for bn in (model.b1, model.b2, model.b3):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 11, 13, 15)
+    gm = _gm(model, x)
+    ratios = (0.0, 0.3, 0.6)
+    for ratio in ratios[1:]:
+        v = prune_block(gm, x, ratio, round_to=round_to, ratios=ratios)
+        (original, computed, kept), = v.channels.values()
+        assert original == 37 and computed == round(37 * (1 - ratio))
+        assert kept == computed if round_to == 1 else kept % granularity(37, ratios, round_to) == 0
+        built = build_module(v.gm, (x,), get_target("host"), tmp_path / f"r{ratio}.so", prepack=True)
+        import tvm
+
+        dev = tvm.cpu()
+        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), dev)
+        out = vm["main"](tvm.runtime.tensor(x.numpy(), dev), *[tvm.runtime.tensor(p, dev) for p in built.params])
+        with torch.no_grad():
+            ref = v.gm(x).numpy()
+        err = float(np.abs(out.numpy() - ref).max()) / float(np.abs(ref).max())
+        assert err <= 1e-4, (ratio, round_to, err)
+
+
+def test_compile_config_resolves_round_to_from_the_target():
+    from legoc.pipeline import CompileConfig
+    from legoc.targets.table import channel_multiple, get_target
+
+    assert CompileConfig().round_to is None                  # resolved by compile_model
+    assert channel_multiple(get_target("raspberry-pi-4")) == 4  # NEON: 4 fp32 lanes
+    assert channel_multiple(get_target("host")) in (4, 8, 16)
+    with pytest.raises(UserError):
+        CompileConfig(round_to=0)
