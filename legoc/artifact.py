@@ -13,7 +13,23 @@ from pathlib import Path
 import numpy as np
 
 from legoc import __version__
+from legoc.errors import UserError
 from legoc.runtime.artifact import MANIFEST, SCHEMA, sha256_file
+
+
+def check_destination(dest: str | os.PathLike) -> None:
+    """Fail before any work if an artifact cannot be written at ``dest``: the nearest existing
+    folder above it must be a writable directory (nothing is created here)."""
+    dest = Path(dest).absolute()
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"cannot write the artifact at {dest}: a file of that name exists; choose another -o")
+    parent = dest.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write the artifact at {dest}: {parent} is a file, not a folder; choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the artifact at {dest}: no permission to write in {parent}; choose another -o")
 
 
 class ArtifactWriter:
@@ -25,8 +41,12 @@ class ArtifactWriter:
         self._committed = False
 
     def __enter__(self) -> "ArtifactWriter":
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        check_destination(self.dest)
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        except OSError as exc:
+            raise UserError(f"cannot write the artifact at {self.dest}: {exc.strerror or exc}; choose another -o") from exc
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from legoc.artifact import check_destination
 from legoc.errors import InternalError, LegocError, UserError, describe
 from legoc.passes.prune import DEFAULT_RATIOS, IMPORTANCE
 
@@ -98,6 +99,7 @@ def compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepor
     spec = load_model_file(model_path)
     timings["load"] = time.perf_counter() - t0
     out = Path(config.output) if config.output else Path(f"{spec.name}-{target.name}.lego")
+    check_destination(out)                      # ... and on an output that cannot be written
 
     pm = PassManager(default_pipeline())
     state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, source=str(spec.path),

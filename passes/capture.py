@@ -48,13 +48,22 @@ def trace(model: torch.nn.Module, concrete_args: dict | None = None) -> torch.fx
 
 
 def annotate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
-    """Fill node.meta['tensor_meta'] (shape, dtype) by running the example inputs through gm."""
+    """Fill node.meta['tensor_meta'] (shape, dtype) by running the example inputs through gm.
+
+    ShapeProp prints the traceback of a failing node to stderr and re-raises it wrapped in a
+    message of fx node metadata; the user gets one line with torch's own reason instead."""
+    import contextlib
+    import io
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
         raise UserError(
-            f"the model fails on its example_inputs(): {describe(exc)}; check that "
+            f"the model fails on its example_inputs(): {describe(cause)}; check that "
             f"example_inputs() returns tensors of the shape build_model() expects"
         ) from exc
 

@@ -421,7 +421,7 @@ class Model:
             env = {}
             cpu = self._devices["cpu"]
             for name, shape, x in zip(self.input_names, self.input_shapes, inputs):
-                x = np.ascontiguousarray(x, dtype=np.float32)
+                x = _float_input(name, x)
                 if tuple(x.shape) != shape:
                     raise UserError(f"input {name} must have shape {shape}, got {tuple(x.shape)}")
                 env[(name, "cpu")] = self._tensor(x, cpu)
@@ -431,6 +431,17 @@ class Model:
                                leaf=lambda t: t.numpy())
             self._call_ms.append((time.perf_counter() - t0) * 1e3)
             return out
+
+
+def _float_input(name: str, x) -> np.ndarray:
+    """A model input as contiguous float32: floating-point arrays are cast; integers, booleans,
+    complex numbers and anything that is not numeric are refused (a silent cast would be a wrong
+    answer, e.g. uint8 pixels that the model expects normalised)."""
+    arr = np.asarray(x) if not isinstance(x, np.ndarray) else x
+    if arr.dtype.kind != "f":
+        raise UserError(f"input {name} must be a floating-point array (the model takes float32), got dtype "
+                        f"{arr.dtype}; convert and normalise it as the model expects, e.g. x.astype(np.float32)")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 SLOWDOWN_WINDOW, SLOWDOWN_MIN_CALLS = 32, 8

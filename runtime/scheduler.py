@@ -47,7 +47,13 @@ class Scheduler:
     def configure(self, memory_mb: float | None = None, latency_ms=None, period_ms: float | None = None,
                   min_accuracy=None, **options) -> solver.Selection:
         sel = self.select(memory_mb, latency_ms, period_ms, min_accuracy, **options)
-        for m, choice, devices in zip(self.models, sel.choices, sel.device_choices):
-            m.configure(variants=choice, devices=devices)
+        shares = [None] * len(self.models)
+        if memory_mb is not None:
+            # each model's module cache: its configuration plus an equal part of the memory left,
+            # so that what the models hold together stays within the shared budget
+            left = memory_mb - sum(e.memory_bytes for e in sel.estimates) / solver.MIB
+            shares = [e.memory_bytes / solver.MIB + max(left, 0.0) / len(self.models) for e in sel.estimates]
+        for m, choice, devices, share in zip(self.models, sel.choices, sel.device_choices, shares):
+            m.configure(variants=choice, devices=devices, memory_mb=share)
         self.last_selection = sel
         return sel

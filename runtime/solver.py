@@ -122,20 +122,25 @@ def _cp_model():
 _CpModel = None
 
 
-def _check_profiles(p: Problem) -> None:
+def _check_profiles(p: Problem, shared_latency: bool = False) -> None:
+    """Refuse a selection whose constraints would read figures the artifact does not have (a
+    missing latency or copy cost must never count as 0). ``shared_latency``: the model's latency
+    is part of a shared processor-time budget."""
     prof = p.profiles
     if prof.baseline is None or any(v.drop is None for vs in prof.blocks for v in vs):
         raise UserError(f"{p.name}: the artifact has no accuracy profile; compile it with val_data() or "
                         "train_data() in model.py to select by budget, or use configure(variants=[...])")
-    if p.budget.latency_ms is not None and any(t.ms is None for t in prof.transfers):
+    uses_latency = p.budget.latency_ms is not None or shared_latency
+    how = "select without latency_ms" if not shared_latency else "schedule it without period_ms"
+    if uses_latency and any(t.ms is None for t in prof.transfers):
         raise UserError(f"{p.name}: the CPU<->GPU copy costs of target {prof.manifest.get('target', {}).get('name')} "
-                        "are not estimated (no transfer calibration); select without latency_ms")
-    if (p.budget.latency_ms is not None or p.budget.block_latency_ms) and (any(
+                        f"are not estimated (no transfer calibration); {how}")
+    if (uses_latency or p.budget.block_latency_ms) and (any(
             v.latency_ms is None for vs in prof.blocks + [prof.frame] for v in vs) or any(
             c.latency_ms is None for vs in prof.device_costs for v in vs for c in v.values())):
         raise UserError(f"{p.name}: some variants have no latency figure for target "
                         f"{prof.manifest.get('target', {}).get('name')}; measure them with `legoc profile ART --rpc …` "
-                        "or select without latency_ms")
+                        f"or {how}")
 
 
 def capacity_terms(prof: Profiles) -> list[list[int]]:
@@ -176,7 +181,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
 
     t0 = time.perf_counter()
     for p in problems:
-        _check_profiles(p)
+        _check_profiles(p, shared_latency_ms is not None)
     if memory_mb is not None and not (memory_mb > 0 and math.isfinite(memory_mb)):
         raise UserError(f"memory_mb must be a positive number, got {memory_mb}")
     if shared_latency_ms is not None and not (shared_latency_ms > 0 and math.isfinite(shared_latency_ms)):

@@ -64,6 +64,16 @@ def test_configure_rejects_bad_choices(artifact):
         m(np.zeros((1, 3, 8, 8), np.float32))
 
 
+def test_inputs_that_are_not_floating_point_are_refused(artifact):
+    m = load(artifact("vgg_chain").artifact)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32))
+    ref = np.asarray(m(x.astype(np.float32)))
+    assert np.array_equal(np.asarray(m(x)), ref)          # float64 is cast
+    for bad in (x.astype(np.uint8), x.astype(np.int64), x > 0, x.astype(np.complex64), x.astype(str)):
+        with pytest.raises(UserError, match=f"input x must be a floating-point array .*got dtype {bad.dtype}"):
+            m(bad)
+
+
 def _copy(rep, tmp_path):
     dst = tmp_path / "copy.lego"
     shutil.copytree(rep.artifact, dst)

@@ -270,6 +270,28 @@ def test_scheduler_selects_jointly_under_shared_memory_and_time(mnist):
     assert per.estimates[1].latency_ms <= fastest * 1.05
 
 
+def test_a_shared_time_budget_never_counts_a_missing_latency_as_zero():
+    costs = [[(0.0, 1.0, 100), (0.01, 0.5, 50)] for _ in range(2)]
+    m = _manifest(costs)
+    m["segments"][1]["variants"][1]["profile"]["latency_ms"]["value"] = None   # e.g. a board never measured
+    with pytest.raises(UserError, match="no latency figure .* schedule it without period_ms"):
+        solve([Problem(Profiles(m))], shared_latency_ms=5.0)
+    assert solve([Problem(Profiles(m))]).choice == (0, 0)    # without a time budget it is not needed
+
+
+def test_scheduler_keeps_every_models_modules_within_the_shared_memory_budget(mnist):
+    from legoc.runtime import Scheduler, load
+
+    a, b = load(mnist), load(mnist)
+    n = len(a.blocks)
+    for m in (a, b):   # both hold every variant, as after a day of budget changes
+        m.configure(variants=[0] * n).preload([1] * n).preload([2] * n)
+    budget = (a.profiles.memory_bytes([0] * n) + a.profiles.memory_bytes([2] * n)) / MIB
+    sel = Scheduler([a, b]).configure(memory_mb=budget)
+    assert sum(e.memory_bytes for e in sel.estimates) <= budget * MIB
+    assert a.held_bytes + b.held_bytes <= budget * MIB
+
+
 def test_runtime_still_imports_no_torch(mnist, tmp_path):
     import subprocess
     import sys

@@ -1,0 +1,60 @@
+"""Reliability (issue 17): bad inputs end in one clear line (exit code 2, no traceback, nothing
+written at the output path)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = '''
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+
+def example_inputs():
+    return (torch.zeros(1, CHANNELS, 16, 16),)
+'''
+
+
+def _compile(*args):
+    """`legoc compile` in a subprocess: what a user sees on the terminal."""
+    return subprocess.run([sys.executable, "-m", "legoc", "compile", *args, "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def _one_line(r) -> str:
+    """The one error line (warnings, one line each, may come before it)."""
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("legoc: warning: ")]
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_example_inputs_that_do_not_fit_the_model_name_torchs_reason(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(TINY.replace("CHANNELS", "5"))
+    err = _one_line(_compile(str(path), "-o", str(tmp_path / "o.lego")))
+    assert "the model fails on its example_inputs()" in err
+    assert "expected input[1, 5, 16, 16] to have 3 channels, but got 5 channels" in err
+    assert "ShapeProp" not in err and "nn_module_stack" not in err
+    assert not (tmp_path / "o.lego").exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
+def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where):
+    path = tmp_path / "model.py"
+    path.write_text(TINY.replace("CHANNELS", "3"))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    out = blocker / "sub" / "o.lego" if where == "under-a-file" else blocker
+    err = _one_line(_compile(str(path), "-o", str(out)))
+    assert err.startswith("legoc: error: cannot write the artifact at") and "choose another -o" in err
+    assert blocker.read_text() == "x"
