@@ -58,3 +58,12 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where)
     err = _one_line(_compile(str(path), "-o", str(out)))
     assert err.startswith("legoc: error: cannot write the artifact at") and "choose another -o" in err
     assert blocker.read_text() == "x"
+
+
+def test_a_compile_prints_no_deprecation_noise_from_dependencies(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(TINY.replace("CHANNELS", "3"))
+    r = _compile(str(path), "-o", str(tmp_path / "o.lego"), "--ratios", "0,0.5")
+    assert r.returncode == 0, r.stderr
+    assert "FutureWarning" not in r.stderr and "LeafSpec" not in r.stderr, r.stderr
+    assert (tmp_path / "o.lego" / "manifest.json").is_file()
