@@ -348,15 +348,13 @@ class Conv2dNCHWPacked(_CPURule):
             lanes //= 2
         if n_f % lanes:
             return False
-        fb = 2 if n_f % (2 * lanes) == 0 else 1
+        regs = _num_vector_registers(target)
+        fb, xb = _tile(n_f, n_x, lanes, regs)
         if prepacked:
             if prepacked % lanes or n_f % prepacked:
                 return False
             fb = prepacked // lanes
-        # half the vector registers hold accumulators (measured best on znver4: 2 x 8 tiles);
-        # the rest hold weight vectors and broadcast inputs without spilling
-        acc_regs = _num_vector_registers(target) // 2
-        xb = _largest_divisor(n_x, max(1, acc_regs // fb))
+            xb = _largest_divisor(n_x, max(1, _acc_registers(regs) // fb))
         block_f = fb * lanes
 
         wpack = None
@@ -742,9 +740,10 @@ def _packed_conv2d_te(data, packed, strides, top_left, dilation, out_hw):
 
 @relax.expr_functor.mutator
 class _ConvWeightPacker(relax.PyExprMutator):
-    def __init__(self, mod: tvm.ir.IRModule, lanes: int):
+    def __init__(self, mod: tvm.ir.IRModule, lanes: int, regs: int):
         super().__init__(mod)
         self.lanes = lanes
+        self.regs = regs
         self.changed = False
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
@@ -753,7 +752,6 @@ class _ConvWeightPacker(relax.PyExprMutator):
         if weight is None:
             return call
         out_channels = int(weight.ty.shape[0])
-        padded, block = _padded_channels(out_channels, self.lanes)
         self.changed = True
         attrs = call.attrs
         strides = [int(v) for v in attrs.strides]
@@ -763,6 +761,7 @@ class _ConvWeightPacker(relax.PyExprMutator):
         _, _, kh, kw = (int(d) for d in weight.ty.shape)
         out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
         out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+        padded, block = _padded_channels(out_channels, self.lanes, out_w, self.regs)
         rows = _live_taps(height, kh, strides[0], dilation[0], top, out_h)
         cols = _live_taps(width, kw, strides[1], dilation[1], left, out_w)
         if rows is not None and cols is not None and (rows != (0, kh) or cols != (0, kw)):
@@ -782,16 +781,38 @@ class _ConvWeightPacker(relax.PyExprMutator):
         return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
 
 
-def _padded_channels(out_channels: int, lanes: int) -> tuple[int, int]:
-    """(padded output channels, packing block) for a conv with ``out_channels`` filters: a few
-    filters (heavily pruned variants: 3, 6) take one short vector (4 or 8 lanes), not a whole
-    ``lanes``-wide one; more take a multiple of ``lanes``, blocked by two vectors when that
-    divides."""
+def _acc_registers(regs: int) -> int:
+    """Vector registers the conv micro-kernel gives to accumulators: half of 32 (measured best
+    on znver4: 2 x 8 tiles); 12 of 16 on AVX2 (the rest: two weight vectors, one broadcast input,
+    one spare), as in the 6 x 16 AVX2 GEMM kernels."""
+    return regs // 2 if regs > 16 else regs - 4
+
+
+def _tile(n_f: int, n_x: int, lanes: int, regs: int) -> tuple[int, int]:
+    """(channel vectors FB, output columns XB) of the packed conv's register tile: XB divides the
+    row width, FB x XB accumulators fit; two channel vectors unless one vector holds a wider
+    tile (7- and 14-wide maps: 1 x 7, not 2 x 1 or 2 x 2)."""
+    acc = _acc_registers(regs)
+    best = (1, _largest_divisor(n_x, acc))
+    if n_f % (2 * lanes) == 0:
+        xb = _largest_divisor(n_x, max(1, acc // 2))
+        if 2 * xb >= best[1]:
+            best = (2, xb)
+    return best
+
+
+def _padded_channels(out_channels: int, lanes: int, out_w: int | None = None,
+                     regs: int = 32) -> tuple[int, int]:
+    """(padded output channels, packing block) for a conv with ``out_channels`` filters and
+    ``out_w`` output columns: a few filters (heavily pruned variants: 3, 6) take one short
+    vector (4 or 8 lanes), not a whole ``lanes``-wide one; more take a multiple of ``lanes``,
+    blocked by the register tile's channel vectors (:func:`_tile`)."""
     for width in (4, 8):
         if width < lanes and out_channels <= width:
             return width, width
     padded = -(-out_channels // lanes) * lanes
-    return padded, 2 * lanes if padded % (2 * lanes) == 0 else lanes
+    fb = _tile(padded, out_w, lanes, regs)[0] if out_w else (2 if padded % (2 * lanes) == 0 else 1)
+    return padded, fb * lanes
 
 
 def _live_taps(size: int, kernel: int, stride: int, dilation: int, pad: int, out: int):
@@ -833,11 +854,12 @@ class PackConvWeights:
     weight, so ``relax.transform.LiftTransformParams`` moves it out of ``main`` and it runs once
     at build time (:func:`prepack_weights`), not per call."""
 
-    def __init__(self, lanes: int):
+    def __init__(self, lanes: int, regs: int = 32):
         self.lanes = lanes
+        self.regs = regs  # vector registers: the register tile decides the packing block
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        packer = _ConvWeightPacker(mod, self.lanes)
+        packer = _ConvWeightPacker(mod, self.lanes, self.regs)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 packer.builder_.update_func(gvar, packer.visit_expr(func))
@@ -853,7 +875,7 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
     ``main_transform_params``: run that once on the weights (at build time) and pass its outputs
     to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
     with target:
-        mod = PackConvWeights(_lanes(target))(mod)
+        mod = PackConvWeights(_lanes(target), _num_vector_registers(target))(mod)
         return relax.transform.LiftTransformParams()(mod)
 
 
