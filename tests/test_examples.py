@@ -255,6 +255,10 @@ def test_demo_budget_trace_follows_the_artifacts_own_range(examples, artifact):
         if mem is not None:
             assert row["est_memory_mb"] <= mem
     assert rows[0]["choice"] != rows[3]["choice"]     # the battery saver step shrinks the model
-    # back to idle: only blocks evicted under the memory budget (those that changed) are loaded again
-    assert rows[-1]["choice"] == rows[0]["choice"]
+    # back to idle: the budget loosens, so the choice is no less accurate than under memory pressure
+    # (staying costs no loading; the solver's MACs tie-break is worth at most capacity_reward). It
+    # need not return to the idle choice: reloading evicted modules is charged, and variants whose
+    # estimates tie with the full ones may stay.
+    assert rows[-1]["est_accuracy"] >= rows[-2]["est_accuracy"] - m.profiles.capacity_reward
+    # only blocks that changed are loaded again
     assert rows[-1]["loaded"] <= sum(a != b for a, b in zip(rows[-2]["choice"], rows[-1]["choice"]))
