@@ -3,6 +3,7 @@ and legoc's runtime at full size and at uniform pruning ratios.
 
     .venv/bin/python benchmarks/inference.py [--threads 2] [--models mnist_resnet,resnet18-224,mobilenetv2-224]
                                              [--runs 60] [--rounds 3] [--round-to N] [--tune-trials N]
+                                             [--clock wall|cpu] [--json out.json]
 
 For each model, with the same thread count everywhere, every runner in a process of its own (no
 torch OpenMP workers spinning beside TVM, no ORT pool beside either):
@@ -188,11 +189,12 @@ def _worker(spec: dict) -> dict:
         np.save(spec["output"], np.asarray(out))
     for _ in range(spec["warmup"]):
         call()
+    clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
     times = []
     for _ in range(spec["runs"]):
-        t0 = time.perf_counter()
+        t0 = clock()
         call()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return {"times": times}
 
 
@@ -244,7 +246,7 @@ def bench_model(name: str, folder: Path, args) -> dict:
                          tune_trials=args.tune_trials, prepack=True)
     np.savez(folder / f"{name}-mono-params.npz", *[np.asarray(p) for p in built.params])
 
-    base = {"threads": args.threads, "input": str(folder / f"{name}-x.npy"), "warmup": 5}
+    base = {"threads": args.threads, "input": str(folder / f"{name}-x.npy"), "warmup": 5, "clock": args.clock}
     runners = [("pytorch eager", {"kind": "eager", "model": str(path)}, total_macs),
                ("onnxruntime", {"kind": "ort", "onnx": str(onnx_path)}, total_macs),
                ("tvm monolithic", {"kind": "tvm", "library": str(built.path),
@@ -310,12 +312,17 @@ def main() -> None:
                     help="legoc compile's --round-to (default: the target's own default)")
     ap.add_argument("--tune-trials", type=int, default=0,
                     help="MetaSchedule trials per new workload for the TVM rows (default 0: untuned)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: each call's CPU time of the worker process (with --threads 1 only): on a "
+                         "loaded machine it leaves out the time the process waited for a core")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu needs --threads 1 (a worker's CPU time sums its threads, spinning included)")
     for name in args.models.split(","):
         if name not in KNOWN:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(KNOWN)}")
@@ -329,7 +336,8 @@ def main() -> None:
     tuned = f"MetaSchedule {args.tune_trials} trials/workload" if args.tune_trials else "legoc's rules, untuned"
     console = Console(width=160)
     console.print(f"peak basis: {basis.describe()}")
-    console.print(f"load average at start {load:.1f} on {os.cpu_count()} cores; {args.threads} threads; TVM {tuned}")
+    console.print(f"load average at start {load:.1f} on {os.cpu_count()} cores; {args.threads} threads; "
+                  f"{args.clock} clock; TVM {tuned}")
     results = {"peak": basis.__dict__, "load": load, "models": {}}
     with tempfile.TemporaryDirectory(prefix="legoc-bench-") as tmp:
         for name in args.models.split(","):
