@@ -359,10 +359,13 @@ def stage_compile(model: Path, root: Path, name: str, args, nested: bool) -> dic
     trained_now = any(not r.get("cached", True) for r in retrain)
     seconds = report.timings.get("recalibrate", 0.0) + report.timings.get("retrain", 0.0)
     first = _read(root / f"{name}-retrain.json")
-    if trained_now or first is None:
+    if trained_now:
         first = {"seconds": seconds, "cached_variants": sum(bool(r.get("cached")) for r in retrain),
                  "variants": len(retrain), "timings": report.timings}
         _write(root / f"{name}-retrain.json", first)
+    elif first is None:
+        raise SystemExit(f"legoc's retraining came from {private / 'retrain'} without a record of its time "
+                         "(an interrupted run?); delete that folder and run again")
     info = {"key": key, "artifact": str(art), "timings": report.timings, "wall_seconds": wall,
             "retrain_seconds": first["seconds"], "retrain_record": first}
     _write(info_path, info)
@@ -383,7 +386,8 @@ def stage_baselines(spec, root: Path, args, seconds_total: float) -> dict:
     out = {}
     train = val = None
     for r in args.ratios:
-        cfg = BaselineConfig(ratio=r, seconds=per_size if r > 0 else 0.0, blocks=args.blocks)
+        cfg = BaselineConfig(ratio=r, seconds=per_size if r > 0 else 0.0, blocks=args.blocks,
+                             num_threads=args.torch_threads)
         key = _digest(spec.path.read_bytes(), repr(cfg))
         name = f"baseline-r{r:.2f}"
         info = _read(root / f"{name}.json")
@@ -506,8 +510,12 @@ def report(model: Path, root: Path, results: dict, out_dir: Path, args) -> str:
         summary["rows"].append({"fraction": f, "legoc": min(legoc_acc) if legoc_acc else None,
                                 "uniform": u and u["accuracy"], "tvm": bt and bt["accuracy"],
                                 "ort": bo and bo["accuracy"]})
+    infeasible = sum("choice" not in st for st in tvm["sweeps"]["legoc"]["steps"])
+    summary["infeasible"] = infeasible
     lines += ["", f"Budget steps above the budget: {summary['violations']} of {summary['steps']} "
-                  f"({100 * (1 - summary['violations'] / max(1, summary['steps'])):.0f}% within).", ""]
+                  f"({100 * (1 - summary['violations'] / max(1, summary['steps'])):.0f}% within); "
+                  f"budgets below the smallest configuration's estimate (infeasible, an error to the app): {infeasible}.",
+              ""]
     # -- every measured point
     lines += ["## Every measured configuration", "",
               "| approach | configuration | MMACs | latency ms | test accuracy |", "|---|---|---:|---:|---:|"]
@@ -617,6 +625,7 @@ def run(args) -> int:
     from legoc.runtime.artifact import read_manifest
     from legoc.runtime.estimate import Profiles
 
+    torch.set_num_threads(args.torch_threads)
     model = Path(args.model).resolve()
     root = cache_dir() / "bench" / "scaling" / f"{model.stem}-{_digest(model.read_bytes(), args.blocks, args.ratios)}"
     root.mkdir(parents=True, exist_ok=True)
@@ -753,6 +762,9 @@ def main(argv=None) -> int:
     ap.add_argument("--remeasure", action="store_true", help="time everything again (compiles stay cached)")
     ap.add_argument("--recompile", action="store_true", help="compile and fine-tune again (after changing legoc)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="PyTorch threads for legoc's retraining and the baseline's fine-tuning alike (default 1: on "
+                         "a shared, loaded 2-core machine two spinning OpenMP threads per process ran slower than one)")
     ap.add_argument("--co-running", nargs="+", metavar="MODEL.py", help="co-running copies of these benchmarked models")
     ap.add_argument("--counts", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 6])
     args = ap.parse_args(argv)
