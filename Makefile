@@ -12,7 +12,7 @@ $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e ".[compile,runtime]"
 	touch $(STAMP)
 
 # The aarch64 stand-in board: qemu-user (apt-get, when missing) + an aarch64 Python with the TVM

@@ -22,11 +22,18 @@ setup(
     package_dir=PACKAGES,
     package_data={"legoc.targets": ["*.json"]},
     install_requires=[
-        # The runtime needs only these; the compiler side also needs torch, apache-tvm, networkx
-        # (pinned in requirements.txt, which `make` installs first).
+        # legoc.runtime's own needs (selection, weights, signatures); it runs modules with TVM's
+        # runtime: `legoc[runtime]`. `legoc[compile]` is everything `legoc compile` needs. The
+        # pinned versions are in requirements.txt, which `make` installs first.
         "numpy",
         "safetensors",
         "ortools",
+        "cryptography",
     ],
+    extras_require={
+        "runtime": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1"],
+        "compile": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "torch==2.13.0", "networkx>=3.2",
+                    "onnx>=1.16", "rich>=13", "matplotlib>=3.7", "ziglang>=0.11"],
+    },
     entry_points={"console_scripts": ["legoc=legoc.cli:main"]},
 )

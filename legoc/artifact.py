@@ -77,8 +77,15 @@ class ArtifactWriter:
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
         return self.tmp
 
-    def commit(self, manifest: dict) -> Path:
+    def commit(self, manifest: dict, sign_key: str | os.PathLike | None = None) -> Path:
+        """Finish: the manifest, its digest and (with ``sign_key``, an Ed25519 private key PEM) its
+        signature, then rename into place."""
+        from legoc.runtime.signing import DIGEST, digest_text, sign
+
         self.draft(manifest)
+        (self.tmp / DIGEST).write_text(digest_text((self.tmp / MANIFEST).read_bytes()))
+        if sign_key is not None:
+            sign(self.tmp, sign_key)
         old = None
         if self.dest.exists():
             old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")

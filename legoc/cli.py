@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Jetson targets: build every block variant for the CPU and the GPU, so the runtime "
                         "chooses the device per block (default: the target's own device)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--sign", metavar="KEY.pem", help="sign the artifact's manifest with this Ed25519 private key")
     _rpc_options(c, required=False)
 
     i = sub.add_parser("inspect", help="print an artifact's blocks and variants")
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", "-i", required=True, action="append", help="input .npy (repeat for several inputs)")
     r.add_argument("--output", "-o", help="write the output here (.npy; .npz for a tuple/dict output)")
     r.add_argument("--variants", help="one variant index per block, comma-separated (instead of a budget)")
+    r.add_argument("--public-key", metavar="KEY.pub.pem",
+                   help="refuse the artifact unless its manifest is signed by this Ed25519 key's private half")
     r.add_argument("--devices", type=_names, default=None,
                    help="with --variants: one device per block (cpu or gpu), comma-separated, or one for all "
                         "(artifacts compiled with --devices; default: the target's own device)")
@@ -84,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="test_data() (default) or val_data(), the split compile measured on")
     e.add_argument("--record", action="store_true",
                    help="also store the results in the artifact's manifest, where `legoc inspect` shows them")
+
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts: STEM.pem and STEM.pub.pem")
+    k.add_argument("stem", help="path and name of the key files, without .pem")
+    s = sub.add_parser("sign", help="sign an artifact's manifest (which lists every file's sha256) with a private key")
+    s.add_argument("artifact")
+    s.add_argument("--key", required=True, metavar="KEY.pem", help="Ed25519 private key (PEM, from `legoc keygen`)")
 
     tg = sub.add_parser("targets", help="list the known targets")
     tg.add_argument("--names", action="store_true", help="only the names, one a line (for scripts)")
@@ -137,7 +146,7 @@ def cmd_run(args) -> int:
 
     from legoc.runtime.model import Model
 
-    m = Model(args.artifact)
+    m = Model(args.artifact, public_key=args.public_key)
     xs = []
     for path in args.input:
         try:
@@ -260,7 +269,7 @@ def cmd_compile(args) -> int:
                         round_to=args.round_to, progress=not args.no_progress,
                         retrain_epochs=args.retrain_epochs, retrain_minutes=args.retrain_minutes,
                         nested=args.nested, tune_trials=args.tune_trials, rpc=_rpc_config(args),
-                        devices=args.devices)
+                        devices=args.devices, sign_key=args.sign)
     report = compile_model(args.model, cfg)
     part = report.partition
     print(f"wrote {report.artifact}: {len(part.blocks)} blocks × {len(cfg.ratios)} variants, "
@@ -431,10 +440,28 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    from legoc.runtime.signing import keygen
+
+    private, public = keygen(args.stem)
+    print(f"wrote {private} (private: keep it where artifacts are built) and {public} (give it to the apps)")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from legoc.runtime.artifact import read_manifest
+    from legoc.runtime.signing import sign
+
+    read_manifest(args.artifact)    # a valid, uncorrupted artifact first
+    print(f"wrote {sign(args.artifact, args.key)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"compile": cmd_compile, "inspect": cmd_inspect, "targets": cmd_targets, "select": cmd_select,
-               "run": cmd_run, "evaluate": cmd_evaluate, "profile": cmd_profile}[args.command]
+               "run": cmd_run, "evaluate": cmd_evaluate, "profile": cmd_profile, "keygen": cmd_keygen,
+               "sign": cmd_sign}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -35,6 +35,7 @@ class CompileConfig:
     validate: bool = True           # measure a few combinations end to end (targets that run here)
     tune_trials: int = 0  # MetaSchedule trials per workload new to the tuning database (0: none)
     rpc: object = None  # legoc.targets.rpc.RpcConfig: measure every variant on a board over RPC
+    sign_key: Path | None = None    # Ed25519 private key (PEM): sign the manifest (legoc.runtime.signing)
     devices: tuple[str, ...] = ()   # Jetson: ("cpu", "gpu") builds every block variant for both; () its own device
 
     def __post_init__(self):
@@ -96,6 +97,10 @@ def _compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepo
 
     timings: dict[str, float] = {}
     target = get_target(config.target)          # fail fast on a bad target, before any work
+    if config.sign_key is not None:             # ... and on a signing key that is not one
+        from legoc.runtime.signing import read_key
+
+        read_key(config.sign_key, private=True)
     device_targets(target, config.devices)      # ... and on --devices it cannot have
     if config.round_to is None:                 # pruned channels: multiples of the vector width
         from legoc.targets.table import channel_multiple
@@ -547,5 +552,5 @@ def build_artifact(state, target, out: Path, config: CompileConfig, report: Comp
 
             bar.update(task, description=f"measuring on '{config.rpc.key}' over RPC")
             measure_into(writer.tmp, manifest, config.rpc)
-        writer.commit(manifest)
+        writer.commit(manifest, config.sign_key)
     return manifest

@@ -3,6 +3,8 @@
 An artifact is a directory ``NAME.lego/``:
 
     manifest.json                      schema, model, target, segments, variants, checksums
+    manifest.sha256                    the manifest's own sha256 (detects a corrupted manifest)
+    manifest.sig                       optional: Ed25519 signature of the manifest (legoc.runtime.signing)
     modules/<segment>/<variant>.so     compiled TVM Relax modules (weights are inputs)
     weights/<segment>/<variant>.safetensors   the weights of each module, in parameter order
 
@@ -29,7 +31,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+def read_manifest(path: str | os.PathLike, public_key: str | os.PathLike | bytes | None = None) -> dict:
+    """The artifact's manifest, after checking its digest and, with ``public_key`` (an Ed25519
+    public key: PEM file or bytes), its signature: nothing else is read before that."""
+    from legoc.runtime.signing import verify
+
     root = Path(path)
     mf = root / MANIFEST
     if not root.is_dir():
@@ -37,7 +43,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not mf.is_file():
         raise UserError(f"{root}: not a legoc artifact (no {MANIFEST}); it may be an interrupted compile: compile again")
     try:
-        manifest = json.loads(mf.read_text())
+        data = mf.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{mf}: unreadable manifest ({exc}); compile the artifact again") from exc
+    verify(root, data, public_key)
+    try:
+        manifest = json.loads(data)
     except (OSError, ValueError) as exc:
         raise UserError(f"{mf}: unreadable manifest ({exc}); compile the artifact again") from exc
     if manifest.get("schema") != SCHEMA:

@@ -141,9 +141,9 @@ class _WeightFiles:
 class Model:
     """A runtime-scalable model loaded from an artifact."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, public_key: str | Path | bytes | None = None):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path, public_key)
         self.segments = tuple(
             Segment(
                 name=s["name"], kind=s["kind"], inputs=tuple(s["inputs"]), outputs=tuple(s["outputs"]),
@@ -465,15 +465,19 @@ def median_latency_ms(model, inputs: Sequence[np.ndarray], warmup: int = 3, call
     return times if all_times else statistics.median(times)
 
 
-def load(path: str | Path, *, num_threads: int | None = None, adapt_to_speed: bool = False) -> Model:
+def load(path: str | Path, *, num_threads: int | None = None, adapt_to_speed: bool = False,
+         public_key: str | Path | bytes | None = None) -> Model:
     """Open an artifact (the manifest is read and validated; modules load on configure/first call).
 
     ``num_threads``: threads of TVM's CPU thread pool (see :func:`set_num_threads`); default:
     ``TVM_NUM_THREADS``, else one per core. ``adapt_to_speed``: budget selection scales the
-    latency profile by the slowdown observed in the latest calls (:meth:`Model.slowdown`)."""
+    latency profile by the slowdown observed in the latest calls (:meth:`Model.slowdown`).
+    ``public_key``: an Ed25519 public key (PEM file or bytes); the artifact must carry a signature
+    of its manifest by the matching private key (legoc.runtime.signing), checked before anything
+    else is read."""
     if num_threads is not None:
         set_num_threads(num_threads)
-    model = Model(path)
+    model = Model(path, public_key)
     model.adapt_to_speed = bool(adapt_to_speed)
     return model
 

@@ -271,12 +271,18 @@ def record(manifest: dict, latencies: dict[str, float], cfg: RpcConfig) -> None:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    """Replace ``root/manifest.json`` atomically (a reader sees the old or the new one)."""
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, root / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace ``root/manifest.json`` and its digest, each atomically. A signature of the old
+    manifest no longer holds: it is removed (sign again with `legoc sign`)."""
+    from legoc.runtime.signing import DIGEST, SIGNATURE, digest_text
+
+    data = json.dumps(manifest, indent=1).encode()
+    (root / SIGNATURE).unlink(missing_ok=True)
+    for name, content in ((MANIFEST, data), (DIGEST, digest_text(data).encode())):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            os.replace(tmp, root / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

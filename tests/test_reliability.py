@@ -63,7 +63,24 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where)
 def test_a_compile_prints_no_deprecation_noise_from_dependencies(tmp_path):
     path = tmp_path / "model.py"
     path.write_text(TINY.replace("CHANNELS", "3"))
-    r = _compile(str(path), "-o", str(tmp_path / "o.lego"), "--ratios", "0,0.5")
+    from legoc.runtime import load
+    from legoc.runtime.signing import keygen
+
+    private, public = keygen(tmp_path / "key")     # and the compile signs what it writes
+    r = _compile(str(path), "-o", str(tmp_path / "o.lego"), "--ratios", "0,0.5", "--sign", str(private))
     assert r.returncode == 0, r.stderr
     assert "FutureWarning" not in r.stderr and "LeafSpec" not in r.stderr, r.stderr
-    assert (tmp_path / "o.lego" / "manifest.json").is_file()
+    assert load(tmp_path / "o.lego", public_key=public).manifest["model"]["name"] == "model"
+
+
+def test_the_package_declares_what_compile_and_runtime_need():
+    # `pip install legoc[compile]` must give a working `legoc compile`, `legoc[runtime]` a runtime
+    from importlib.metadata import requires
+
+    reqs = requires("legoc")
+    def names(extra):   # noqa: E306
+        return {r.split(";")[0].split("=")[0].split(">")[0].strip() for r in reqs
+                if (f'extra == "{extra}"' in r) == (extra is not None)}
+    assert {"numpy", "safetensors", "ortools", "cryptography"} <= names(None)
+    assert {"apache-tvm", "apache-tvm-ffi"} <= names("runtime")
+    assert {"apache-tvm", "torch", "networkx", "onnx", "rich"} <= names("compile")
