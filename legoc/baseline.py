@@ -174,6 +174,7 @@ def finetune(pruned: Pruned, teacher: nn.Module, train: list, config: BaselineCo
             epochs = steps = 0
             while epochs < config.max_epochs and time.monotonic() < deadline:
                 student.train()
+                partial = True
                 for k in torch.randperm(len(train), generator=gen).tolist():
                     elapsed = time.monotonic() - t0
                     if elapsed >= config.seconds:
@@ -188,14 +189,15 @@ def finetune(pruned: Pruned, teacher: nn.Module, train: list, config: BaselineCo
                     opt.step()
                     steps += 1
                 else:
-                    epochs += 1
+                    epochs, partial = epochs + 1, False
                 student.eval()
                 if val:
                     acc = score(student, val)
                     if best is None or acc >= best:
                         best, best_state = acc, copy.deepcopy(student.state_dict())
                     if log:
-                        log(f"r{config.ratio:.2f}: epoch {epochs} val {acc:.4f} ({time.monotonic() - t0:.0f}s)")
+                        done = f"{epochs} epochs" + (" and part of the next (budget spent)" if partial else "")
+                        log(f"r{config.ratio:.2f}: {done}, val {acc:.4f} ({time.monotonic() - t0:.0f}s)")
                 else:
                     best_state = copy.deepcopy(student.state_dict())
         student.load_state_dict(best_state)
