@@ -430,8 +430,8 @@ class DepthwiseConv2d(_CPURule):
     """Depthwise NCHW conv2d (+ fused epilogue): one channel per parallel iteration; its padded
     input plane built in a scratch buffer there (zero border, then an unconditional vectorized
     copy), then each output row computed in chunks held in vector registers, the kernel taps
-    outside the vector loop. ReductionVectorized's generic form reads the padding in place
-    (a per-lane select per tap) and parallelizes over 8-wide chunks: 0.2-3 GFLOP/s here."""
+    outside the vector loop. (ReductionVectorized's generic form reads the padding in place, a
+    per-lane select per tap, and parallelizes over vector-wide chunks of a row.)"""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         parts = _split_around_reduction(sch)
