@@ -282,9 +282,12 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
     from legoc.runtime.estimate import DEFAULT_CALL_OVERHEAD_MS, MODULE_OVERHEAD_BYTES
 
     out = {"call_overhead_ms": {"value": DEFAULT_CALL_OVERHEAD_MS, "source": "estimated",
-                                "how": "default; the target does not run here"},
+                                "how": "default (not measured: no validation)"},
            "module_overhead_bytes": MODULE_OVERHEAD_BYTES, "validation": []}
-    if not target.runs_here or not config.validate:
+    if not target.runs_here:
+        _estimate_board_figures(manifest, target, out)
+        return out
+    if not config.validate:
         return out
     from legoc.runtime.estimate import Profiles
 
@@ -329,6 +332,21 @@ def _combination(state, target, manifest: dict, draft: Path, config, bar) -> dic
                              "and of the accuracy-drop calibration (in-sample), fitted: false the held-out Pareto points; "
                              "accuracy: the same metric as the profiles, whole model in PyTorch")
     return out
+
+
+def _estimate_board_figures(manifest: dict, target, out: dict) -> None:
+    """A board's per-segment call overhead and every variant's switch-in time, estimated (each
+    module's latency figure is compute only, so the overhead is counted once, here)."""
+    from legoc.runtime.estimate import ASSUMED_LOAD_BYTES_PER_S, variant_cost
+    from legoc.targets.calibration import call_overhead_ms
+
+    out["call_overhead_ms"] = call_overhead_ms()
+    for seg in manifest["segments"]:
+        for v in seg["variants"]:
+            ms = variant_cost(v).load_bytes / ASSUMED_LOAD_BYTES_PER_S * 1e3
+            v["profile"]["load_ms"] = {"value": ms, "source": "estimated",
+                                       "how": f"module and weight bytes read at an assumed "
+                                              f"{ASSUMED_LOAD_BYTES_PER_S / 1e6:.0f} MB/s (board storage)"}
 
 
 def _fit_latency(sums: list[float], measured: list[float], segments: int) -> tuple[float, float]:

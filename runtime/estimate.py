@@ -37,6 +37,8 @@ from legoc.errors import UserError
 # `python -m legoc.runtime.memory` on the 4-block MNIST host artifact (x86-64): about 280 KiB per
 # module; 384 KiB leaves a margin (benchmarks/estimators.py checks the estimate stays above).
 MODULE_OVERHEAD_BYTES = 384 * 1024
+# Read rate of module and weight files where switch-in times were not measured (boards).
+ASSUMED_LOAD_BYTES_PER_S = 200e6
 # Per-segment call overhead (Python dispatch, VM invoke) when nothing was measured.
 DEFAULT_CALL_OVERHEAD_MS = 0.02
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from legoc.errors import InternalError, UserError
-from legoc.runtime.estimate import Estimate, Profiles
+from legoc.runtime.estimate import ASSUMED_LOAD_BYTES_PER_S, Estimate, Profiles
 
 ACC_SCALE = 1_000_000      # objective units per metric unit
 LAT_SCALE = 1_000_000      # latency units (ns) per ms
@@ -153,7 +153,7 @@ def capacity_terms(prof: Profiles) -> list[list[int]]:
 
 
 def _load_ms(v) -> float:
-    return v.load_ms if v.load_ms is not None else v.load_bytes / 200e6 * 1e3   # ~200 MB/s if unmeasured
+    return v.load_ms if v.load_ms is not None else v.load_bytes / ASSUMED_LOAD_BYTES_PER_S * 1e3
 
 
 def _bounds(problems: list[Problem]) -> str:

@@ -1,6 +1,7 @@
 """Latency estimates for targets that do not run here (until they are measured over TVM RPC).
 
-``estimated latency = 2 * MACs / (peak FLOP/s * efficiency) + per-call overhead``
+``estimated latency = 2 * MACs / (peak FLOP/s * efficiency)`` per module, plus a per-call overhead
+once per segment of a configuration (``call_overhead_ms``)
 
 * peak: fp32 FLOP/s of the board from its published core counts and clocks (CPU: cores x clock x
   FLOP per cycle of its NEON units; GPU: CUDA cores x clock x 2);
@@ -65,10 +66,20 @@ def estimate_latency_ms(target_name: str, device: str, macs: int) -> dict:
     if cal is None:
         return {"value": None, "source": "unmeasured",
                 "how": f"no calibration for custom target {target_name}; measure it over TVM RPC (legoc profile --rpc)"}
-    value = 2.0 * macs / (cal.peak_gflops * 1e9 * eff) * 1e3 + CALL_OVERHEAD_MS.get(device, 0.02)
+    extra = CALL_OVERHEAD_MS.get(device, CALL_OVERHEAD_MS["cpu"]) - CALL_OVERHEAD_MS["cpu"]
+    value = 2.0 * macs / (cal.peak_gflops * 1e9 * eff) * 1e3 + extra
     return {"value": value, "source": "estimated",
             "how": f"2 x MACs / ({cal.peak_gflops:g} GFLOP/s peak [{cal.basis}] x efficiency {eff:g} [{eff_basis}])"
-                   f" + {CALL_OVERHEAD_MS.get(device, 0.02)} ms per call"}
+                   + (f" + {extra:g} ms launch cost of a {device} call" if extra else "")
+                   + "; the dispatch overhead of every call is counted once per segment by the combination estimate"}
+
+
+def call_overhead_ms() -> dict:
+    """The per-segment dispatch overhead of a board (the manifest's ``combination.call_overhead_ms``):
+    added once per segment to a configuration's latency, never inside a module's figure (a GPU
+    module's figure holds only the extra launch cost of a GPU call)."""
+    return {"value": CALL_OVERHEAD_MS["cpu"], "source": "estimated",
+            "how": "assumed per-call dispatch overhead on a board (Python, VM invoke)"}
 
 
 @dataclass(frozen=True)

@@ -127,8 +127,19 @@ def test_board_latency_is_estimated_not_measured(artifact):
         for v in seg["variants"]:
             lat = v["profile"]["latency_ms"]
             assert lat["source"] == "estimated" and lat["value"] > 0 and "GFLOP/s" in lat["how"]
-            assert "load_ms" not in v["profile"]
+            assert v["profile"]["load_ms"]["source"] == "estimated" and v["profile"]["load_ms"]["value"] > 0
     assert m["combination"]["validation"] == []
+    # the per-call overhead is counted once per segment, not also inside every module's figure
+    from legoc.targets.calibration import CALL_OVERHEAD_MS, EFFICIENCY, PEAKS
+
+    cal, (eff, _) = PEAKS["raspberry-pi-4"], EFFICIENCY["cpu"]
+    assert m["combination"]["call_overhead_ms"] == {**m["combination"]["call_overhead_ms"],
+                                                    "value": CALL_OVERHEAD_MS["cpu"], "source": "estimated"}
+    prof = Profiles(m)
+    n = len(prof.blocks)
+    compute = sum(2.0 * v["macs"] / (cal.peak_gflops * 1e9 * eff) * 1e3
+                  for s in m["segments"] for v in [s["variants"][0]])
+    assert prof.latency_ms([0] * n) == pytest.approx(compute + len(m["segments"]) * CALL_OVERHEAD_MS["cpu"])
 
 
 def test_memory_estimate_is_not_below_the_measured_peak(artifact):
