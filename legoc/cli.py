@@ -24,8 +24,15 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are legoc's one-line user errors (argparse prints usage and exits)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="legoc", description="Compile a PyTorch CNN into a runtime-scalable artifact of swappable blocks.")
+    p = _Parser(prog="legoc", description="Compile a PyTorch CNN into a runtime-scalable artifact of swappable blocks.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile model.py for a target into NAME.lego/")
@@ -458,7 +465,11 @@ def cmd_sign(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UserError as exc:
+        print(f"legoc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     handler = {"compile": cmd_compile, "inspect": cmd_inspect, "targets": cmd_targets, "select": cmd_select,
                "run": cmd_run, "evaluate": cmd_evaluate, "profile": cmd_profile, "keygen": cmd_keygen,
                "sign": cmd_sign}[args.command]
