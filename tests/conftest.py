@@ -60,3 +60,24 @@ def artifact(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+TINY_MODEL = """
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+
+def example_inputs():
+    return (torch.zeros(1, CHANNELS, 16, 16),)
+"""
+
+
+@pytest.fixture
+def tiny_model_source():
+    """The source of a two-conv model file; ``channels`` sets its example input's channel count
+    (3 fits the model)."""
+    return lambda channels=3: TINY_MODEL.replace("CHANNELS", str(channels))

@@ -16,33 +16,21 @@ from legoc.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GOOD = '''
-import torch
-from torch import nn
-
-def build_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
-
-def example_inputs():
-    return (torch.zeros(1, 3, 16, 16),)
-'''
-
 # -------------------------------------------------------------------------------- compile
 
-COMPILE_CASES = {
+def compile_cases(good: str) -> dict:
+    return {
     # name: (model source or None for a missing file, extra CLI args, expected text)
     "missing model file": (None, [], "no such model file"),
     "syntax error": ("def build_model(:\n", [], "SyntaxError"),
     "no factory": ("x = 1\n", [], "defines no build_model()"),
     "factory raising": ("def build_model():\n    raise ValueError('no weights')\ndef example_inputs():\n    return ()\n",
                         [], "build_model() raised ValueError: no weights"),
-    "example_inputs not tensors": (GOOD.replace("return (torch.zeros(1, 3, 16, 16),)", "return ([1, 2, 3],)"), [],
+    "example_inputs not tensors": (good.replace("return (torch.zeros(1, 3, 16, 16),)", "return ([1, 2, 3],)"), [],
                                    "example_inputs"),
-    "inputs not matching the model": (GOOD.replace("zeros(1, 3,", "zeros(1, 5,"), [],
+    "inputs not matching the model": (good.replace("zeros(1, 3,", "zeros(1, 5,"), [],
                                       "expected input[1, 5, 16, 16] to have 3 channels"),
-    "untraceable control flow": (GOOD.replace("def build_model():", '''class Branchy(nn.Module):
+    "untraceable control flow": (good.replace("def build_model():", '''class Branchy(nn.Module):
     def __init__(self):
         super().__init__()
         self.c = nn.Conv2d(3, 8, 3, padding=1)
@@ -62,21 +50,21 @@ def build_model():
 def example_inputs():
     return (torch.zeros(1, 12),)
 ''', [], "nothing"),
-    "unknown target": (GOOD, ["--target", "pi-zero"], "unknown target 'pi-zero'; valid targets: host,"),
-    "malformed target json": (GOOD, ["--target", "BADJSON"], "target"),
-    "ratio 1": (GOOD, ["--ratios", "0,1"], "ratio"),
-    "negative ratio": (GOOD, ["--ratios", "0,-0.5"], "ratio"),
-    "non-numeric ratio": (GOOD, ["--ratios", "0,half"], "--ratios takes comma-separated numbers"),
-    "zero blocks": (GOOD, ["--blocks", "0"], "blocks"),
-    "negative retrain epochs": (GOOD, ["--retrain-epochs", "-1"], "--retrain-epochs"),
-    "round-to zero": (GOOD, ["--round-to", "0"], "--round-to"),
-    "sign key missing": (GOOD, ["--sign", "NOKEY"], "no such private key file"),
+    "unknown target": (good, ["--target", "pi-zero"], "unknown target 'pi-zero'; valid targets: host,"),
+    "malformed target json": (good, ["--target", "BADJSON"], "target"),
+    "ratio 1": (good, ["--ratios", "0,1"], "ratio"),
+    "negative ratio": (good, ["--ratios", "0,-0.5"], "ratio"),
+    "non-numeric ratio": (good, ["--ratios", "0,half"], "--ratios takes comma-separated numbers"),
+    "zero blocks": (good, ["--blocks", "0"], "blocks"),
+    "negative retrain epochs": (good, ["--retrain-epochs", "-1"], "--retrain-epochs"),
+    "round-to zero": (good, ["--round-to", "0"], "--round-to"),
+    "sign key missing": (good, ["--sign", "NOKEY"], "no such private key file"),
 }
 
 
-@pytest.mark.parametrize("case", list(COMPILE_CASES))
-def test_compile(case, tmp_path, capsys):
-    source, extra, expected = COMPILE_CASES[case]
+@pytest.mark.parametrize("case", list(compile_cases("")))
+def test_compile(case, tmp_path, capsys, tiny_model_source):
+    source, extra, expected = compile_cases(tiny_model_source())[case]
     model = tmp_path / "model.py"
     if source is not None:
         model.write_text(source)
@@ -92,7 +80,7 @@ def test_compile(case, tmp_path, capsys):
 # ------------------------------------------------------------------- artifacts on the CLI
 
 
-def _artifact_cases(art: Path, tmp: Path) -> dict:
+def _artifact_cases(art: Path, tmp: Path, good: str = "") -> dict:
     """name: (function that damages a copy of the artifact or writes inputs, CLI args, expected)."""
     def manifest_edit(fn):
         def damage(a):
@@ -136,7 +124,7 @@ def _artifact_cases(art: Path, tmp: Path) -> dict:
         "artifact for another machine": (manifest_edit(lambda m: m["target"].update(triple="aarch64-linux-gnu",
                                                                                     name="raspberry-pi-4")),
                                          ["run", "A", "--input", str(x)], "aarch64"),
-        "evaluate without test_data": (lambda a: (tmp / "m.py").write_text(GOOD), ["evaluate", "A", str(tmp / "m.py")],
+        "evaluate without test_data": (lambda a: (tmp / "m.py").write_text(good), ["evaluate", "A", str(tmp / "m.py")],
                                        "test_data"),
         "profile with no tracker": (lambda a: None, ["profile", "A", "--rpc", "127.0.0.1:9", "--device-key", "pi"],
                                     "127.0.0.1:9"),
@@ -155,11 +143,11 @@ CLI_ARTIFACT_CASES = list(_artifact_cases(Path("A"), Path("T")))
 
 
 @pytest.mark.parametrize("case", CLI_ARTIFACT_CASES)
-def test_artifact_cli(case, artifact, tmp_path, capsys):
+def test_artifact_cli(case, artifact, tmp_path, capsys, tiny_model_source):
     art = tmp_path / "a.lego"
     shutil.copytree(artifact("vgg_chain").artifact, art)
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
-    damage, args, expected = _artifact_cases(art, tmp_path)[case]
+    damage, args, expected = _artifact_cases(art, tmp_path, tiny_model_source())[case]
     damage(art)
     before = _snapshot(art)
     _one_line(capsys, [str(art) if a == "A" else a for a in args], expected)

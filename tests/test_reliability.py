@@ -10,20 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = '''
-import torch
-from torch import nn
-
-def build_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
-
-def example_inputs():
-    return (torch.zeros(1, CHANNELS, 16, 16),)
-'''
-
-
 def _compile(*args):
     """`legoc compile` in a subprocess: what a user sees on the terminal."""
     return subprocess.run([sys.executable, "-m", "legoc", "compile", *args, "--no-progress"],
@@ -38,9 +24,9 @@ def _one_line(r) -> str:
     return lines[0]
 
 
-def test_example_inputs_that_do_not_fit_the_model_name_torchs_reason(tmp_path):
+def test_example_inputs_that_do_not_fit_the_model_name_torchs_reason(tmp_path, tiny_model_source):
     path = tmp_path / "model.py"
-    path.write_text(TINY.replace("CHANNELS", "5"))
+    path.write_text(tiny_model_source(5))
     err = _one_line(_compile(str(path), "-o", str(tmp_path / "o.lego")))
     assert "the model fails on its example_inputs()" in err
     assert "expected input[1, 5, 16, 16] to have 3 channels, but got 5 channels" in err
@@ -49,9 +35,9 @@ def test_example_inputs_that_do_not_fit_the_model_name_torchs_reason(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
-def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where):
+def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where, tiny_model_source):
     path = tmp_path / "model.py"
-    path.write_text(TINY.replace("CHANNELS", "3"))
+    path.write_text(tiny_model_source())
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     out = blocker / "sub" / "o.lego" if where == "under-a-file" else blocker
@@ -60,9 +46,9 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where)
     assert blocker.read_text() == "x"
 
 
-def test_a_compile_prints_no_deprecation_noise_from_dependencies(tmp_path):
+def test_a_compile_prints_no_deprecation_noise_from_dependencies(tmp_path, tiny_model_source):
     path = tmp_path / "model.py"
-    path.write_text(TINY.replace("CHANNELS", "3"))
+    path.write_text(tiny_model_source())
     from legoc.runtime import load
     from legoc.runtime.signing import keygen
 
