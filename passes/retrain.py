@@ -77,7 +77,7 @@ def _load_cached(key: str, gm: torch.nn.Module) -> dict | None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         return {"epochs": int(meta.get("epochs", 0)), "held_mse_before": float(meta.get("held_mse_before", "nan")),
-                "held_mse_after": float(meta.get("held_mse_after", "nan")), "cached": True}
+                "held_mse_after": float(meta.get("held_mse_after", "nan")), "cached": True, "stopped": "done"}
     except Exception:  # a damaged cache entry is retrained, not trusted
         return None
 
@@ -109,6 +109,7 @@ class _Job:
     before: float
     stale: int = 0
     epochs: int = 0
+    cut: bool = False      # stopped by the time limit before its epochs or patience ran out
     masks: list = dataclasses.field(default_factory=list)  # (param, 0/1 mask): frozen entries get 0
 
     @classmethod
@@ -124,7 +125,8 @@ class _Job:
         self.gm.eval()
         for p in self.gm.parameters():
             p.requires_grad_(False)
-        return {"epochs": self.epochs, "held_mse_before": self.before, "held_mse_after": self.best}
+        return {"epochs": self.epochs, "held_mse_before": self.before, "held_mse_after": self.best,
+                "stopped": "time limit" if self.cut else "done"}
 
     @property
     def done(self) -> bool:
@@ -158,9 +160,13 @@ def _train(part, jobs: list[_Job], train: list, held_pairs: dict, epochs: int, d
     order = list(range(len(train)))
     rng = random.Random(0)
     task = bar.add_task(label, total=epochs * len(train))
+    out_of_time = False
     for epoch in range(epochs):
         live = [j for j in jobs if not j.done]
-        if not live or time.monotonic() > deadline:
+        if not live:
+            break
+        if time.monotonic() > deadline:
+            out_of_time = True
             break
         rng.shuffle(order)
         total, count = 0.0, 0
@@ -179,6 +185,7 @@ def _train(part, jobs: list[_Job], train: list, held_pairs: dict, epochs: int, d
             bar.update(task, advance=1, description=f"{label}: {len(live)} variants, epoch {epoch + 1}/{epochs}, "
                                                     f"mse {total / max(1, count):.4g}")
             if time.monotonic() > deadline:
+                out_of_time = True
                 break
         for job in live:
             job.epochs += 1
@@ -187,6 +194,9 @@ def _train(part, jobs: list[_Job], train: list, held_pairs: dict, epochs: int, d
                 job.best, job.best_state, job.stale = mse, copy.deepcopy(job.gm.state_dict()), 0
             else:
                 job.stale += 1
+    if out_of_time:
+        for job in jobs:
+            job.cut = job.cut or (not job.done and job.epochs < epochs)
 
 
 def _frozen_masks(gm: torch.nn.Module, previous: torch.nn.Module | None) -> list:
@@ -264,7 +274,8 @@ class Retrain(Pass):
         _train(part, jobs, train, held_pairs, epochs, deadline, bar, "retraining")
         for job in jobs:
             info = job.finish()
-            _save_cached(keys[(job.block, job.index)], job.gm, info)
+            if not job.cut:   # a result the time limit cut short depends on this machine's speed now
+                _save_cached(keys[(job.block, job.index)], job.gm, info)
             report[(job.block, variants[job.block][job.index].id)] = {**info, "cached": False}
         return report
 
@@ -315,6 +326,8 @@ class Retrain(Pass):
             for v in vs:
                 if v is not full:
                     copy_leading(full.gm, v.gm)
+            if any(report[(name, v.id)]["stopped"] != "done" for v in vs):
+                continue      # cut short by the time limit: used now, never cached
             _save_cached(keys[name], full.gm, {"epochs": max(report[(name, v.id)]["epochs"] for v in vs),
                                                "held_mse_before": float("nan"), "held_mse_after": float("nan")})
         return report

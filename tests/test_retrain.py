@@ -25,7 +25,7 @@ def test_retraining_lowers_held_out_error_and_is_cached(load_example, tmp_path, 
     report = result.state.retrain_report
     assert len(report) == len(state.partition.blocks)      # one pruned variant per block
     for (block, vid), info in report.items():
-        assert vid == "r0.60" and 1 <= info["epochs"] <= 3 and not info["cached"]
+        assert vid == "r0.60" and 1 <= info["epochs"] <= 3 and not info["cached"] and info["stopped"] == "done"
         assert info["held_mse_after"] < info["held_mse_before"], (block, info)
     for name, vs in result.state.variants.items():
         assert vs[0] is state.variants[name][0]             # the full-size variant is untouched
@@ -37,6 +37,15 @@ def test_retraining_lowers_held_out_error_and_is_cached(load_example, tmp_path, 
     for name, vs in again.state.variants.items():
         a, b = vs[1].gm.state_dict(), result.state.variants[name][1].gm.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_result_cut_short_by_the_time_limit_is_recorded_and_never_cached(load_example, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEGOC_CACHE", str(tmp_path))
+    state = _pruned(load_example)
+    cfg = CompileConfig(ratios=(0.0, 0.6), retrain_epochs=50, retrain_minutes=0.002, progress=False)
+    report = Retrain()(state, cfg).state.retrain_report
+    assert report and all(info["stopped"] == "time limit" and info["epochs"] < 50 for info in report.values())
+    assert not list((tmp_path / "retrain").glob("*.safetensors"))   # a later compile retrains
 
 
 def test_no_data_means_no_retraining(load_example):
