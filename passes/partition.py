@@ -294,6 +294,7 @@ def select(gm: torch.fx.GraphModule, cands: list[Region], order: list[str], k: i
         for q, _ in intervals.get(p, []):
             most[q + 1] = max(most[q + 1], most[p] + 1)
     limit = most[n_atoms]
+    exact = k is not None     # --blocks K asks for K blocks; the default is at most DEFAULT_BLOCKS
     if k is None:
         k = min(DEFAULT_BLOCKS, limit)
     if limit == 0 or k > limit:
@@ -312,7 +313,7 @@ def select(gm: torch.fx.GraphModule, cands: list[Region], order: list[str], k: i
     caps = sorted({sizes[round(i * (len(sizes) - 1) / 23)] for i in range(24)}) if sizes else []
     best_score, chosen = None, []
     for cap in caps:  # the largest block allowed; score = coverage - BALANCE * largest
-        got = _dp(n_atoms, k, intervals, packs, cap)
+        got = _dp(n_atoms, k, intervals, packs, cap, exact)
         if got is None:
             continue
         cov, neg_largest, regs = got
@@ -325,8 +326,9 @@ def select(gm: torch.fx.GraphModule, cands: list[Region], order: list[str], k: i
 BALANCE = 0.5  # how much a smaller largest block is worth against MACs left in the frame
 
 
-def _dp(n_atoms, k, intervals, packs, cap):
-    """Max coverage (then smallest largest block) with blocks of at most ``cap`` MACs."""
+def _dp(n_atoms, k, intervals, packs, cap, exact: bool = False):
+    """Max coverage (then smallest largest block) with blocks of at most ``cap`` MACs, in at most
+    ``k`` blocks (``exact``: exactly ``k``; fewer, larger blocks can cover more MACs)."""
     best = [[None] * (k + 1) for _ in range(n_atoms + 1)]
     best[0][0] = (0, 0, ())
 
@@ -346,7 +348,8 @@ def _dp(n_atoms, k, intervals, packs, cap):
             for q, r in intervals.get(p, []):
                 if r.macs <= cap:
                     relax(q + 1, b + 1, (cur[0] + r.macs, min(cur[1], -r.macs), cur[2] + (r,)))
-    options = [best[n_atoms][b] for b in range(k + 1) if best[n_atoms][b] is not None and best[n_atoms][b][2]]
+    options = [best[n_atoms][b] for b in (range(k, k + 1) if exact else range(k + 1))
+               if best[n_atoms][b] is not None and best[n_atoms][b][2]]
     return max(options, key=lambda t: (t[0], t[1], -len(t[2]))) if options else None
 
 

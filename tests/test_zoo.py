@@ -29,6 +29,16 @@ def _leaves(out):
 
 
 @pytest.mark.parametrize("name", sorted(zoo.MODELS))
+def test_every_block_count_up_to_the_limit_is_given_exactly(name):
+    # --blocks K asks for K blocks: fewer, larger blocks may cover more MACs, but are not what was asked
+    model, inputs = zoo.MODELS[name]()
+    gm, part = _partition(model, inputs)
+    for k in range(1, part.max_blocks + 1):
+        got = partition(gm, blocks=k)
+        assert len(got.blocks) == k, (name, k)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.MODELS))
 def test_zoo_partitions_and_recomposes(name):
     model, inputs = zoo.MODELS[name]()
     gm, part = _partition(model, inputs)
