@@ -35,6 +35,7 @@ from torch import nn
 
 import mnist_digits  # same folder; on sys.path when legoc loads this file or when run directly
 import mnist_training
+from mnist_resnet import BasicBlock  # the same residual block as the small example
 
 SIZE = 64  # input side after upsampling
 BATCH_SIZE = 64
@@ -61,31 +62,6 @@ TRAIN = {
     "keep": "best_val_epoch",
 }
 CACHE_VERSION = 1  # bump to invalidate caches written by an older training procedure
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.downsample = None
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_ch),
-            )
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:  # structural, not data-dependent: fx-traceable
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
 
 
 class MnistResNet18(nn.Module):
