@@ -74,12 +74,12 @@ def granularity(channels: int, ratios, round_to: int) -> int:
 
 
 def taylor_scores(gm: torch.fx.GraphModule, inputs: list, targets: list, source: str = "the model") -> dict:
-    """First-order Taylor importance (Molchanov et al. 2017) of every conv's output channels:
+    """First-order Taylor importance (Molchanov et al. 2017) of every conv's and Linear's output channels:
     mean over samples of |sum over positions of activation x d(loss)/d(activation)|, with the
     task loss on the model file's training data (cross-entropy for class targets, else MSE).
     Keys are conv module names, which the blocks share with the traced model."""
-    convs = {n.target for n in gm.graph.nodes if n.op == "call_module"
-             and isinstance(gm.get_submodule(n.target), nn.modules.conv._ConvNd)}
+    convs = {n.target for n in gm.graph.nodes if n.op == "call_module"   # every channel producer
+             and isinstance(gm.get_submodule(n.target), (nn.modules.conv._ConvNd, nn.Linear))}
     pairs = [(x, t) for x, t in zip(inputs, targets) if t is not None][:TAYLOR_BATCHES]
     if not pairs:
         raise UserError(f"--importance taylor needs train_data() in {source} to yield (input, target) batches")

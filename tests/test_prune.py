@@ -130,6 +130,22 @@ def test_taylor_importance_scores_channels_by_their_effect_on_the_loss():
         taylor_scores(gm, xs, [None, None], "m.py")
 
 
+def test_taylor_importance_covers_linear_producers():
+    # a prunable group whose producer is a Linear (a hidden layer) used to raise KeyError
+    from legoc.passes.prune import taylor_scores
+
+    torch.manual_seed(0)
+    model = DenseLayer().eval()
+    gm = _gm(model, torch.randn(1, 8, 6, 6))
+    xs, ys = [(torch.randn(16, 8, 6, 6),)], [torch.randint(0, 5, (16,))]
+    scores = taylor_scores(gm, xs, ys)
+    assert scores["fc1"].shape == (12,) and float(scores["fc1"].max()) > 0.0
+    v = prune_block(gm, xs[0][0][:1], 0.5, importance="taylor", taylor=scores)
+    with torch.no_grad():
+        assert v.gm(xs[0][0]).shape == gm(xs[0][0]).shape
+    assert any(c[2] < c[0] for c in v.channels.values())   # something was pruned by Taylor scores
+
+
 class DenseLayer(nn.Module):
     """x -> cat([x, relu(bn(conv(x)))]) -> bn -> relu -> 1x1 conv: a concat inside a block."""
 
