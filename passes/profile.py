@@ -299,11 +299,8 @@ class AccuracyProfiler:
     def metric(self, context: dict[str, int], block: str | None = None, index: int = 0) -> float:
         return self.measure(context, block, index)[0]
 
-    def samples(self, context: dict[str, int], block: str | None = None, index: int = 0) -> dict:
-        """The per-sample records (numpy arrays) of the evaluation ``metric()`` scores."""
-        return self.measure(context, block, index)[1]
-
     def measure(self, context: dict[str, int], block: str | None = None, index: int = 0) -> tuple[float, dict]:
+        """(metric, per-sample records) of ``context`` with ``block`` at variant ``index``; cached."""
         choice = dict(context)
         if block is not None:
             choice[block] = index
