@@ -70,16 +70,21 @@ def _config_bytes(model, choice) -> int:
     return model.profiles.switch_bytes(None, list(choice))
 
 
-def _top1(model, x: np.ndarray, y: np.ndarray) -> float:
+def _correct(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per test sample: 1 if the top-1 class is right (kept for paired comparisons)."""
     batch = model.input_shapes[0][0]
-    correct = 0
+    out = []
     for i in range(0, len(x), batch):
         xi = x[i:i + batch]
         if len(xi) < batch:
             xi = np.concatenate([xi, np.zeros((batch - len(xi), *xi.shape[1:]), xi.dtype)])
-        out = np.asarray(model(np.ascontiguousarray(xi)))[:len(x[i:i + batch])]
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
-    return correct / len(x)
+        pred = np.asarray(model(np.ascontiguousarray(xi)))[:len(x[i:i + batch])].argmax(1)
+        out.append(pred == y[i:i + batch])
+    return np.concatenate(out).astype(np.uint8)
+
+
+def _top1(model, x: np.ndarray, y: np.ndarray) -> float:
+    return float(_correct(model, x, y).mean())
 
 
 def _sweep(path: str, budgets, x1: np.ndarray, calls: int) -> dict:
@@ -98,7 +103,7 @@ def _sweep(path: str, budgets, x1: np.ndarray, calls: int) -> dict:
         budget = f * full
         t0 = time.perf_counter()
         try:
-            m.configure(latency_ms=budget)
+            m.configure(latency_ms=budget, best_effort=True)
         except UserError as exc:
             steps.append({"fraction": f, "budget_ms": budget, "infeasible": str(exc)})
             continue
@@ -107,6 +112,7 @@ def _sweep(path: str, budgets, x1: np.ndarray, calls: int) -> dict:
         choice = [int(c) for c in sel.choice]
         lat = median_latency_ms(m, [x1], warmup=2, calls=calls)
         steps.append({"fraction": f, "budget_ms": budget, "choice": choice, "est_ms": sel.estimate.latency_ms,
+                      "within_budget": sel.within_budget,
                       "est_accuracy": sel.estimate.accuracy, "measured_ms": lat, "switch_ms": switch_ms,
                       "modules_loaded": m.last_switch_loaded,
                       "bytes_loaded": m.profiles.switch_bytes(prev, choice) if m.last_switch_loaded else 0,
@@ -167,8 +173,10 @@ def worker_tvm(req: dict) -> dict:
     results = []
     for it in items:
         m = models[it[0]].configure(variants=list(it[1]))
+        correct = _correct(m, x, y)
         results.append({"artifact": it[0], "choice": list(it[1]), "latency_ms": statistics.median(times[it]),
-                        "accuracy": _top1(m, x, y), "memory_bytes": m.profiles.estimate(list(it[1])).memory_bytes})
+                        "accuracy": float(correct.mean()), "correct": "".join(map(str, correct)),
+                        "memory_bytes": m.profiles.estimate(list(it[1])).memory_bytes})
     costs = {name: _swap_and_reload(path) for name, path in req["artifacts"].items()}
     return {"sweeps": sweeps, "configs": results, "costs": costs,
             "disk_bytes": {name: _dir_bytes(Path(p)) for name, p in req["artifacts"].items()}}
@@ -203,9 +211,10 @@ def worker_ort(req: dict) -> dict:
     out = {}
     for name, sess in sessions.items():
         iname = sess.get_inputs()[0].name
-        correct = sum(int(sess.run(None, {iname: np.ascontiguousarray(x[i:i + 1])})[0].argmax(1)[0] == y[i])
-                      for i in range(len(x)))
-        out[name] = {"latency_ms": statistics.median(times[name]), "accuracy": correct / len(x),
+        correct = [int(sess.run(None, {iname: np.ascontiguousarray(x[i:i + 1])})[0].argmax(1)[0] == y[i])
+                   for i in range(len(x))]
+        out[name] = {"latency_ms": statistics.median(times[name]), "accuracy": sum(correct) / len(x),
+                     "correct": "".join(map(str, correct)),
                      "load_ms": load_ms[name], "disk_bytes": Path(req["onnx"][name]).stat().st_size}
     return out
 
@@ -252,19 +261,16 @@ def worker_corun(req: dict) -> dict:
                 m(x)
         budget = req["period_ms"]
         row = {"models": k, "period_budget_ms": budget}
-        sel = Scheduler(models).configure(period_ms=budget)
+        sel = Scheduler(models).configure(period_ms=budget, best_effort=True)
         row["joint"] = {"choices": [list(c) for c in sel.choices], "period_ms": _period_ms(models, xs, req["calls"]),
+                        "within_budget": sel.within_budget,
                         "accuracy": [acc(s["artifact"], c, s["test"]) for s, c in zip(specs, sel.choices)]}
-        equal = []
-        for m in models:
-            try:
-                m.configure(latency_ms=budget / k)
-                equal.append(list(m.last_selection.choice))
-            except Exception:   # infeasible share: the smallest configuration
-                smallest = [len(b.variants) - 1 for b in m.blocks]
-                m.configure(variants=smallest)
-                equal.append(smallest)
-        row["equal"] = {"choices": equal, "period_ms": _period_ms(models, xs, req["calls"]),
+        equal, fits = [], True
+        for m in models:   # a share no configuration meets: the fastest (best effort)
+            m.configure(latency_ms=budget / k, best_effort=True)
+            equal.append(list(m.last_selection.choice))
+            fits = fits and m.last_selection.within_budget
+        row["equal"] = {"choices": equal, "period_ms": _period_ms(models, xs, req["calls"]), "within_budget": fits,
                         "accuracy": [acc(s["artifact"], c, s["test"]) for s, c in zip(specs, equal)]}
         picks = []
         for s in specs:
@@ -333,7 +339,9 @@ def stage_compile(model: Path, root: Path, name: str, args, nested: bool) -> dic
     from legoc.paths import cache_dir
     from legoc.pipeline import CompileConfig, compile_model
 
-    options = {"blocks": args.blocks, "ratios": args.ratios, "nested": nested}
+    options = {"blocks": args.blocks, "ratios": args.ratios, "nested": nested,
+               "retrain_minutes": args.retrain_minutes, "retrain_epochs": args.retrain_epochs,
+               "torch_threads": args.torch_threads}
     key = _digest(model.read_bytes(), options)
     art = root / f"{name}.lego"
     info_path = root / f"{name}.json"
@@ -346,9 +354,12 @@ def stage_compile(model: Path, root: Path, name: str, args, nested: bool) -> dic
     os.environ["LEGOC_CACHE"] = str(private)
     _log(f"legoc compile {model.name} {options} -> {art}")
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     try:
         report = compile_model(model, CompileConfig(target="host", output=art, blocks=args.blocks,
-                                                    ratios=tuple(args.ratios), nested=nested, progress=True))
+                                                    ratios=tuple(args.ratios), nested=nested, progress=True,
+                                                    retrain_minutes=args.retrain_minutes,
+                                                    retrain_epochs=args.retrain_epochs))
     finally:
         if old is None:
             os.environ.pop("LEGOC_CACHE", None)
@@ -367,6 +378,7 @@ def stage_compile(model: Path, root: Path, name: str, args, nested: bool) -> dic
         raise SystemExit(f"legoc's retraining came from {private / 'retrain'} without a record of its time "
                          "(an interrupted run?); delete that folder and run again")
     info = {"key": key, "artifact": str(art), "timings": report.timings, "wall_seconds": wall,
+            "load": [load0, os.getloadavg()[0]],
             "retrain_seconds": first["seconds"], "retrain_record": first}
     _write(info_path, info)
     return info
@@ -426,6 +438,13 @@ def _pick(points: list[dict], budget: float):
     return max(fit, key=lambda p: (p["accuracy"], -p["latency_ms"])) if fit else None
 
 
+def _paired(a: str, b: str) -> tuple[float, float]:
+    """Mean difference of two per-sample correctness strings (a - b) and its 95% half-width
+    (normal approximation of the paired differences; same test samples for both)."""
+    d = np.frombuffer(a.encode(), np.uint8).astype(float) - np.frombuffer(b.encode(), np.uint8).astype(float)
+    return float(d.mean()), float(1.96 * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
@@ -447,8 +466,11 @@ def report(model: Path, root: Path, results: dict, out_dir: Path, args) -> str:
     base_ort = [dict(ort[b], name=b) for b in baselines]
     uniform = [configs[("legoc", tuple([i] * results["blocks"]))] for i in range(len(args.ratios))]
     lines = [f"# Does block-grained scaling pay? — `{model.name}`", ""]
-    lines += [f"Measured {results['date']} on this machine ({results['host']}); a shared 2-core VM that other "
-              "jobs were loading, single runs. Latency: end to end, batch 1, torch-free worker process, "
+    load = results.get("load") or {}
+    cond = (f"load average (1 min) {load['measure'][0]:.2f} before and {load['measure'][1]:.2f} after the timing, "
+            f"{load['compile'][0]:.2f}–{load['compile'][1]:.2f} around legoc's compile; " if load else "")
+    lines += [f"Measured {results['date']} on this machine ({results['host']}); {cond}one run. "
+              "Latency: end to end, batch 1, torch-free worker process, "
               f"median of {args.calls} calls in {ROUNDS} interleaved rounds (budget sweeps: median of {args.calls} "
               f"calls right after each switch). Accuracy: top-1 on the {results['test_samples']} test digits "
               "(never seen by `legoc compile`), computed from the compiled artifacts' outputs.", ""]
@@ -456,16 +478,19 @@ def report(model: Path, root: Path, results: dict, out_dir: Path, args) -> str:
     lines += ["## Accuracy at each latency budget", "",
               f"Budget = fraction × the full model's latency measured by the app at the start "
               f"({full_ms:.2f} ms). legoc: the CP-SAT choice of `load(..., adapt_to_speed=True).configure(latency_ms=B)`, "
-              "its test accuracy and its latency measured right after the switch (✗: above the budget); "
-              "the budget is stepped down then back up and both passes are shown (down / up). Model-grained and "
-              "uniform: the most accurate size whose latency measured in the interleaved rounds fits.", ""]
+              "its test accuracy and its latency measured right after the switch (✗: above the budget; "
+              "†: no configuration's estimate met the budget, so the app got the one that exceeds it least, "
+              "`best_effort=True`); the budget is stepped down then back up and both passes are shown (down / up). "
+              "Model-grained and uniform: the most accurate size whose latency measured in the interleaved rounds "
+              "fits. Δ: legoc by budget (the less accurate of its two passes) minus model-grained TVM, in points, "
+              "with a 95% interval from the paired per-digit differences.", ""]
     head = "| budget | ms | legoc by budget (down / up) | legoc ms (down / up) |"
     sep = "|---:|---:|---|---|"
     if "nested" in tvm["sweeps"]:
         head += " legoc --nested | nested ms |"
         sep += "---|---|"
-    head += " legoc uniform | model-grained TVM | model-grained ORT |"
-    sep += "---:|---:|---:|"
+    head += " legoc uniform | model-grained TVM | model-grained ORT | Δ legoc − TVM |"
+    sep += "---:|---:|---:|---:|"
     lines += [head, sep]
     summary = {"violations": 0, "steps": 0, "rows": []}
 
@@ -487,7 +512,8 @@ def report(model: Path, root: Path, results: dict, out_dir: Path, args) -> str:
                 continue
             acc = configs[(name, tuple(st["choice"]))]["accuracy"]
             over = st["measured_ms"] > st["budget_ms"]
-            accs.append(f"{_pct(acc)} `{''.join(map(str, st['choice']))}`")
+            dagger = "" if st.get("within_budget", True) else " †"
+            accs.append(f"{_pct(acc)} `{''.join(map(str, st['choice']))}`{dagger}")
             mss.append(f"{st['measured_ms']:.2f}{' ✗' if over else ''}")
         return " / ".join(accs), " / ".join(mss)
 
@@ -504,18 +530,26 @@ def report(model: Path, root: Path, results: dict, out_dir: Path, args) -> str:
             na, nm = cell(nested_steps.get(f, []), "nested")
             row += f" {na} | {nm} |"
         u, bt, bo = _pick(uniform, budget), _pick(base_tvm, budget), _pick(base_ort, budget)
-        row += (f" {_pct(u and u['accuracy'])} | {_pct(bt and bt['accuracy'])} | {_pct(bo and bo['accuracy'])} |")
+        row += f" {_pct(u and u['accuracy'])} | {_pct(bt and bt['accuracy'])} | {_pct(bo and bo['accuracy'])} |"
+        chosen = [configs[("legoc", tuple(st["choice"]))] for st in steps if "choice" in st]
+        worst = min(chosen, key=lambda c: c["accuracy"]) if chosen else None
+        diff = None
+        if worst and bt and "correct" in worst and "correct" in bt:
+            diff = _paired(worst["correct"], bt["correct"])
+            row += f" {100 * diff[0]:+.1f} ± {100 * diff[1]:.1f} |"
+        else:
+            row += " — |"
         lines.append(row)
-        legoc_acc = [configs[("legoc", tuple(st["choice"]))]["accuracy"] for st in steps if "choice" in st]
-        summary["rows"].append({"fraction": f, "legoc": min(legoc_acc) if legoc_acc else None,
+        summary["rows"].append({"fraction": f, "legoc": worst and worst["accuracy"],
                                 "uniform": u and u["accuracy"], "tvm": bt and bt["accuracy"],
-                                "ort": bo and bo["accuracy"]})
+                                "ort": bo and bo["accuracy"], "diff": diff})
     infeasible = sum("choice" not in st for st in tvm["sweeps"]["legoc"]["steps"])
-    summary["infeasible"] = infeasible
-    lines += ["", f"Budget steps above the budget: {summary['violations']} of {summary['steps']} "
-                  f"({100 * (1 - summary['violations'] / max(1, summary['steps'])):.0f}% within); "
-                  f"budgets below the smallest configuration's estimate (infeasible, an error to the app): {infeasible}.",
-              ""]
+    best_effort = sum(not st.get("within_budget", True) for st in tvm["sweeps"]["legoc"]["steps"] if "choice" in st)
+    summary |= {"infeasible": infeasible, "best_effort": best_effort}
+    lines += ["", f"legoc's budget steps with a measured latency above the budget: {summary['violations']} of "
+                  f"{summary['steps']} ({100 * (1 - summary['violations'] / max(1, summary['steps'])):.0f}% within); "
+                  f"of all steps, {best_effort} had no configuration estimated to fit (†) and {infeasible} raised an "
+                  "error.", ""]
     # -- every measured point
     lines += ["## Every measured configuration", "",
               "| approach | configuration | MMACs | latency ms | test accuracy |", "|---|---|---:|---:|---:|"]
@@ -656,10 +690,12 @@ def run(args) -> int:
             import fcntl
 
             fcntl.flock(lock, fcntl.LOCK_EX)
+            load0 = os.getloadavg()[0]
             tvm = run_worker("tvm", request)
             ort = run_worker("ort", {"test": str(root / "test.npz"), "calls": args.calls, "rounds": ROUNDS,
                                      "threads": 2, "onnx": {b: i["onnx"] for b, i in baselines.items()}})
-        measured = {"key": mkey, "tvm": tvm, "ort": ort, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        measured = {"key": mkey, "tvm": tvm, "ort": ort, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "load": [load0, os.getloadavg()[0]]}
         _write(root / "measured.json", measured)
     macs, memory = {}, {}
     for name, path in artifacts.items():
@@ -673,6 +709,8 @@ def run(args) -> int:
                "test_samples": int(sum(len(y) for y in ys)), "blocks": n, "tvm": measured["tvm"],
                "ort": measured["ort"], "baselines": baselines, "macs": macs,
                "legoc_retrain_s": legoc["retrain_seconds"], "legoc_memory_all": memory["legoc"],
+               "load": {"measure": measured.get("load", [float("nan")] * 2),
+                        "compile": legoc.get("load", [float("nan")] * 2)},
                "baseline_memory": {b: memory[b] for b in baselines}, "legoc_compile": legoc}
     if nested:
         results |= {"nested_retrain_s": nested["retrain_seconds"], "nested_memory_all": memory["nested"]}
@@ -762,6 +800,9 @@ def main(argv=None) -> int:
     ap.add_argument("--remeasure", action="store_true", help="time everything again (compiles stay cached)")
     ap.add_argument("--recompile", action="store_true", help="compile and fine-tune again (after changing legoc)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--retrain-minutes", type=float, default=10.0,
+                    help="legoc compile --retrain-minutes (the baseline gets the wall-clock legoc's retraining took)")
+    ap.add_argument("--retrain-epochs", type=int, default=10, help="legoc compile --retrain-epochs")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="PyTorch threads for legoc's retraining and the baseline's fine-tuning alike (default 1: on "
                          "a shared, loaded 2-core machine two spinning OpenMP threads per process ran slower than one)")

@@ -310,14 +310,16 @@ class Model:
     def select(self, latency_ms: float | None = None, memory_mb: float | None = None,
                min_accuracy: float | None = None, *, block_latency_ms: dict | None = None,
                allowed: dict | None = None, switch_penalty: float | None = None,
-               time_limit_s: float | None = None):
-        """The optimal configuration for a budget (CP-SAT), without switching to it."""
+               time_limit_s: float | None = None, best_effort: bool = False):
+        """The optimal configuration for a budget (CP-SAT), without switching to it.
+        ``best_effort``: if no configuration meets ``latency_ms``, the one that exceeds it least
+        (``within_budget`` False on the selection) instead of an error."""
         from legoc.runtime import solver
 
         budget = solver.Budget(latency_ms, memory_mb, min_accuracy, dict(block_latency_ms or {}), dict(allowed or {}))
         return solver.solve([self.problem(budget)],
                             switch_penalty=solver.DEFAULT_SWITCH_PENALTY if switch_penalty is None else switch_penalty,
-                            time_limit_s=time_limit_s or solver.DEFAULT_TIME_LIMIT_S)
+                            time_limit_s=time_limit_s or solver.DEFAULT_TIME_LIMIT_S, best_effort=best_effort)
 
     def configure(self, variants: Sequence[int] | None = None, *, devices: Sequence[str] | str | None = None,
                   latency_ms: float | None = None, memory_mb: float | None = None,

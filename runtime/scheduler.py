@@ -31,7 +31,8 @@ class Scheduler:
     def select(self, memory_mb: float | None = None, latency_ms: Sequence[float | None] | float | None = None,
                period_ms: float | None = None, min_accuracy: Sequence[float | None] | None = None, *,
                switch_penalty: float = solver.DEFAULT_SWITCH_PENALTY,
-               time_limit_s: float = solver.DEFAULT_TIME_LIMIT_S) -> solver.Selection:
+               time_limit_s: float = solver.DEFAULT_TIME_LIMIT_S, best_effort: bool = False) -> solver.Selection:
+        """The joint optimum; ``best_effort``: see legoc.runtime.solver.solve."""
         n = len(self.models)
         if latency_ms is not None and period_ms is not None:
             raise UserError("give either per-model latency_ms or one period_ms (shared processor time), not both")
@@ -42,7 +43,7 @@ class Scheduler:
         problems = [m.problem(solver.Budget(latency_ms=lat[k], min_accuracy=acc[k]), name=f"model {k} ({m.path.name})",
                               weight=self.weights[k]) for k, m in enumerate(self.models)]
         return solver.solve(problems, memory_mb=memory_mb, shared_latency_ms=period_ms,
-                            switch_penalty=switch_penalty, time_limit_s=time_limit_s)
+                            switch_penalty=switch_penalty, time_limit_s=time_limit_s, best_effort=best_effort)
 
     def configure(self, memory_mb: float | None = None, latency_ms=None, period_ms: float | None = None,
                   min_accuracy=None, **options) -> solver.Selection:

@@ -75,6 +75,7 @@ class Selection:
     solve_ms: float
     objective: float
     device_choices: tuple[tuple[str, ...], ...] = ()   # per model, one device per block ("cpu"/"gpu")
+    within_budget: bool = True   # False: best effort, no configuration met the latency budget (see solve)
 
     @property
     def choice(self) -> tuple[int, ...]:
@@ -171,10 +172,32 @@ def _bounds(problems: list[Problem]) -> str:
     return "; ".join(parts)
 
 
+class Infeasible(UserError):
+    """No configuration meets the budget."""
+
+
 def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_latency_ms: float | None = None,
           switch_penalty: float = DEFAULT_SWITCH_PENALTY, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-          workers: int = 1) -> Selection:
-    """The optimal variant choice for every model (see the module docstring)."""
+          workers: int = 1, best_effort: bool = False) -> Selection:
+    """The optimal variant choice for every model (see the module docstring).
+
+    ``best_effort``: when no configuration meets the latency budgets (an app that must keep
+    running on a machine slower than its budget), return the configuration that exceeds them
+    least (the sum of the excesses, in ns, minimised first), the most accurate such, with
+    ``within_budget=False``, instead of raising :class:`Infeasible`. Memory and accuracy limits
+    stay hard."""
+    try:
+        return _solve(problems, memory_mb, shared_latency_ms, switch_penalty, time_limit_s, workers, soft=False)
+    except Infeasible:
+        latency_budget = shared_latency_ms is not None or any(p.budget.latency_ms is not None for p in problems)
+        if not (best_effort and latency_budget):
+            raise
+        return _solve(problems, memory_mb, shared_latency_ms, switch_penalty, time_limit_s, workers, soft=True)
+
+
+def _solve(problems: list[Problem], memory_mb, shared_latency_ms, switch_penalty, time_limit_s, workers,
+           soft: bool) -> Selection:
+    """One selection; ``soft``: latency budgets may be exceeded, by as little as possible."""
     import time
 
     from ortools.sat.python import cp_model
@@ -191,8 +214,18 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
     model = _cp_model()
     xs: list[list[list]] = []
     options: list[list[list[tuple[int, str]]]] = []   # per model, block: the (variant, device) of each x
-    lat_terms, mem_terms, objective = [], [], []
+    lat_terms, mem_terms, objective, excess = [], [], [], []
     fixed_lat, fixed_mem = 0, 0
+
+    def latency_limit(expr, limit_ms: float, label: str) -> None:
+        limit = math.floor(limit_ms * LAT_SCALE)
+        if not soft:
+            model.add(expr <= limit)
+            return
+        over = model.new_int_var(0, 1 << 50, f"over_{label}")   # ns beyond the budget
+        model.add(expr - over <= limit)
+        excess.append(over)
+
     for m, p in enumerate(problems):
         prof, budget = p.profiles, p.budget
         names = prof.block_names
@@ -246,7 +279,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
         # -- constraints
         lat_expr = sum(c * var for c, var in m_lat) + frame_lat_int
         if budget.latency_ms is not None:
-            model.add(lat_expr <= math.floor(budget.latency_ms * LAT_SCALE))
+            latency_limit(lat_expr, budget.latency_ms, str(m))
         if budget.memory_mb is not None:
             model.add(sum(c * var for c, var in m_mem) + frame_mem <= int(budget.memory_mb * MIB))
         if budget.min_accuracy is not None:
@@ -259,10 +292,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
     if memory_mb is not None:
         model.add(sum(c * var for c, var in mem_terms) + fixed_mem <= int(memory_mb * MIB))
     if shared_latency_ms is not None:
-        model.add(sum(lat_terms) <= math.floor(shared_latency_ms * LAT_SCALE))
-    # -- objective
-    accuracy = sum(c * var for c, var in objective)
-    model.maximize(accuracy)
+        latency_limit(sum(lat_terms), shared_latency_ms, "shared")
     # -- solve with a time limit
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
@@ -270,6 +300,13 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
     solver.parameters.symmetry_level = 0       # measured (benchmarks/solver.py): both cut the solve time of
     solver.parameters.linearization_level = 2  # these knapsacks, the joint ones by 2-8x
     solver.parameters.cp_model_presolve = False  # one-hot knapsacks gain nothing from it: 8x5 median 4.4 -> 3.5 ms
+    if excess:   # best effort: the least excess first, then (below) the most accurate at that excess
+        model.minimize(sum(excess))
+        if solver.solve(model) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            model.add(sum(excess) <= round(solver.objective_value))
+    # -- objective
+    accuracy = sum(c * var for c, var in objective)
+    model.maximize(accuracy)
     status = solver.solve(model)
     name = solver.status_name(status)
     # -- check the status
@@ -283,7 +320,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
             asked += [f"{who}accuracy ≥ {b.min_accuracy}"] * (b.min_accuracy is not None)
         asked += [f"shared memory ≤ {memory_mb} MiB"] * (memory_mb is not None)
         asked += [f"total latency ≤ {shared_latency_ms} ms"] * (shared_latency_ms is not None)
-        raise UserError(f"no configuration meets the budget ({', '.join(asked) or 'per-block limits'}): "
+        raise Infeasible(f"no configuration meets the budget ({', '.join(asked) or 'per-block limits'}): "
                         f"{_bounds(problems)}; relax the budget")
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if status == cp_model.MODEL_INVALID:
@@ -302,7 +339,7 @@ def solve(problems: list[Problem], *, memory_mb: float | None = None, shared_lat
     return Selection(
         choices=choices, estimates=tuple(p.profiles.estimate(c, d) for p, c, d in zip(problems, choices, devices)),
         optimal=status == cp_model.OPTIMAL, status=name, solve_ms=(time.perf_counter() - t0) * 1e3,
-        objective=best / ACC_SCALE, device_choices=devices)
+        objective=best / ACC_SCALE, device_choices=devices, within_budget=not soft)
 
 
 def _fastest_of_best(model, solver, accuracy, best: int, latency, xs, values, time_limit_s: float):

@@ -155,3 +155,34 @@ def test_inspect_shows_the_interval_and_the_signal(tmp_path, monkeypatch, capsys
     text = capsys.readouterr().out
     assert "95%" in text and "KL divergence" in text
 
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(variant, min_size=1, max_size=4), min_size=1, max_size=3), st.floats(0.05, 0.95))
+def test_best_effort_under_an_unmeetable_budget_is_the_fastest_configuration(costs, frac):
+    # a budget below the fastest configuration: an error by default; with best_effort the
+    # configuration that exceeds it least (the fastest), flagged as not within the budget
+    from legoc.runtime.solver import Infeasible
+
+    prof = Profiles(_manifest(costs, samples=200))
+    fastest = min(prof.latency_ms(c) for c in prof.all_choices())
+    budget = frac * fastest
+    with pytest.raises(Infeasible):
+        solve([Problem(prof, Budget(latency_ms=budget))])
+    sel = solve([Problem(prof, Budget(latency_ms=budget))], best_effort=True)
+    assert not sel.within_budget
+    assert sel.estimate.latency_ms <= fastest + 1e-5 * (len(costs) + 1)
+    # a budget that can be met is met as before, flagged within it
+    ok = solve([Problem(prof, Budget(latency_ms=fastest + 1e-5 * (len(costs) + 1)))], best_effort=True)
+    assert ok.within_budget and ok.estimate.latency_ms <= fastest + 1e-5 * (len(costs) + 1)
+
+
+def test_best_effort_shares_the_excess_of_a_shared_period_budget():
+    costs = [[(0.0, 2.0, 100), (0.01, 1.0, 50)] for _ in range(2)]
+    a, b = Profiles(_manifest(costs)), Profiles(_manifest(costs))
+    sel = solve([Problem(a), Problem(b)], shared_latency_ms=1.0, best_effort=True)
+    assert not sel.within_budget and sel.choices == ((1, 1), (1, 1))
+    # memory stays a hard limit
+    from legoc.runtime.solver import Infeasible
+    with pytest.raises(Infeasible):
+        solve([Problem(a), Problem(b)], shared_latency_ms=1.0, memory_mb=1e-6, best_effort=True)
