@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import seeded  # same folder; on sys.path when legoc loads this file or when run directly
+
 SEED = 0
 NUM_CLASSES = 10
 STEM_CHANNELS = 32
@@ -73,36 +75,13 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        elif isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
-
-
 def build_model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = MobileNetV2()
-        _init_weights(model)
-    return model.eval()
+    return seeded.build(MobileNetV2, SEED)
 
 
 def example_inputs() -> tuple[torch.Tensor, ...]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED + 1)
-        return (torch.randn(1, 3, 32, 32),)
+    return seeded.random_input((1, 3, 32, 32), SEED + 1)
 
 
 if __name__ == "__main__":
-    m = build_model()
-    (x,) = example_inputs()
-    print(m(x).shape, sum(p.numel() for p in m.parameters()), "params")
+    seeded.describe(build_model, example_inputs)
