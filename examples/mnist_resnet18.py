@@ -51,7 +51,7 @@ ARCH = {
 TRAIN = {
     "seed": 0,
     "split_seed": 0,
-    "epochs": 3,
+    "epochs": 8,
     "batch_size": BATCH_SIZE,
     "optimizer": "adamw",
     "lr": 2e-3,
