@@ -186,3 +186,97 @@ def cached_weights(name: str, spec: dict, new_model: Callable[[], nn.Module],
     save_atomic(model, path, metadata={"config_hash": spec_hash(spec)})
     _stderr(f"{name}: trained in {time.perf_counter() - t0:.0f}s, cached at {path}")
     return model.eval()
+
+
+# ------------------------------------------------------------------- one MNIST example model
+
+class MnistExample:
+    """What an MNIST example model file is besides its architecture: the seeded fresh model, the
+    weight-cache spec, the splits as batches (upsampled to ``size`` if given), training and the
+    cached trained model. A model file makes one and exposes its methods as the legoc model-file
+    functions (``build_model = example.build_model`` and so on)."""
+
+    def __init__(self, name: str, model_class: Callable[[], nn.Module], arch: dict, train: dict,
+                 cache_version: int, batch_size: int = 64, size: int | None = None):
+        self.name, self.model_class, self.arch, self.train_config = name, model_class, arch, train
+        self.cache_version, self.batch_size, self.size = cache_version, batch_size, size
+        self._splits = None
+        self._batches: dict[str, Batches] = {}
+
+    def new_model(self) -> nn.Module:
+        """A fresh model: seeded Kaiming-normal convs, without touching the caller's RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.train_config["seed"])
+            model = self.model_class()
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        return model
+
+    def spec(self) -> dict:
+        """Everything that determines the trained weights: the cache key of ``build_model()``."""
+        with torch.random.fork_rng(devices=[]):  # building a throwaway model must not touch the RNG
+            modules = repr(self.model_class())
+        return {
+            "version": self.cache_version,
+            "arch": self.arch,
+            "train": self.train_config,
+            "modules": modules,  # catches layer changes not reflected in arch
+            "n_train": mnist_digits.N_TRAIN_PER_CLASS,
+            "n_val": mnist_digits.N_VAL_PER_CLASS,
+            "n_test": mnist_digits.N_TEST_PER_CLASS,
+        }
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """One split (train / val / test) as 28x28 NumPy arrays."""
+        if self._splits is None:
+            self._splits = mnist_digits.load_splits(seed=self.train_config["split_seed"])
+        return self._splits[name]
+
+    def batches(self, name: str) -> Batches:
+        """One split as fixed-order (x, y) batches, upsampled to ``size`` if set (computed once)."""
+        if name not in self._batches:
+            self._batches[name] = [(resize(x, self.size) if self.size else x, y)
+                                   for x, y in batches(*self.split(name), self.batch_size)]
+        return list(self._batches[name])
+
+    def train_data(self) -> Batches:
+        return self.batches("train")
+
+    def val_data(self) -> Batches:
+        """What `legoc compile` measures on."""
+        return self.batches("val")
+
+    def test_data(self) -> Batches:
+        """Reported accuracy only; `legoc compile` never reads it."""
+        return self.batches("test")
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.batches("val")[0][0][:1].clone(),)
+
+    def train(self, log=None) -> nn.Module:
+        """Train a fresh model on the training split (28x28 digits shifted, then upsampled per
+        batch if ``size``); the best epoch on the val split is kept."""
+        log = log or (lambda msg: print(f"{self.name}: {msg}", file=sys.stderr, flush=True))
+        t = self.train_config
+        x, y = self.split("train")
+        extra = {"input_size": self.size} if self.size else {}
+        return train_classifier(self.new_model(), x, y, epochs=t["epochs"], lr=t["lr"],
+                                weight_decay=t["weight_decay"], batch_size=t["batch_size"], seed=t["seed"],
+                                augment_shift=t["augment_shift"], num_threads=t["num_threads"],
+                                val=self.val_data(), log=log, **extra)
+
+    def build_model(self) -> nn.Module:
+        """The trained model (eval mode): loaded from the cache, or trained and cached."""
+        return cached_weights(self.name, self.spec(), self.new_model, self.train)
+
+    def cache_path(self) -> Path:
+        return cache_path(self.name, self.spec())
+
+    def main(self) -> None:
+        """What ``python examples/<model>.py`` does: build (train once) and report."""
+        t = time.perf_counter()
+        m = self.build_model()
+        print(f"build_model {time.perf_counter() - t:.1f}s, val accuracy {evaluate(m, self.val_data()):.4f}, "
+              f"test accuracy {evaluate(m, self.test_data()):.4f}, "
+              f"{sum(p.numel() for p in m.parameters())} params, cache {self.cache_path()}")
