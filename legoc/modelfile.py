@@ -1,4 +1,4 @@
-"""Load a user's model.py (the convention in README) into a ModelSpec.
+"""Load a user's model.py (the convention in README), or an ONNX file, into a ModelSpec.
 
 Required: ``build_model() -> nn.Module`` and ``example_inputs() -> tuple of tensors``.
 Optional: ``train_data()``, ``val_data()``, ``test_data()``, ``evaluate(model, data) -> float``,
@@ -47,10 +47,20 @@ def call_hook(path: Path, fn_name: str, fn: Callable, *args):
         raise UserError(f"{path}: {fn_name}() raised {type(exc).__name__}: {first}; fix model.py and try again") from exc
 
 
-def load_model_file(path: str | Path) -> ModelSpec:
+def load_model_file(path: str | Path, input_shapes=None, data=None) -> ModelSpec:
+    """The ModelSpec of a model.py, or of an ONNX file (``.onnx``: legoc.onnx_import, with
+    ``input_shapes`` for dynamic inputs, ``NAME=1,3,224,224`` strings or a dict, and ``data``, the
+    folder of the .npz sidecar)."""
     import torch
 
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from legoc.onnx_import import load_onnx
+
+        return load_onnx(path, input_shapes=input_shapes, data=data)
+    if input_shapes or data is not None:
+        raise UserError(f"{path}: --input-shape and --data are for ONNX models; a model.py gives its shapes in "
+                        "example_inputs() and its data in train_data()/val_data()")
     if not path.is_file():
         raise UserError(f"{path}: no such model file; pass the path of a model.py that defines build_model() and example_inputs()")
     folder = str(path.resolve().parent)
