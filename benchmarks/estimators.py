@@ -77,7 +77,7 @@ def _retimed_profiles(manifest: dict, modules: list, module_ms: list, uniform: l
     scale/overhead fit of legoc compile redone on ``uniform_ms``."""
     import copy
 
-    from legoc.pipeline import _fit_latency
+    from legoc.targets.calibration import fit_latency
 
     m = copy.deepcopy(manifest)
     segs = {s["name"]: s for s in m["segments"]}
@@ -86,7 +86,7 @@ def _retimed_profiles(manifest: dict, modules: list, module_ms: list, uniform: l
     m.setdefault("combination", {}).pop("latency_scale", None)
     plain = Profiles(m)
     sums = [sum(v.latency_ms for v in plain.chosen(c) + plain.frame) for c in uniform]
-    scale, overhead = _fit_latency(sums, uniform_ms, plain.num_segments)
+    scale, overhead = fit_latency(sums, uniform_ms, plain.num_segments)
     m["combination"]["latency_scale"] = {"value": scale}
     m["combination"]["call_overhead_ms"] = {"value": overhead}
     return Profiles(m)

@@ -26,8 +26,7 @@ def _physical_cores() -> int:
 
 # TVM sizes its CPU thread pool once, when it first starts, from TVM_NUM_THREADS, else
 # OMP_NUM_THREADS, else half the logical CPUs on x86 (it assumes two hardware threads per core):
-# on a 2-core machine without hyperthreading every compiled module then ran on one core (measured:
-# the MNIST example 1.02 ms on TVM's default vs 0.52 ms on both cores). Unless the user chose, use
-# every physical core; legoc.runtime.set_num_threads lowers it later.
+# on a machine without hyperthreading every compiled module would then run on half the cores.
+# Unless the user chose, use every physical core; legoc.runtime.set_num_threads lowers it later.
 if "TVM_NUM_THREADS" not in _os.environ and "OMP_NUM_THREADS" not in _os.environ:
     _os.environ["TVM_NUM_THREADS"] = str(_physical_cores())

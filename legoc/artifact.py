@@ -33,25 +33,36 @@ def check_destination(dest: str | os.PathLike) -> None:
 
 
 class ArtifactWriter:
-    """``with ArtifactWriter(dest) as w: path = w.path_for("modules/b0/r0.so"); ...; w.commit(manifest)``"""
+    """``with ArtifactWriter(dest) as w: path = w.path_for("modules/b0/r0.so"); ...; w.commit(manifest)``
+
+    The temporary directory is made on the first write, so a writer can be opened before the
+    work that fills it (``legoc compile`` opens it around the whole pass pipeline); leaving the
+    ``with`` block without a commit removes it."""
 
     def __init__(self, dest: str | os.PathLike):
         self.dest = Path(dest)
-        self.tmp: Path | None = None
+        self._tmp: Path | None = None
         self._committed = False
 
     def __enter__(self) -> "ArtifactWriter":
         check_destination(self.dest)
-        try:
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
-        except OSError as exc:
-            raise UserError(f"cannot write the artifact at {self.dest}: {exc.strerror or exc}; choose another -o") from exc
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is not None and self.tmp.exists() and not self._committed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._tmp is not None and self._tmp.exists() and not self._committed:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @property
+    def tmp(self) -> Path:
+        """The temporary directory next to the destination that everything is written into."""
+        if self._tmp is None:
+            try:
+                self.dest.parent.mkdir(parents=True, exist_ok=True)
+                self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+            except OSError as exc:
+                raise UserError(f"cannot write the artifact at {self.dest}: {exc.strerror or exc}; "
+                                "choose another -o") from exc
+        return self._tmp
 
     def path_for(self, rel: str) -> Path:
         p = self.tmp / rel

@@ -250,12 +250,7 @@ def compile_pruned(pruned: Pruned, example_inputs: tuple, out: Path, *, target: 
                          partition=dataclasses.replace(part, segments=segments), variants=variants)
     config = CompileConfig(target=target, output=Path(out), ratios=(0.0,), progress=progress, validate=False,
                            profile_accuracy=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as legoc compile: torch's spinning OpenMP workers would slow the timing
-    try:
-        return build_artifact(state, get_target(target), Path(out), config, CompileReport(artifact=Path(out)))
-    finally:
-        torch.set_num_threads(threads)
+    return build_artifact(state, get_target(target), Path(out), config, CompileReport(artifact=Path(out)))
 
 
 def export_onnx(pruned: Pruned, example_inputs: tuple, path: Path) -> Path:

@@ -21,13 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Modules and functions that keep the channel axis (elementwise along channels, or spatial only).
-_CHANNEL_MODULES = (
+CHANNEL_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
     nn.Sigmoid, nn.Tanh, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d,
     nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
 )
-_CHANNEL_FUNCTIONS = {
+CHANNEL_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid,
     F.tanh, F.mish, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.pad,
@@ -278,7 +278,7 @@ def channel_plan(gm: torch.fx.GraphModule) -> ChannelPlan:
                     entries.append((n.target, "out", n.name))
                 else:
                     block(n, f"linear output {n.target} of rank != 2")
-            elif isinstance(mod, _CHANNEL_MODULES):
+            elif isinstance(mod, CHANNEL_MODULES):
                 same_channels(src, n, f"{type(mod).__name__} {n.target}")
             else:
                 block_all(n, f"unsupported module {type(mod).__name__} ({n.target})")
@@ -296,7 +296,7 @@ def channel_plan(gm: torch.fx.GraphModule) -> ChannelPlan:
                 for a in parts:
                     block(a, f"concat {n.name} along another axis")
                 block(n, f"concat {n.name} along another axis")
-        elif (not is_method and tgt in _CHANNEL_FUNCTIONS) or (is_method and tgt in _CHANNEL_METHODS):
+        elif (not is_method and tgt in CHANNEL_FUNCTIONS) or (is_method and tgt in _CHANNEL_METHODS):
             same_channels(tensor_args[0], n, f"{getattr(tgt, '__name__', tgt)} at {n.name}")
             for a in tensor_args[1:]:
                 block(a, f"extra operand of {n.name}")

@@ -1,4 +1,5 @@
-"""Pass infrastructure: the program state, the pass base class and the pass manager."""
+"""Pass infrastructure: the program state, the pass base class, the pass manager and the
+progress bar passes show."""
 from __future__ import annotations
 
 import abc
@@ -15,9 +16,13 @@ class ProgramState:
     """Everything the pipeline knows about one model. Passes return new states (dataclasses.replace).
 
     model: the user's nn.Module (eval mode). example_inputs: tuple of tensors.
-    gm: the traced torch.fx GraphModule (set by capture). partition: legoc.passes.partition.Partition
+    gm: the traced torch.fx GraphModule (set by capture). partition: legoc.passes.segment.Partition
     (set by partition). variants: {block name: [legoc.passes.prune.Variant, ...]} (set by prune).
     source: where the model came from (file path or class name), for error messages.
+
+    The back end (legoc.passes.backend) adds: target and artifact (given by the caller), then
+    built (set by build), manifest (set by build, completed by the stages after it),
+    compile_seconds and latency_reused.
     """
 
     model: Any
@@ -35,6 +40,12 @@ class ProgramState:
     val_batches: list | None = None  # the model file's val_data() batches (never test data)
     evaluate: Any = None  # the model file's evaluate(model, data) -> float, if any
     accuracy: dict | None = None  # set by profile-accuracy: metric, baseline, drop per variant
+    target: Any = None  # legoc.targets.table.TargetSpec the back end builds for
+    artifact: Any = None  # legoc.artifact.ArtifactWriter the back end writes into
+    built: tuple = ()  # legoc.passes.backend.stage.BuiltVariant of every module built
+    manifest: dict | None = None  # the artifact's manifest, as far as the back end has got
+    compile_seconds: tuple = ()  # (segment, variant, seconds) of every TVM build
+    latency_reused: int = 0  # modules whose latency came from the measurement cache
 
     def replace(self, **changes) -> "ProgramState":
         return dataclasses.replace(self, **changes)
@@ -110,3 +121,12 @@ class PassManager:
             state = result.state
             modified = modified or result.modified
         return PassResult(state, modified)
+
+
+def progress_bar(enabled: bool):
+    """A rich progress display on stderr (``enabled=False``: a silent one)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled)

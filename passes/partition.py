@@ -1,14 +1,8 @@
 """partition: cut the traced graph into swappable blocks by dominator analysis.
 
-1. Dataflow graph of the fx nodes, with a virtual source feeding every graph input; constants
-   (get_attr, ops with no tensor inputs) are left out and copied into whoever uses them.
-2. Regions: for every tensor node x (a possible block exit) and every dominator e of x (networkx
-   ``immediate_dominators``; a possible block entry), the nodes on paths from e to x form a
-   single-entry region; it is single-exit when nothing but x is used outside it. Cuts fall after
-   activations: an entry or exit whose single user is a BN or an activation is skipped, so
-   conv/BN/ReLU stay together. A region is a candidate block if a prunable channel group lies
-   wholly inside it (something to prune that touches neither its input nor its output).
-3. CP-SAT picks at most K disjoint candidates covering the most MACs and, among those, with the
+1. Candidate blocks: single-entry/single-exit regions with a prunable channel group inside
+   (legoc.passes.regions: dataflow graph, dominators, regions).
+2. CP-SAT picks at most K disjoint candidates covering the most MACs and, among those, with the
    smallest largest block (balanced by MACs). Everything else is the frame: fixed segments that
    run between blocks (skip connections, concatenations, heads). Segments are ordered
    topologically with every block contracted to one node.
@@ -16,172 +10,24 @@
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 import torch.fx
-import torch.nn as nn
 
 from legoc.errors import InternalError, UserError
 from legoc.passes import analysis
 from legoc.passes.infra import Pass, PassResult, ProgramState
+from legoc.passes.regions import Region, bits, cut_points, dataflow_graph, is_constant, regions
 from legoc.passes.segment import Partition, Segment, extract, output_spec_of
 
+if TYPE_CHECKING:
+    from legoc.pipeline import CompileConfig
+
+__all__ = ["PartitionPass", "choose_blocks", "cut_points", "dataflow_graph", "max_blocks", "partition", "select"]
+
 DEFAULT_BLOCKS = 4
-_SOURCE = "__legoc_source__"
-
-_EPILOGUE_MODULES = (nn.modules.batchnorm._BatchNorm,) + tuple(
-    m for m in analysis._CHANNEL_MODULES
-    if m not in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d,
-                 nn.UpsamplingBilinear2d, nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d)
-)
-_EPILOGUE_FUNCTIONS = {
-    f for f in analysis._CHANNEL_FUNCTIONS
-    if getattr(f, "__name__", "") in {"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "hardswish",
-                                      "hardsigmoid", "sigmoid", "tanh", "mish", "dropout", "clamp"}
-}
-
-
-def is_constant(n: torch.fx.Node) -> bool:
-    return n.op == "get_attr" or (n.op in ("call_function", "call_method") and not n.all_input_nodes)
-
-
-def _is_epilogue(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), _EPILOGUE_MODULES)
-    if n.op == "call_function":
-        return n.target in _EPILOGUE_FUNCTIONS
-    if n.op == "call_method":
-        return n.target in {"relu", "relu_", "sigmoid", "tanh", "clamp"}
-    return False
-
-
-def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
-    g = nx.DiGraph()
-    g.add_node(_SOURCE)
-    for n in gm.graph.nodes:
-        if is_constant(n):
-            continue
-        g.add_node(n.name)
-        if n.op == "placeholder":
-            g.add_edge(_SOURCE, n.name)
-        for a in n.all_input_nodes:
-            if not is_constant(a):
-                g.add_edge(a.name, n.name)
-    return g
-
-
-def cut_points(gm: torch.fx.GraphModule) -> list[str]:
-    """Tensor nodes every input-to-output path passes through, in topological order, minus
-    those that would split a conv from its BN/activation."""
-    g = dataflow_graph(gm)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    idom = nx.immediate_dominators(g, _SOURCE)
-    chain, v = [], idom.get(out.name)
-    while v is not None and v != _SOURCE:
-        chain.append(v)
-        v = idom[v]
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    by_name = {n.name: n for n in gm.graph.nodes}
-    cuts = []
-    for name in sorted(chain, key=order.get):
-        n = by_name[name]
-        shape = analysis.shape_of(n)
-        if shape is None:  # not a single tensor (a tuple from chunk/split, a size, ...)
-            continue
-        users = list(n.users)
-        if len(users) == 1 and _is_epilogue(gm, users[0]):
-            continue
-        cuts.append(name)
-    return cuts
-
-
-@dataclass
-class Region:
-    """A single-entry/single-exit region: the nodes on paths from ``entry`` (outside) to ``exit``."""
-
-    entry: str
-    exit: str
-    mask: int          # bitset over the graph's node indices
-    macs: int
-
-
-def _bits(mask: int):
-    while mask:
-        low = mask & -mask
-        yield low.bit_length() - 1
-        mask ^= low
-
-
-def regions(gm: torch.fx.GraphModule) -> tuple[list[Region], list[str]]:
-    """Every SESE region with a prunable channel group inside, and the node order its masks use.
-
-    For an exit x and an entry e that dominates x, the region is B = descendants(e) ∩
-    ancestors-or-self(x). Dominance makes every input of B come from B or e (single entry); the
-    region is single-exit when no node of B other than x has a user outside B. Walking e up x's
-    dominator chain only grows B, so the walk stops at the first user outside.
-    """
-    nodes = [n for n in gm.graph.nodes if not is_constant(n)]
-    index = {n.name: i for i, n in enumerate(nodes)}
-    preds = [[index[a.name] for a in n.all_input_nodes if a.name in index] for n in nodes]
-    users = [0] * len(nodes)
-    for i, ps in enumerate(preds):
-        for p in ps:
-            users[p] |= 1 << i
-    anc = [0] * len(nodes)
-    for i, ps in enumerate(preds):
-        m = 1 << i
-        for p in ps:
-            m |= anc[p]
-        anc[i] = m
-    desc = [0] * len(nodes)
-    for i in range(len(nodes) - 1, -1, -1):
-        m = 0
-        for u in _bits(users[i]):
-            m |= desc[u] | (1 << u)
-        desc[i] = m
-    macs = [analysis.node_macs(gm, n) for n in nodes]
-    groups = []
-    for g in analysis.channel_groups(gm):
-        if g.prunable:
-            gmask = 0
-            for name in g.nodes:
-                gmask |= 1 << index[name]
-            gall = gmask
-            for i in _bits(gmask):
-                gall |= users[i]
-            groups.append((gmask, gall))
-    idom = nx.immediate_dominators(dataflow_graph(gm), _SOURCE)
-
-    def boundary_ok(n: torch.fx.Node) -> bool:
-        if analysis.shape_of(n) is None:
-            return False
-        us = list(n.users)
-        return not (len(us) == 1 and _is_epilogue(gm, us[0]))
-
-    found: list[Region] = []
-    for x, xn in enumerate(nodes):
-        if xn.op in ("placeholder", "output") or not boundary_ok(xn):
-            continue
-        inside = [gall for gmask, gall in groups if not (gmask >> x) & 1 and gall & ~anc[x] == 0]
-        if not inside:
-            continue
-        outside_users = 0  # nodes of anc(x) with a user that is not in anc(x)
-        for i in _bits(anc[x] & ~(1 << x)):
-            if users[i] & ~anc[x]:
-                outside_users |= 1 << i
-        e = idom.get(xn.name)
-        while e is not None and e != _SOURCE:
-            ei = index[e]
-            body = anc[x] & desc[ei]
-            if body & outside_users:
-                break
-            if boundary_ok(nodes[ei]) and any(gall & ~desc[ei] == 0 for gall in inside):
-                found.append(Region(e, xn.name, body, sum(macs[i] for i in _bits(body))))
-            e = idom.get(e)
-    return found, [n.name for n in nodes]
+BALANCE = 0.5  # how much a smaller largest block is worth against MACs left in the frame
 
 
 def _packing(cands: list[Region], time_limit: float):
@@ -193,7 +39,7 @@ def _packing(cands: list[Region], time_limit: float):
     use = [model.new_bool_var(f"r{i}") for i in range(len(cands))]
     by_node: dict[int, list[int]] = {}
     for i, c in enumerate(cands):
-        for b in _bits(c.mask):
+        for b in bits(c.mask):
             by_node.setdefault(b, []).append(i)
     for members in by_node.values():
         if len(members) > 1:
@@ -283,7 +129,7 @@ def select(gm: torch.fx.GraphModule, cands: list[Region], order: list[str], k: i
             intervals.setdefault(first, []).append((last, r))
             if first == last:
                 single.add(first)
-        elif atom_of[min(_bits(r.mask))] == atom_of[x]:
+        elif atom_of[min(bits(r.mask))] == atom_of[x]:
             inner.setdefault(atom_of[x], []).append(r)
 
     # the most blocks: intervals plus the most disjoint inner regions of frame atoms
@@ -321,9 +167,6 @@ def select(gm: torch.fx.GraphModule, cands: list[Region], order: list[str], k: i
         if best_score is None or (score, cov) > best_score:
             best_score, chosen = (score, cov), list(regs)
     return chosen, limit
-
-
-BALANCE = 0.5  # how much a smaller largest block is worth against MACs left in the frame
 
 
 def _dp(n_atoms, k, intervals, packs, cap, exact: bool = False):
@@ -376,10 +219,10 @@ def _pieces(gm: torch.fx.GraphModule, chosen: list[Region], order: list[str]) ->
     unit_of: dict[str, int] = {}
     units: list[list[str]] = []
     kinds: list[str] = []
-    for r in sorted(chosen, key=lambda r: min(_bits(r.mask))):
-        for b in _bits(r.mask):
+    for r in sorted(chosen, key=lambda r: min(bits(r.mask))):
+        for b in bits(r.mask):
             unit_of[order[b]] = len(units)
-        units.append([order[b] for b in sorted(_bits(r.mask))])
+        units.append([order[b] for b in sorted(bits(r.mask))])
         kinds.append("block")
     by_name = {n.name: n for n in gm.graph.nodes}
     for name in order:
@@ -472,8 +315,8 @@ class PartitionPass(Pass):
         if state.gm is None:
             raise InternalError("partition needs a traced graph (run capture first)")
 
-    def call(self, state: ProgramState, config) -> PassResult:
-        part = partition(state.gm, getattr(config, "blocks", None), source=state.source)
+    def call(self, state: ProgramState, config: CompileConfig) -> PassResult:
+        part = partition(state.gm, config.blocks, source=state.source)
         return PassResult(state.replace(partition=part), modified=True)
 
     def ensures(self, state: ProgramState) -> None:

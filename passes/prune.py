@@ -11,12 +11,13 @@ Nested variants (``config.nested``, after Xun et al. 2019): BN is folded first, 
 every group are reordered by importance (a permutation: the block computes the same function),
 and the variant at ratio r keeps the first ``kept_channels`` of each group. Every parameter of
 every variant is then the leading sub-tensor of the full variant's parameter, so one set of
-weights serves all sizes (see :func:`leading`).
+weights serves all sizes (see legoc.runtime.nesting.leading).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
@@ -26,6 +27,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from legoc.errors import InternalError, UserError
 from legoc.passes import analysis
 from legoc.passes.infra import Pass, PassResult, ProgramState
+from legoc.runtime.nesting import leading
+
+if TYPE_CHECKING:
+    from legoc.pipeline import CompileConfig
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
 IMPORTANCE = ("l1", "bn", "taylor")
@@ -288,11 +293,6 @@ def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rati
     return variants
 
 
-def leading(shape) -> tuple[slice, ...]:
-    """The index of a tensor's leading sub-tensor of ``shape`` (how nested variants share weights)."""
-    return tuple(slice(0, int(s)) for s in shape)
-
-
 def copy_leading(src: nn.Module, dst: nn.Module, *, into_src: bool = False) -> None:
     """Copy between a nested variant ``dst`` and the full-size ``src``: every parameter and
     buffer of ``dst`` is the leading sub-tensor of ``src``'s (``into_src`` writes it back)."""
@@ -325,10 +325,9 @@ class Prune(Pass):
         if state.partition is None:
             raise InternalError("prune needs a partition (run partition first)")
 
-    def call(self, state: ProgramState, config) -> PassResult:
-        ratios = validate_ratios(getattr(config, "ratios", DEFAULT_RATIOS))
-        importance = getattr(config, "importance", "l1")
-        round_to = getattr(config, "round_to", 1) or 1  # None: compile_model resolves it from the target
+    def call(self, state: ProgramState, config: CompileConfig) -> PassResult:
+        ratios, importance = validate_ratios(config.ratios), config.importance
+        round_to = config.round_to or 1   # None (not resolved from a target): no rounding
         env = state.partition.trace_env(*state.example_inputs)
         taylor = None
         if importance == "taylor":
@@ -337,7 +336,7 @@ class Prune(Pass):
         variants = {}
         for block in state.partition.blocks:
             x = env[block.inputs[0]]
-            if getattr(config, "nested", False):
+            if config.nested:
                 variants[block.name] = nest_block(block.gm, x, ratios, importance, round_to, block.name, taylor)
             else:
                 variants[block.name] = [

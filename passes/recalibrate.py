@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from legoc.errors import InternalError
 from legoc.passes.infra import Pass, PassResult, ProgramState
+
+if TYPE_CHECKING:
+    from legoc.pipeline import CompileConfig
 
 
 def recalibrate_bn(module: nn.Module, inputs: list[torch.Tensor]) -> int:
@@ -49,9 +53,9 @@ class Recalibrate(Pass):
         if state.variants is None:
             raise InternalError("recalibrate needs variants (run prune first)")
 
-    def call(self, state: ProgramState, config) -> PassResult:
-        batches = (state.train_inputs or [])[: getattr(config, "calibration_batches", 8)]
-        if not batches or getattr(config, "nested", False):  # nested variants share one weight set
+    def call(self, state: ProgramState, config: CompileConfig) -> PassResult:
+        batches = (state.train_inputs or [])[: config.calibration_batches]
+        if not batches or config.nested:  # nested variants share one weight set
             return PassResult(state, modified=False)
         envs = [state.partition.trace_env(*b) for b in batches]
         changed = 0

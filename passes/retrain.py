@@ -23,37 +23,28 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from legoc.errors import InternalError
-from legoc.passes.infra import Pass, PassResult, ProgramState
+from legoc.passes.fingerprint import data_digest, digest_module
+from legoc.passes.infra import Pass, PassResult, ProgramState, progress_bar
+from legoc.runtime.nesting import leading
+
+if TYPE_CHECKING:
+    from legoc.pipeline import CompileConfig
 
 PATIENCE = 2
 CACHE_VERSION = "retrain/1"
 
 
-def _digest_module(h, gm: torch.nn.Module) -> None:
-    h.update(gm.code.encode())
-    for k, v in sorted(gm.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
-
-
-def data_digest(batches: list) -> str:
-    h = hashlib.sha256()
-    for b in batches:
-        for t in b:
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def fingerprint(block_gm, variant_gm, settings: tuple, data: str) -> str:
+    """The cache key of one retrained variant (see the module docstring)."""
     h = hashlib.sha256(CACHE_VERSION.encode())
-    _digest_module(h, block_gm)
-    _digest_module(h, variant_gm)
+    digest_module(h, block_gm)
+    digest_module(h, variant_gm)
     h.update(repr(settings).encode())
     h.update(data.encode())
     return h.hexdigest()[:32]
@@ -146,16 +137,23 @@ def _split(batches: list) -> tuple[list, list]:
     return batches[:-hold], batches[-hold:]
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+@dataclass(frozen=True)
+class _Session:
+    """What every retraining job of one compile shares."""
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled)
+    part: Any                 # legoc.passes.segment.Partition (the teacher)
+    train: list               # training batches (input tuples)
+    held_pairs: dict          # block -> [(block input, block output)] of the held-out batches
+    settings: tuple           # training settings, part of every cache key
+    data: str                 # digest of the training data, part of every cache key
+    epochs: int
+    lr: float
+    bar: Any                  # rich progress
 
 
-def _train(part, jobs: list[_Job], train: list, held_pairs: dict, epochs: int, deadline: float, bar, label: str) -> None:
+def _train(session: _Session, jobs: list[_Job], deadline: float, label: str) -> None:
     """Train ``jobs`` together: one teacher pass per batch feeds every job."""
+    part, train, epochs, bar = session.part, session.train, session.epochs, session.bar
     blocks = {b.name: b for b in part.blocks}
     order = list(range(len(train)))
     rng = random.Random(0)
@@ -189,7 +187,7 @@ def _train(part, jobs: list[_Job], train: list, held_pairs: dict, epochs: int, d
                 break
         for job in live:
             job.epochs += 1
-            mse = _held_mse(job.gm, held_pairs[job.block])
+            mse = _held_mse(job.gm, session.held_pairs[job.block])
             if mse < job.best:
                 job.best, job.best_state, job.stale = mse, copy.deepcopy(job.gm.state_dict()), 0
             else:
@@ -201,8 +199,6 @@ def _train(part, jobs: list[_Job], train: list, held_pairs: dict, epochs: int, d
 
 def _frozen_masks(gm: torch.nn.Module, previous: torch.nn.Module | None) -> list:
     """Masks that freeze the entries a nested variant shares with the next smaller one."""
-    from legoc.passes.prune import leading
-
     if previous is None:
         return []
     small = dict(previous.named_parameters())
@@ -227,11 +223,9 @@ class Retrain(Pass):
         if state.variants is None:
             raise InternalError("retrain needs variants (run prune first)")
 
-    def call(self, state: ProgramState, config) -> PassResult:
-        epochs = int(getattr(config, "retrain_epochs", 0))
-        minutes = float(getattr(config, "retrain_minutes", 0.0))
-        lr = float(getattr(config, "retrain_lr", 1e-3))
-        nested = bool(getattr(config, "nested", False))
+    def call(self, state: ProgramState, config: CompileConfig) -> PassResult:
+        epochs, minutes = int(config.retrain_epochs), float(config.retrain_minutes)
+        lr, nested = float(config.retrain_lr), bool(config.nested)
         batches = state.train_inputs or []
         if not batches or epochs <= 0 or minutes <= 0:
             return PassResult(state, modified=False)
@@ -245,11 +239,9 @@ class Retrain(Pass):
         deadline = time.monotonic() + 60.0 * minutes
         variants = {name: [dataclasses.replace(v, gm=copy.deepcopy(v.gm)) for v in vs]
                     for name, vs in state.variants.items()}
-        with _progress(getattr(config, "progress", False)) as bar:
-            if nested:
-                report = self._nested(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar)
-            else:
-                report = self._flat(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar)
+        with progress_bar(config.progress) as bar:
+            session = _Session(part, train, held_pairs, settings, data, epochs, lr, bar)
+            report = (self._nested if nested else self._flat)(session, variants, deadline)
         for name, vs in variants.items():  # untouched variants keep their identity
             variants[name] = [old if old.ratio == 0 and not nested else new
                               for old, new in zip(state.variants[name], vs)]
@@ -257,21 +249,21 @@ class Retrain(Pass):
                           modified=bool(report))
 
     @staticmethod
-    def _flat(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar) -> dict:
+    def _flat(session: _Session, variants: dict, deadline: float) -> dict:
         report, jobs, keys = {}, [], {}
-        for block in part.blocks:
+        for block in session.part.blocks:
             for i, v in enumerate(variants[block.name]):
                 if v.ratio <= 0:
                     continue
-                key = fingerprint(block.gm, v.gm, settings, data)
+                key = fingerprint(block.gm, v.gm, session.settings, session.data)
                 cached = _load_cached(key, v.gm)
                 if cached is not None:
                     v.gm.eval()
                     report[(block.name, v.id)] = cached
                     continue
                 keys[(block.name, i)] = key
-                jobs.append(_Job.start(block.name, i, v.gm, lr, held_pairs[block.name]))
-        _train(part, jobs, train, held_pairs, epochs, deadline, bar, "retraining")
+                jobs.append(_Job.start(block.name, i, v.gm, session.lr, session.held_pairs[block.name]))
+        _train(session, jobs, deadline, "retraining")
         for job in jobs:
             info = job.finish()
             if not job.cut:   # a result the time limit cut short depends on this machine's speed now
@@ -280,14 +272,15 @@ class Retrain(Pass):
         return report
 
     @staticmethod
-    def _nested(part, variants, train, held_pairs, settings, data, epochs, lr, deadline, bar) -> dict:
+    def _nested(session: _Session, variants: dict, deadline: float) -> dict:
         from legoc.passes.prune import copy_leading
 
+        part = session.part
         report, todo, keys = {}, [], {}
         for block in part.blocks:
             vs = variants[block.name]
             full = next(v for v in vs if v.ratio == 0)
-            key = fingerprint(block.gm, full.gm, settings + (tuple(v.ratio for v in vs),), data)
+            key = fingerprint(block.gm, full.gm, session.settings + (tuple(v.ratio for v in vs),), session.data)
             cached = _load_cached(key, full.gm)
             if cached is None:
                 todo.append(block.name)
@@ -307,12 +300,11 @@ class Retrain(Pass):
                 v = vs[level]
                 if v is not full:
                     copy_leading(full.gm, v.gm)      # earlier levels' trained weights
-                job = _Job.start(name, level, v.gm, lr, held_pairs[name])
+                job = _Job.start(name, level, v.gm, session.lr, session.held_pairs[name])
                 job.masks = _frozen_masks(v.gm, vs[levels[step - 1]].gm if step else None)
                 jobs.append(job)
             share = (deadline - time.monotonic()) / (len(levels) - step)
-            _train(part, jobs, train, held_pairs, epochs, time.monotonic() + max(0.0, share), bar,
-                   f"nested level {step + 1}/{len(levels)}")
+            _train(session, jobs, time.monotonic() + max(0.0, share), f"nested level {step + 1}/{len(levels)}")
             for job in jobs:
                 vs = variants[job.block]
                 full = next(v for v in vs if v.ratio == 0)

@@ -4,9 +4,8 @@
 
 ``legoc compile`` times what it built through this module, in a fresh interpreter, because a
 compiler process is a bad place to time anything: after torch has run (``torch.export``,
-retraining) its OpenMP workers keep spinning on the cores, and the same module then timed ~2x
-slower in the compiling process than in a clean one (measured here: 0.21-0.25 ms vs 0.12 ms for
-an MNIST block). The worker imports the runtime only, as an app on a board would.
+retraining) its OpenMP workers keep spinning on the cores and slow every module timed there.
+The worker imports the runtime only, as an app on a board would.
 
 Request (JSON): ``{"modules": [[segment, variant index], ...], "combinations": [[v0, v1, ...],
 ...], "inputs": "x.npz" or null, "number": 10, "repeat": 5, "warmup": 5, "calls": 50,
@@ -18,9 +17,8 @@ runtime end to end (median of ``calls`` calls after ``warmup``) on the model inp
 
 Interleaved rounds: the timings of each module and the calls of each combination are spread
 over ``rounds`` passes through the whole list, so a slow drift of the machine's speed hits every
-item alike instead of whichever was timed last. Measured on the MNIST artifact here: in one
-worker, the uniform configurations timed before and after 50 others differed by 7-21%, which a
-single pass turns into estimator error.
+item alike instead of whichever was timed last (a single pass turns the drift into estimator
+error).
 """
 from __future__ import annotations
 
@@ -50,19 +48,20 @@ def measure(path: Path, modules: Sequence[Sequence], combinations: Sequence[Sequ
 
     import tvm
 
-    from legoc.runtime.model import Model, _Executable, _WeightFiles, median_latency_ms
+    from legoc.runtime.model import Model, median_latency_ms
+    from legoc.runtime.modules import Executable, WeightFiles
 
     rounds = max(1, int(rounds))
     model = Model(path)
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
-    weights = _WeightFiles(model.path)
+    weights = WeightFiles(model.path)
     segments = {s["name"]: s for s in model.manifest["segments"]}
     module_times: list[list[float]] = []
     held = []   # (executable, inputs) of every module, kept for the rounds
     for name, index in modules:
-        seg = model._segment(name)
-        exe = _Executable(model.path, seg, seg.variants[int(index)], dev, weights)
+        seg = model.segment(name)
+        exe = Executable(model.path, seg, seg.variants[int(index)], dev, weights)
         args = [tvm.runtime.tensor(_random(segments[name]["tensors"][n], rng), dev) for n in seg.inputs]
         exe.main(*args, *exe.params)   # loads and warms the code
         if rounds == 1:   # one pass: time it now and free it (a whole model's modules need not fit)

@@ -21,7 +21,7 @@ a latency per device, and latency adds the copies between devices: a tensor cros
 boundary (model inputs and outputs included; they live in host memory, i.e. on the CPU) is copied
 once to the other device when at least one of its consumers runs on a device other than its
 producer. Its cost is the manifest's ``devices.transfer.tensors[name].ms`` (estimated). Without
-a ``devices`` section there is one device and no copy is counted: the estimates are as before.
+a ``devices`` section there is one device and no copy is counted.
 """
 from __future__ import annotations
 
@@ -33,9 +33,8 @@ from typing import Sequence
 from legoc.errors import UserError
 
 # Resident memory the runtime adds per loaded module beyond its .so file, weights and
-# activations (VM object, allocator bookkeeping, relocations). Measured with
-# `python -m legoc.runtime.memory` on the 4-block MNIST host artifact (x86-64): about 280 KiB per
-# module; 384 KiB leaves a margin (benchmarks/estimators.py checks the estimate stays above).
+# activations (VM object, allocator bookkeeping, relocations), with a margin: an upper bound
+# (`python -m legoc.runtime.memory` measures it; benchmarks/estimators.py checks the estimate stays above).
 MODULE_OVERHEAD_BYTES = 384 * 1024
 # Read rate of module and weight files where switch-in times were not measured (boards).
 ASSUMED_LOAD_BYTES_PER_S = 200e6

@@ -105,9 +105,8 @@ class Problem:
 
 def _cp_model():
     """A fresh ``CpModel``. OR-Tools' constructor adds camelCase aliases of all its methods to every
-    instance (``_add_pre_pep8_methods``: ~60 ``setattr`` through ``dir()``), which measured 1.5 ms
-    of a 10 ms single-model solve here (benchmarks/solver.py); legoc calls only the snake_case
-    names, so the subclass skips that step."""
+    instance (``_add_pre_pep8_methods``: ~60 ``setattr`` through ``dir()``), a noticeable part of a
+    single-model solve; legoc calls only the snake_case names, so the subclass skips that step."""
     global _CpModel
     if _CpModel is None:
         from ortools.sat.python import cp_model
@@ -297,9 +296,9 @@ def _solve(problems: list[Problem], memory_mb, shared_latency_ms, switch_penalty
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = workers
-    solver.parameters.symmetry_level = 0       # measured (benchmarks/solver.py): both cut the solve time of
-    solver.parameters.linearization_level = 2  # these knapsacks, the joint ones by 2-8x
-    solver.parameters.cp_model_presolve = False  # one-hot knapsacks gain nothing from it: 8x5 median 4.4 -> 3.5 ms
+    solver.parameters.symmetry_level = 0       # both cut the solve time of these knapsacks
+    solver.parameters.linearization_level = 2  # (benchmarks/solver.py)
+    solver.parameters.cp_model_presolve = False  # one-hot knapsacks gain nothing from presolve
     if excess:   # best effort: the least excess first, then (below) the most accurate at that excess
         model.minimize(sum(excess))
         if solver.solve(model) in (cp_model.OPTIMAL, cp_model.FEASIBLE):

@@ -38,7 +38,7 @@ from legoc.errors import InternalError, LegocError, UserError, describe
 from legoc.passes.fold import fold_batchnorm
 from legoc.paths import cache_dir
 from legoc.targets import cuda
-from legoc.targets.table import TargetSpec, _machine_triple
+from legoc.targets.spec import TargetSpec, machine_triple
 
 __all__ = ["BuiltModule", "build_module", "fold_batchnorm", "measure_local", "zig_cxx_wrapper", "cache_dir"]
 
@@ -68,7 +68,7 @@ def zig_cxx_wrapper(triple: str = "aarch64-linux-gnu") -> Path:
             "the zig cross linker is missing: run `pip install ziglang` in legoc's environment"
         ) from exc
     # zig's global cache is keyed by relative source paths: two Python environments sharing
-    # ~/.cache/zig invalidate each other's libc++ build on every link (a 90 s rebuild, serialised
+    # ~/.cache/zig invalidate each other's libc++ build on every link (a full rebuild, serialised
     # by zig's cache lock). Each environment gets its own cache unless the user sets one.
     zig_cache = Path(sys.prefix) / "zig-cache"
     script = (
@@ -98,10 +98,10 @@ def zig_cxx_wrapper(triple: str = "aarch64-linux-gnu") -> Path:
 def _fcompile(target: TargetSpec):
     """The ``fcompile`` for ``export_library`` (None: TVM's default, this machine's c++)."""
     if target.linker == "native":
-        if target.triple != _machine_triple():
+        if target.triple != machine_triple():
             raise UserError(
                 f"target {target.name} links {target.triple} with the native linker, but this "
-                f"machine is {_machine_triple()}; use linker 'zig-aarch64' for aarch64"
+                f"machine is {machine_triple()}; use linker 'zig-aarch64' for aarch64"
             )
         if not (os.environ.get("CXX") or os.environ.get("CC") or shutil.which("g++")
                 or shutil.which("c++") or shutil.which("clang++")):
@@ -116,13 +116,11 @@ def _fcompile(target: TargetSpec):
 
 def build_signature(*, tune_trials: int = 0, prepack: bool = False) -> dict:
     """What decides the code :func:`build_module` emits besides the module and target: the
-    options and a digest of legoc's compiler sources (schedules, tuning, this file)."""
-    import hashlib
-
+    options and a digest of legoc's compiler sources (this file, tuning, the schedules package)."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in ("build.py", "schedules.py", "tune.py"):
-        h.update((here / name).read_bytes())
+    for path in [here / "build.py", here / "tune.py", *sorted((here / "schedules").glob("*.py"))]:
+        h.update(path.read_bytes())
     return {"tune_trials": int(tune_trials), "prepack": bool(prepack), "compiler": h.hexdigest()[:16]}
 
 
@@ -141,7 +139,7 @@ def build_module(
     ``module`` (eval mode, usually a torch.fx GraphModule) is not modified. Weights, folded
     BatchNorm included, become trailing run-time inputs (``param_names``/``params``). A module
     returning a 1-tuple gives one output (the tuple is unwrapped). The first zig link on a machine
-    takes ~90 s (zig builds libc++ for aarch64 once); later links take well under a second.
+    is slow (zig builds libc++ for aarch64 once); later links reuse it.
 
     CPU targets get legoc's default schedules (:mod:`legoc.targets.schedules`); with
     ``tune_trials > 0`` MetaSchedule tunes the module first (:mod:`legoc.targets.tune`, a

@@ -1,15 +1,16 @@
-"""Latency estimates for targets that do not run here (until they are measured over TVM RPC).
+"""Latency calibration: estimates for targets that do not run here (until they are measured
+over TVM RPC), and the fit that calibrates a configuration's latency from measured ones.
 
 ``estimated latency = 2 * MACs / (peak FLOP/s * efficiency)`` per module, plus a per-call overhead
 once per segment of a configuration (``call_overhead_ms``)
 
 * peak: fp32 FLOP/s of the board from its published core counts and clocks (CPU: cores x clock x
   FLOP per cycle of its NEON units; GPU: CUDA cores x clock x 2);
-* efficiency: the share of peak legoc's compiled code reaches. For CPUs it comes from this
-  machine: with legoc's CPU schedules, ``benchmarks/inference.py`` measured 53% (MNIST example),
-  54% (ResNet-18 32x32), 68% (CIFAR ResNet-20) and 96% (ResNet-18 224x224) of the numpy sgemm
-  peak on both cores, so 0.5 (it was 0.005 for TVM's unscheduled code); ``benchmarks/estimators.py``
-  prints the per-variant figure (re-measure it when the CPU schedules change). For GPUs nothing here can measure it, so it is an assumption and the manifest says so.
+* efficiency: the share of peak legoc's compiled code reaches. For CPUs it is the share legoc's
+  CPU schedules reach of the build host's numpy sgemm peak (``benchmarks/inference.py`` measures
+  it, ``benchmarks/estimators.py`` prints the per-variant figure; re-measure it when the CPU
+  schedules change). For GPUs nothing here can measure it, so it is an assumption and the
+  manifest says so.
 
 These are guesses with a stated basis, recorded with ``source: estimated``; ``legoc profile ART
 --rpc`` replaces them with measurements from the board.
@@ -49,8 +50,7 @@ PEAKS = {
     "jetson-xavier-nx:cpu": Calibration(134.4, "6x Carmel @ 1.4 GHz x 16 FLOP/cycle (2 NEON FMA pipes)"),
     "jetson-orin-nano:cpu": Calibration(144.0, "6x Cortex-A78AE @ 1.5 GHz x 16 FLOP/cycle (2 NEON FMA pipes)"),
 }
-# Share of peak reached by legoc's compiled code. cpu: measured here (see module docstring);
-# cuda: assumed (no GPU on the build machine).
+# Share of peak reached by legoc's compiled code (see the module docstring), with its basis.
 EFFICIENCY = {"cpu": (0.5, "legoc's CPU schedules on the x86-64 build host reach 53-96% of its numpy sgemm "
                            "peak (benchmarks/inference.py; MNIST example 53%); not measured on ARM"),
               "cuda": (0.25, "assumed for dlight's untuned GPU schedules (half the CPU figure); no GPU on "
@@ -116,3 +116,19 @@ def transfer_ms(model: dict, nbytes: int) -> float | None:
     if model.get("bandwidth_gb_s") is None or model.get("per_copy_ms") is None:
         return None
     return float(model["per_copy_ms"]) + nbytes / (float(model["bandwidth_gb_s"]) * 1e9) * 1e3
+
+
+def fit_latency(sums: list[float], measured: list[float], segments: int) -> tuple[float, float]:
+    """(scale, per-segment overhead ms) fitting ``measured = scale * sums + segments * overhead``
+    by least squares, where ``sums`` are the configurations' summed module latencies; scale kept
+    within [0.5, 1.5] and overhead >= 0 (noise on a few points)."""
+    import numpy as np
+
+    a, b = np.asarray(sums, float), np.asarray(measured, float)
+    if len(a) >= 2 and np.ptp(a) > 1e-9:
+        scale, intercept = np.polyfit(a, b, 1)
+    else:
+        scale, intercept = 1.0, float(np.mean(b - a))
+    scale = float(min(1.5, max(0.5, scale)))
+    intercept = max(0.0, float(np.mean(b - scale * a)))   # refit the intercept after clamping
+    return scale, intercept / max(1, segments)

@@ -12,18 +12,18 @@ import json
 from pathlib import Path
 
 
-CACHE_VERSION = "latency/6"  # 5: timed in a worker process (legoc.runtime.bench); 6: in rounds
+CACHE_VERSION = "latency/6"  # bump when the way latency is measured changes
 NUMBER, REPEAT, ROUNDS = 10, 3, 3   # ROUNDS: all new modules are timed in interleaved passes
 
 
 def fingerprint(module, inputs, target_json: dict, build: dict) -> str:
     """``build``: how the module was compiled (:func:`legoc.targets.build.build_signature`), so a
     change of schedules, prepacking or tuning re-measures."""
-    from legoc.passes.retrain import _digest_module
+    from legoc.passes.fingerprint import digest_module
 
     h = hashlib.sha256(CACHE_VERSION.encode())
     h.update(json.dumps(build, sort_keys=True).encode())
-    _digest_module(h, module)
+    digest_module(h, module)
     h.update(repr([tuple(t.shape) for t in inputs]).encode())
     h.update(json.dumps(target_json, sort_keys=True).encode())
     h.update(repr((NUMBER, REPEAT, ROUNDS, threads())).encode())

@@ -11,7 +11,7 @@ Compiling then applies the best record of every workload in the database and sch
 
 Measurements run on this machine (MetaSchedule's local builder and runner): only targets that
 run here can be tuned. ``tune_module(..., runner=...)`` takes any MetaSchedule runner, the hook
-for measuring on a board over TVM RPC (``ms.runner.RPCRunner``, issue #7).
+for measuring on a board over TVM RPC (``ms.runner.RPCRunner``).
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def tune_module(mod: tvm.ir.IRModule, target: TargetSpec, trials: int, *,
                 max_trials_per_task=trials,
                 num_trials_per_iter=min(64, trials),
                 database=database,
-                # a busy 2-core machine needs more than MetaSchedule's 30 s per build
+                # MetaSchedule's default of 30 s per build is too short on a small, busy machine
                 builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
                 runner=runner if runner is not None else "local",
             )

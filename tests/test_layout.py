@@ -16,6 +16,10 @@ def test_wheel_has_only_the_legoc_top_level(tmp_path):
     assert tops == {"legoc"}
     for sub in ("passes", "targets", "runtime"):
         assert f"legoc/{sub}/__init__.py" in names
+    for init in ROOT.glob("*/*/__init__.py"):   # every subpackage of the mapped folders ships too
+        top, sub = init.parent.parent.name, init.parent.name
+        if top in ("passes", "targets", "runtime") and sub != "__pycache__":
+            assert f"legoc/{top}/{sub}/__init__.py" in names
 
 
 def test_runtime_import_pulls_no_torch_and_no_compiler_passes():

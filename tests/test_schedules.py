@@ -172,7 +172,7 @@ def test_vector_width_from_cpu_features():
     every x86 CPU): AVX2-only CPUs get 8 lanes and 16 registers."""
     import tvm
 
-    from legoc.targets.schedules import _isa
+    from legoc.targets.schedules import vector_isa as _isa
 
     def isa(mcpu, triple="x86_64-linux-gnu"):
         return _isa(tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu}))
@@ -286,7 +286,8 @@ def test_softmax_gets_a_rule_or_stays_correct(host):
 
 
 def test_raising_rule_falls_back_to_the_next(host):
-    from legoc.targets.schedules import Injective, _CPURule
+    from legoc.targets.schedules import CPURule as _CPURule
+    from legoc.targets.schedules import Injective
 
     class Broken(_CPURule):
         def schedule(self, sch, target):

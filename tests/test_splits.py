@@ -240,7 +240,7 @@ def test_evaluate_reports_test_accuracy(tiny, monkeypatch, capsys):
 def test_inspect_shows_fitted_and_held_out_points_apart():
     from rich.console import Console
 
-    from legoc.cli import _print_validation
+    from legoc.show import print_validation as _print_validation
 
     def point(choice, fitted, est, meas):
         return {"choice": choice, "fitted": fitted, "estimated": {"accuracy": 0.9, "latency_ms": est, "memory_bytes": 0},

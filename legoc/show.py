@@ -1,0 +1,139 @@
+"""What ``legoc inspect`` prints: an artifact's segments and variants with their figures, the
+source of its accuracy figures, the combinations measured at compile time and the test-split
+accuracy recorded by ``legoc evaluate --record``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cell(x, spec: str) -> str:
+    """A table cell: ``x`` formatted by ``spec``, or ``-`` for None."""
+    return "-" if x is None else format(x, spec)
+
+
+def print_artifact(con, path: str | Path, m: dict) -> None:
+    """The whole report of the artifact at ``path`` (manifest ``m``) on the rich console ``con``."""
+    from rich.table import Table
+
+    model, tgt = m["model"], m["target"]
+    con.print(f"[bold]{path}[/]: model {model['name']} ({model['source']}), target {tgt['name']} "
+              f"({tgt['triple']}, {tgt['device']}); {model['scalable_share']:.1%} of "
+              f"{model['total_macs'] / 1e6:.2f} M MACs in blocks; retrained: {m['retrained']}")
+    t = Table(title="segments (in execution order)")
+    for col in ("segment", "kind", "in → out", "variant", "ratio", "MACs (M)", "params (KiB)", "peak act. (KiB)",
+                "latency (ms)", "acc. drop", "module (KiB)"):
+        t.add_column(col, justify="right" if col not in ("segment", "kind", "in → out", "variant") else "left")
+    for s in m["segments"]:
+        shapes = " → ".join(",".join("×".join(map(str, s["tensors"][n]["shape"])) for n in names)
+                            for names in (s["inputs"], s["outputs"]))
+        for k, v in enumerate(s["variants"]):
+            t.add_row(s["name"] if k == 0 else "", s["kind"] if k == 0 else "", shapes if k == 0 else "",
+                      v["id"], f"{v['ratio']:.2f}", f"{v['macs'] / 1e6:.2f}", f"{v['param_bytes'] / 1024:.1f}",
+                      _profile(v, "peak_activation_bytes", 1 / 1024, ".1f"), _latencies(v, m),
+                      _drop(v),
+                      f"{v['module']['bytes'] / 1024:.0f}")
+        t.add_section()
+    con.print(t)
+    con.print("structure: " + "  ".join(
+        f"{s['name']}({','.join(s['inputs'])} → {','.join(s['outputs'])})" for s in m["segments"]))
+    print_estimates(con, m)
+
+
+def print_estimates(con, m: dict) -> None:
+    """Accuracy source, and the compile-time validation of the combination estimators."""
+    acc = m.get("accuracy")
+    if acc:
+        con.print(f"accuracy: {acc['metric']} = {acc['baseline']:.4f} at full size; drops per variant from "
+                  f"{acc['how']}")
+        cal = acc.get("calibration")
+        if cal:
+            alpha = "none" if cal.get("alpha") is None else f"{cal['alpha']:.4g} per unit of signal"
+            con.print(f"acc. drop column: the estimate the solver uses (measured drop ±95% interval); signal: "
+                      f"{acc.get('signal')}; calibration: alpha {alpha}; {cal.get('how')}")
+    val = (m.get("combination") or {}).get("validation") or []
+    if val:
+        print_validation(con, val)
+    print_evaluation(con, m.get("evaluation"))
+
+
+def print_validation(con, val: list[dict]) -> None:
+    """The compile-time measured combinations, the latency fit's calibration points (in-sample)
+    apart from the held-out ones, with the mean latency error of each group."""
+    from rich.table import Table
+
+    groups = [("held out", [v for v in val if v.get("fitted") is False]),
+              ("fitted (in-sample: the estimators' calibration points)", [v for v in val if v.get("fitted") is True]),
+              ("fit status not recorded (older artifact)", [v for v in val if "fitted" not in v])]
+    t = Table(title="combinations measured at compile time (val split): estimate vs measurement")
+    for col in ("points", "variants", "acc. est.", "acc. meas.", "latency est. (ms)", "latency meas. (ms)",
+                "latency error", "memory est. (MiB)"):
+        t.add_column(col, justify="left" if col in ("points", "variants") else "right")
+    summary = []
+    for name, rows in groups:
+        if not rows:
+            continue
+        errors = []
+        for k, v in enumerate(rows):
+            e, me = v["estimated"], v["measured"]
+            err = None
+            if e["latency_ms"] is not None and me.get("latency_ms"):
+                err = (e["latency_ms"] - me["latency_ms"]) / me["latency_ms"]
+                errors.append(abs(err))
+            t.add_row(name if k == 0 else "", " ".join(map(str, v["choice"])), cell(e["accuracy"], ".4f"),
+                      cell(me.get("accuracy"), ".4f"), cell(e["latency_ms"], ".2f"), cell(me.get("latency_ms"), ".2f"),
+                      cell(err, "+.1%"), f"{e['memory_bytes'] / 2**20:.2f}")
+        t.add_section()
+        if errors:
+            summary.append(f"{name.split(' (')[0]} {sum(errors) / len(errors):.1%} over {len(errors)}")
+    con.print(t)
+    if summary:
+        con.print("mean |latency error|: " + "; ".join(summary))
+
+
+def print_evaluation(con, ev: dict | None) -> None:
+    """Accuracy on the model file's test split recorded by `legoc evaluate --record`."""
+    if not ev:
+        con.print("test-split accuracy: not recorded; run `legoc evaluate ART model.py --record` "
+                  "(compile never reads test_data())")
+        return
+    from rich.table import Table
+
+    t = Table(title=f"accuracy on {ev['samples']} samples of {ev['model_file']}'s {ev['split']}_data() "
+                    f"({ev['metric']}; legoc evaluate, {ev['created']})")
+    for col in ("configuration", "variants", "est. acc. (val)", f"{ev['split']} acc.", "est. latency (ms)"):
+        t.add_column(col, justify="left" if col in ("configuration", "variants") else "right")
+    for r in ev["results"]:
+        t.add_row(r["label"], ",".join(map(str, r["choice"])), cell(r["est_accuracy"], ".4f"),
+                  f"{r['accuracy']:.4f}", cell(r["est_latency_ms"], ".3f"))
+    con.print(t)
+
+
+def _drop(variant: dict) -> str:
+    """The accuracy-drop cell: the estimate, then the measured drop with its 95% interval."""
+    fig = (variant.get("profile") or {}).get("accuracy_drop")
+    if not fig or fig.get("value") is None:
+        return "-"
+    ci = fig.get("measured_ci95")
+    if not fig.get("measured") or ci is None:
+        return f"{fig['value']:+.4f}"
+    measured = sum(fig["measured"].values()) / len(fig["measured"])
+    return f"{fig['value']:+.4f} ({measured:+.4f} ±{(ci[1] - ci[0]) / 2:.4f})"
+
+
+def _latencies(variant: dict, manifest: dict) -> str:
+    """The latency cell: the default device's, then every other device's (``--devices``)."""
+    own = _profile(variant, "latency_ms", 1, ".2f")
+    others = variant.get("devices") or {}
+    if not others:
+        return own
+    default = (manifest.get("devices") or {}).get("default", "")
+    return " ".join([f"{default} {own}"] + [f"{d} {_profile(e, 'latency_ms', 1, '.2f')}" for d, e in others.items()])
+
+
+def _profile(variant: dict, key: str, scale: float, fmt: str) -> str:
+    """A profile figure with its source marked: ~ estimated, * measured over RPC, - none."""
+    fig = variant.get("profile", {}).get(key)
+    if not fig or fig.get("value") is None:
+        return "-"
+    mark = {"estimated": "~", "measured-rpc": "*"}.get(fig.get("source"), "")
+    return f"{mark}{fig['value'] * scale:{fmt}}"

@@ -1,0 +1,118 @@
+"""Running a configuration: its plan compiled into callables, switched in atomically, called
+under one lock (TVM VMs are not thread-safe), with the wall time of the latest calls kept to
+observe the machine's speed."""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from legoc.errors import UserError
+from legoc.runtime.artifact import build_output
+from legoc.runtime.cache import ModuleCache
+from legoc.runtime.devices import Devices
+from legoc.runtime.manifest import ManifestView
+from legoc.runtime.plan import Copy, Run
+
+SLOWDOWN_WINDOW, SLOWDOWN_MIN_CALLS = 32, 8
+SLOWDOWN_RANGE = (0.25, 4.0)   # a factor outside this is a measurement gone wrong, not a machine
+
+
+class _Copier:
+    """A Copy step, called like an executable: one tensor in, the copy on ``device`` out."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, tensor):
+        return (tensor.copyto(self.device),)
+
+
+def _float_input(name: str, x) -> np.ndarray:
+    """A model input as contiguous float32: floating-point arrays are cast; integers, booleans,
+    complex numbers and anything that is not numeric are refused (a silent cast would be a wrong
+    answer, e.g. uint8 pixels that the model expects normalised)."""
+    arr = np.asarray(x) if not isinstance(x, np.ndarray) else x
+    if arr.dtype.kind != "f":
+        raise UserError(f"input {name} must be a floating-point array (the model takes float32), got dtype "
+                        f"{arr.dtype}; convert and normalise it as the model expects, e.g. x.astype(np.float32)")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+class Executor:
+    """The configuration in use: its plan (``steps``), the variant (``choice``) and device
+    (``block_devices``) of every block, and the callables that run it. Tensors are keyed by
+    (name, device) while a call runs."""
+
+    def __init__(self, view: ManifestView, devices: Devices):
+        self.view, self.devices = view, devices
+        self.lock = threading.Lock()   # the switch and every call
+        self.compiled: tuple[tuple[Any, tuple, tuple], ...] | None = None   # (callable, input keys, output keys)
+        self.steps: tuple[Run | Copy, ...] = ()
+        self.choice: tuple[int, ...] = ()
+        self.block_devices: tuple[str, ...] = ()
+        self.call_ms: deque[float] = deque(maxlen=SLOWDOWN_WINDOW)   # the current configuration's
+        self._cpu = self._tensor = None
+
+    def compile(self, steps: tuple[Run | Copy, ...], cache: ModuleCache) -> tuple:
+        """The callables of ``steps``, loading the modules ``cache`` does not hold yet."""
+        compiled = []
+        for step in steps:
+            if isinstance(step, Run):
+                exe = cache.get(step.segment, step.variant, step.device)
+                compiled.append((exe, tuple((n, step.device) for n in step.inputs),
+                                 tuple((n, step.device) for n in step.outputs)))
+            else:
+                compiled.append((_Copier(self.devices.get(step.dst)), ((step.tensor, step.src),),
+                                 ((step.tensor, step.dst),)))
+        return tuple(compiled)
+
+    def switch(self, steps: tuple[Run | Copy, ...], compiled: tuple) -> None:
+        """Make ``steps`` the configuration in use: every call runs wholly on the old or the new one."""
+        block_runs = [s for s in steps if isinstance(s, Run) and s.segment in self.view.block_names]
+        cpu = self.devices.get("cpu")   # made when the modules were loaded
+        with self.lock:
+            if steps != self.steps:
+                self.call_ms.clear()   # the observed times were of the old configuration
+            self.compiled, self.steps = compiled, steps
+            self.choice = tuple(s.variant for s in block_runs)
+            self.block_devices = tuple(s.device for s in block_runs)
+            self._cpu, self._tensor = cpu, self.devices.tensor
+
+    def __call__(self, inputs: tuple) -> Any:
+        view = self.view
+        with self.lock:
+            t0 = time.perf_counter()
+            steps = self.compiled
+            if len(inputs) != len(view.input_names):
+                raise UserError(f"the model takes {len(view.input_names)} inputs ({', '.join(view.input_names)}), "
+                                f"got {len(inputs)}")
+            env = {}
+            for name, shape, x in zip(view.input_names, view.input_shapes, inputs):
+                x = _float_input(name, x)
+                if tuple(x.shape) != shape:
+                    raise UserError(f"input {name} must have shape {shape}, got {tuple(x.shape)}")
+                env[(name, "cpu")] = self._tensor(x, self._cpu)
+            for fn, ins, outs in steps:
+                env.update(zip(outs, fn(*[env[k] for k in ins])))
+            out = build_output(view.manifest["output"], {n: env[(n, "cpu")] for n in view.outputs},
+                               leaf=lambda t: t.numpy())
+            self.call_ms.append((time.perf_counter() - t0) * 1e3)
+            return out
+
+    def slowdown(self) -> float | None:
+        """The median wall time of the latest calls (at least SLOWDOWN_MIN_CALLS, up to
+        SLOWDOWN_WINDOW) over the configuration's latency estimate, clamped to SLOWDOWN_RANGE;
+        None before enough calls or without a latency estimate."""
+        with self.lock:
+            times, choice, devices = list(self.call_ms), self.choice, self.block_devices
+        if len(times) < SLOWDOWN_MIN_CALLS or not choice:
+            return None
+        estimate = self.view.profiles.latency_ms(choice, devices)
+        if not estimate:
+            return None
+        return min(SLOWDOWN_RANGE[1], max(SLOWDOWN_RANGE[0], statistics.median(times) / estimate))

@@ -1,0 +1,70 @@
+"""Default schedules for CPU PrimFuncs (no tuning), as rules in dlight's ``ScheduleRule`` form.
+
+TVM 0.27's CPU pipeline legalizes and fuses but schedules nothing: every fused PrimFunc runs as
+one thread of naive loops. These rules recognise the PrimFuncs legoc's models produce and give
+them parallel outer loops, vectorized inner loops sized to the target's vector width (AVX-512:
+16 floats, AVX2: 8, NEON: 4), register blocking and, for ordinary convolutions, a packed weight
+layout.
+
+A rule gets a PrimFunc and returns a scheduled ``s_tir.Schedule``, or None when it does not
+apply. :class:`ApplyCPUSchedules` tries them in order (:func:`default_rules`); the first that
+returns a schedule wins. TVM checks every primitive used for legality, so a rule either produces
+an equivalent program or raises, and a raising rule counts as "does not apply". A PrimFunc no
+rule takes is left as TVM made it (correct, slow). One TVM 0.27 primitive is not safe on its
+own: reverse_compute_inline accepts a consumer that reads a slice of its producer and then
+writes out of bounds, so consumers are inlined only when they cover the producer element for
+element (:func:`analysis.same_domain`).
+
+The files, as in ``tvm.s_tir.dlight``:
+
+* rules, one per file, in the order tried: ``conv2d_packed`` (:class:`Conv2dNCHWPacked`,
+  groups=1 conv2d), ``depthwise`` (:class:`DepthwiseConv2d`), ``reduction``
+  (:class:`ReductionVectorized`: grouped conv2d, dense/matmul, pooling, mean), ``injective``
+  (:class:`Injective`: elementwise, broadcast, pad, reshape, transpose), ``fallback``
+  (:class:`Fallback`: outer data-parallel loops in parallel, nothing more);
+* what they share: ``base`` (:class:`CPURule`), ``analysis`` (blocks and loops),
+  ``isa`` (vector lanes and registers, the register tile), ``common_schedules``;
+* ``transform``: the :class:`ApplyCPUSchedules` pass;
+* Relax rewrites before legalization, sharing ``rewrite`` (:func:`match_conv2d`):
+  ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
+  ``[O/B, I, KH, KW, B]`` once, at build time, kernel taps that only meet padding dropped) and
+  ``pad_channels`` (:class:`PadConvChannels`, otherwise: output channels padded to the vector
+  width, weights packed per call inside the conv's PrimFunc);
+* ``pipeline``: TVM's CPU pipeline with all of the above in place.
+"""
+from legoc.targets.schedules.base import CPURule
+from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
+from legoc.targets.schedules.depthwise import DepthwiseConv2d
+from legoc.targets.schedules.fallback import Fallback
+from legoc.targets.schedules.injective import Injective
+from legoc.targets.schedules.isa import vector_isa, vector_lanes, vector_registers
+from legoc.targets.schedules.pack_weights import TRANSFORM_PARAMS, PackConvWeights, prepack_weights
+from legoc.targets.schedules.pad_channels import PadConvChannels
+from legoc.targets.schedules.pipeline import cpu_pipeline, lowering_passes, scheduling_passes
+from legoc.targets.schedules.reduction import ReductionVectorized
+from legoc.targets.schedules.rewrite import match_conv2d
+from legoc.targets.schedules.transform import RULE_ATTR, ApplyCPUSchedules, default_rules, scheduled_by
+
+__all__ = [
+    "ApplyCPUSchedules",
+    "CPURule",
+    "Conv2dNCHWPacked",
+    "DepthwiseConv2d",
+    "Fallback",
+    "Injective",
+    "PackConvWeights",
+    "PadConvChannels",
+    "RULE_ATTR",
+    "ReductionVectorized",
+    "TRANSFORM_PARAMS",
+    "cpu_pipeline",
+    "default_rules",
+    "lowering_passes",
+    "match_conv2d",
+    "prepack_weights",
+    "scheduled_by",
+    "scheduling_passes",
+    "vector_isa",
+    "vector_lanes",
+    "vector_registers",
+]

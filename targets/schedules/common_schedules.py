@@ -1,0 +1,61 @@
+"""Schedule steps several rules share: parallel outer loops, vectorized spatial blocks, epilogue
+inlining."""
+from __future__ import annotations
+
+from tvm import s_tir
+
+from legoc.targets.schedules.analysis import extent, same_domain
+
+MIN_PARALLEL = 2048  # elements below which a parallel loop costs more than it saves
+
+
+def parallel_fused(sch: s_tir.Schedule, loops: list, work: int) -> None:
+    """Fuse the nested ``loops`` (outermost first) and run them in parallel if ``work`` elements
+    justify it."""
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if work >= MIN_PARALLEL and extent(sch, fused) > 1:
+        sch.parallel(fused)
+
+
+def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Fuse a spatial block's loops; vectorize an inner chunk, run the outer part in parallel."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    total = 1
+    for lp in loops:
+        total *= extent(sch, lp)
+    inner = extent(sch, loops[-1])
+    vec = lanes
+    while vec > 1 and inner % vec:  # a power of two dividing the inner extent
+        vec //= 2
+    if vec >= 4:
+        outer_loops = loops[:-1]
+        lo, li = sch.split(loops[-1], [None, vec])
+        sch.vectorize(li)
+        parallel_fused(sch, [*outer_loops, lo], total)
+    else:
+        parallel_fused(sch, list(loops), total)
+
+
+def inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
+    """Inline the spatial blocks after a reduction into its write-back block, in order, while
+    they cover the reduction's output element for element; return the others (they stay
+    root-level blocks)."""
+    stmt = sch.get(writeback)
+    shape = [int(d) for d in stmt.writes[0].source.shape]
+    left = []
+    for block in epilogue:
+        # the write-back's output must feed this block only: reverse_compute_inline in TVM 0.27
+        # also inlines a buffer that a later block still reads (hardswish x * relu6(x + 3) / 6),
+        # leaving that read without a definition
+        if left or not same_domain(sch, block, shape) or len(sch.get_consumers(writeback)) != 1:
+            left.append(block)
+            continue
+        try:
+            sch.reverse_compute_inline(block)
+        except (RuntimeError, ValueError):
+            left.append(block)
+    return left

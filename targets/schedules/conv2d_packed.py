@@ -1,0 +1,130 @@
+"""Conv2dNCHWPacked: a groups=1 NCHW conv2d as a register-blocked micro-kernel over packed weights."""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from legoc.targets.schedules.analysis import (extent, is_block_split, iter_kinds, largest_divisor,
+                                              split_around_reduction)
+from legoc.targets.schedules.base import CPURule
+from legoc.targets.schedules.common_schedules import (inline_epilogue, parallel_fused,
+                                                      schedule_spatial)
+from legoc.targets.schedules.isa import acc_registers, register_tile, vector_lanes, vector_registers
+
+
+class Conv2dNCHWPacked(CPURule):
+    """groups=1 NCHW conv2d (+ fused epilogue: bias, residual add, ReLU, ...).
+
+    A micro-kernel of ``FB`` vectors of ``L`` output channels times ``XB`` output columns of
+    accumulators; per reduction step one vector load of packed weights per channel vector and
+    one broadcast input scalar per column. Weights not packed at build time
+    (:class:`~legoc.targets.schedules.PackConvWeights`) are packed ``[O/B, I, KH, KW, B]`` at the
+    start of the PrimFunc; the input pad is a zero fill plus a vectorized copy; the epilogue is
+    inlined into the accumulator write-back; (batch, channel block, row) run in parallel."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        parts = split_around_reduction(sch)
+        if parts is None:
+            return False
+        prologue, conv, epilogue = parts
+        if iter_kinds(sch, conv) != "SSSSRRR":
+            return False
+        stmt = sch.get(conv)
+        ivars = [iv.var for iv in stmt.iter_vars]
+        v_n, v_f, v_y, v_x, v_rc, v_ry, v_rx = ivars
+        # find the weight read [f, rc, ry, rx] and a data read whose channel index is rc alone
+        weight_index = data_ok = None
+        prepacked = 0  # the block size B of weights already packed as [O/B, I, KH, KW, B]
+        for idx, region in enumerate(stmt.reads):
+            starts = [r.min for r in region.region]
+            if any(int(r.extent) != 1 for r in region.region if isinstance(r.extent, tirx.IntImm)):
+                continue
+            if len(starts) == 5 and all(isinstance(s, tirx.Var) and s.same_as(v) for s, v in
+                                        zip(starts[1:4], (v_rc, v_ry, v_rx))) \
+                    and is_block_split(starts[0], starts[4], v_f, region.source.shape[4]):
+                weight_index, prepacked = idx, int(region.source.shape[4])
+                continue
+            if len(starts) != 4:
+                continue
+            if all(isinstance(s, tirx.Var) for s in starts) and \
+                    [s.same_as(v) for s, v in zip(starts, (v_f, v_rc, v_ry, v_rx))] == [True] * 4:
+                weight_index = idx
+            elif isinstance(starts[1], tirx.Var) and starts[1].same_as(v_rc) and \
+                    isinstance(starts[0], tirx.Var) and starts[0].same_as(v_n):
+                data_ok = True
+        if weight_index is None or not data_ok:
+            return False
+
+        n, f, y, x, rc, ry, rx = sch.get_loops(conv)
+        n_f, n_x = extent(sch, f), extent(sch, x)
+        lanes = vector_lanes(target)
+        while lanes > 4 and n_f % lanes:
+            lanes //= 2
+        if n_f % lanes:
+            return False
+        regs = vector_registers(target)
+        fb, xb = register_tile(n_f, n_x, lanes, regs)
+        if prepacked:
+            if prepacked % lanes or n_f % prepacked:
+                return False
+            fb = prepacked // lanes
+            xb = largest_divisor(n_x, max(1, acc_registers(regs) // fb))
+        block_f = fb * lanes
+
+        wpack = None
+        if not prepacked:  # pack per call, inside this PrimFunc
+            wpack = sch.cache_read(conv, weight_index, "global")
+            sch.transform_layout(
+                wpack, ("write", 0), lambda o, i, h, w: (o // block_f, i, h, w, o % block_f)
+            )
+        fo, fi = sch.split(f, [None, block_f])
+        xo, xi = sch.split(x, [None, xb])
+        fi_o, fi_i = sch.split(fi, [fb, lanes])
+        sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi_o, fi_i)
+        acc_out = sch.cache_write(conv, 0, "local")
+        # channels innermost in the accumulator tile, so each channel vector is one register
+        sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
+        left = inline_epilogue(sch, acc_out, epilogue)
+        sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+        sch.vectorize(fi_i)
+        sch.unroll(fi_o)
+        sch.unroll(xi)
+        parallel_fused(sch, [n, fo, y], 1 << 30)
+        sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
+        wb_loops = sch.get_loops(acc_out)
+        wb_tile = wb_loops[len(wb_loops) - 4:]  # n, f, y, x of the tile
+        if xb >= 4:
+            sch.vectorize(wb_tile[-1])
+        # the packing pass: loops in the packed order, so writes are contiguous vectors and each
+        # vector gathers one element from block_f filters (their rows stay in L1 across i, h, w)
+        if wpack is not None:
+            _schedule_pack(sch, wpack, block_f)
+        for block in prologue:
+            _schedule_pad(sch, block, lanes)
+        for block in left:
+            schedule_spatial(sch, block, lanes)
+        return True
+
+
+def _schedule_pack(sch: s_tir.Schedule, block, block_f: int) -> None:
+    """Schedule the OIHW -> O/B I H W B weight copy: (o/B, i) parallel, (h, w) serial, the B
+    filters of a block as the vectorized inner loop."""
+    o, i, h, w = sch.get_loops(block)
+    oo, oi = sch.split(o, [None, block_f])
+    sch.reorder(oo, i, h, w, oi)
+    sch.vectorize(oi)
+    work = extent(sch, oo) * extent(sch, i) * extent(sch, h) * extent(sch, w) * block_f
+    parallel_fused(sch, [oo, i], work)
+
+
+def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A pad block as two passes without conditions (zero fill, then the in-bounds copy, which
+    vectorizes); other spatial blocks as :func:`schedule_spatial`."""
+    loops = sch.get_loops(block)
+    try:
+        fill = sch.decompose_padding(block, loops[0])
+    except (RuntimeError, ValueError):
+        schedule_spatial(sch, block, lanes)
+        return
+    schedule_spatial(sch, fill, lanes)
+    schedule_spatial(sch, block, lanes)

@@ -1,0 +1,78 @@
+"""The target CPU's vector registers, and the packed conv's register tile sized from them."""
+from __future__ import annotations
+
+import tvm
+from tvm.target import Target
+from tvm.target.codegen import llvm_cpu_has_features
+
+from legoc.targets.schedules.analysis import largest_divisor
+
+
+def vector_isa(target: Target) -> tuple[int, int]:
+    """(fp32 lanes per vector register, architectural vector registers) of ``target``'s CPU.
+
+    Asked of LLVM feature by feature (``llvm_cpu_has_features``): TVM 0.27's
+    ``llvm_get_vector_width`` answers 512 for every x86 CPU, AVX2-only ones (znver3, haswell)
+    included, and rules sized for 16 lanes and 32 registers then spill on a 16-register AVX2
+    core."""
+    triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
+    if triple.startswith(("aarch64", "arm64")):
+        return 4, 32  # NEON: 128-bit, v0-v31
+    if not triple.startswith(("x86_64", "i686", "i386")):
+        return 4, 16
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(llvm_cpu_has_features(feature, target))
+        except Exception:  # noqa: BLE001 - an mcpu LLVM cannot query: assume SSE
+            return False
+
+    if has("avx512f"):
+        return 16, 32
+    if has("avx2") or has("avx"):
+        return 8, 16
+    return 4, 16
+
+
+def vector_lanes(target: Target) -> int:
+    """fp32 lanes of one vector register of ``target``'s CPU (the packed conv's channel block)."""
+    return max(4, vector_isa(target)[0])
+
+
+def vector_registers(target: Target) -> int:
+    """Architectural vector registers (32 on AArch64 and AVX-512 x86, else 16)."""
+    return vector_isa(target)[1]
+
+
+def acc_registers(regs: int) -> int:
+    """Vector registers the conv micro-kernel gives to accumulators: half of 32 (2 x 8 tiles);
+    12 of 16 on AVX2 (the rest: two weight vectors, one broadcast input, one spare), as in the
+    6 x 16 AVX2 GEMM kernels."""
+    return regs // 2 if regs > 16 else regs - 4
+
+
+def register_tile(n_f: int, n_x: int, lanes: int, regs: int) -> tuple[int, int]:
+    """(channel vectors FB, output columns XB) of the packed conv's register tile: XB divides the
+    row width, FB x XB accumulators fit; two channel vectors unless one vector holds a wider
+    tile (7- and 14-wide maps: 1 x 7, not 2 x 1 or 2 x 2)."""
+    acc = acc_registers(regs)
+    best = (1, largest_divisor(n_x, acc))
+    if n_f % (2 * lanes) == 0:
+        xb = largest_divisor(n_x, max(1, acc // 2))
+        if 2 * xb >= best[1]:
+            best = (2, xb)
+    return best
+
+
+def padded_channels(out_channels: int, lanes: int, out_w: int | None = None,
+                    regs: int = 32) -> tuple[int, int]:
+    """(padded output channels, packing block) for a conv with ``out_channels`` filters and
+    ``out_w`` output columns: a few filters (heavily pruned variants: 3, 6) take one short
+    vector (4 or 8 lanes), not a whole ``lanes``-wide one; more take a multiple of ``lanes``,
+    blocked by the register tile's channel vectors (:func:`register_tile`)."""
+    for width in (4, 8):
+        if width < lanes and out_channels <= width:
+            return width, width
+    padded = -(-out_channels // lanes) * lanes
+    fb = register_tile(padded, out_w, lanes, regs)[0] if out_w else (2 if padded % (2 * lanes) == 0 else 1)
+    return padded, fb * lanes

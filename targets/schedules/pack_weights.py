@@ -1,0 +1,117 @@
+"""PackConvWeights and prepack_weights: conv2d weights packed ``[O/B, I, KH, KW, B]`` once, at
+build time, instead of per call."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.target import Target
+
+from legoc.targets.schedules.isa import padded_channels, vector_lanes, vector_registers
+from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
+
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+def _packed_conv2d_te(data, packed, strides, top_left, dilation, out_hw):
+    """NCHW conv2d over weights packed as [O/B, I, KH, KW, B] (TE; output channels O/B*B),
+    ``out_hw`` outputs, input padded by ``top_left`` before and as needed after."""
+    from tvm import te, topi  # noqa: PLC0415
+
+    _, _, height, width = (int(d) for d in data.shape)
+    blocks, channels, kh, kw, block = (int(d) for d in packed.shape)
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    top, left = (int(v) for v in top_left)
+    out_h, out_w = (int(v) for v in out_hw)
+    bottom = max(0, (out_h - 1) * sh + (kh - 1) * dh + 1 - top - height)
+    right = max(0, (out_w - 1) * sw + (kw - 1) * dw + 1 - left - width)
+    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    rc = te.reduce_axis((0, channels), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute(
+        (int(data.shape[0]), blocks * block, out_h, out_w),
+        lambda n, f, y, x: te.sum(
+            padded[n, rc, y * sh + ry * dh, x * sw + rx * dw]
+            * packed[f // block, rc, ry, rx, f % block], axis=[rc, ry, rx]),
+        name="conv2d_nchw_packed",
+    )
+
+
+def _live_taps(size: int, kernel: int, stride: int, dilation: int, pad: int, out: int):
+    """[first, last + 1) of the kernel taps along one axis that read the input (not padding)
+    for some output position; None when cropping to them would need a negative pad."""
+    live = [r for r in range(kernel)
+            if any(0 <= y * stride + r * dilation - pad < size for y in range(out))]
+    if not live or pad - live[0] * dilation < 0:
+        return None
+    return live[0], live[-1] + 1
+
+
+@relax.expr_functor.mutator
+class _ConvWeightPacker(relax.PyExprMutator):
+    def __init__(self, mod: tvm.ir.IRModule, lanes: int, regs: int):
+        super().__init__(mod)
+        self.lanes = lanes
+        self.regs = regs
+        self.changed = False
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
+        call = super().visit_call_(call)
+        weight = match_conv2d(call, packable=True)
+        if weight is None:
+            return call
+        out_channels = int(weight.ty.shape[0])
+        self.changed = True
+        attrs = call.attrs
+        strides = [int(v) for v in attrs.strides]
+        dilation = [int(v) for v in attrs.dilation]
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        _, _, height, width = (int(d) for d in call.args[0].ty.shape)
+        _, _, kh, kw = (int(d) for d in weight.ty.shape)
+        out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+        out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+        padded, block = padded_channels(out_channels, self.lanes, out_w, self.regs)
+        rows = _live_taps(height, kh, strides[0], dilation[0], top, out_h)
+        cols = _live_taps(width, kw, strides[1], dilation[1], left, out_w)
+        if rows is not None and cols is not None and (rows != (0, kh) or cols != (0, kw)):
+            # taps that only ever meet padding multiply zeros: drop them (a 3x3 conv on a 1x1
+            # map keeps 1 of its 9 taps, and streams 1/9 of the weights)
+            weight = self.builder_.emit(relax.op.strided_slice(
+                weight, axes=[2, 3], begin=[rows[0], cols[0]], end=[rows[1], cols[1]]))
+            top -= rows[0] * dilation[0]
+            left -= cols[0] * dilation[1]
+        packed = self.builder_.emit(relax.op.layout_transform(
+            weight, lambda o, i, h, w: (o // block, i, h, w, o % block), pad_value=0.0))
+        conv = self.builder_.emit(self.builder_.call_te(
+            _packed_conv2d_te, call.args[0], packed, strides, [top, left], dilation,
+            [out_h, out_w], primfunc_name_hint="conv2d_packed", primfunc_attrs={"op_pattern": 4}))
+        if padded == out_channels:
+            return conv
+        return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
+
+
+@tvm.transform.module_pass(opt_level=0, name="LegocPackConvWeights")
+class PackConvWeights:
+    """Rewrite groups=1 NCHW conv2d into a conv over packed weights ``[O/B, I, KH, KW, B]``
+    (B: one or two vector widths; output channels zero-padded to a multiple of the vector
+    width, a slice keeps the real ones). The packing is a Relax ``layout_transform`` of the
+    weight, so ``relax.transform.LiftTransformParams`` moves it out of ``main`` and it runs once
+    at build time (:func:`prepack_weights`), not per call."""
+
+    def __init__(self, lanes: int, regs: int = 32):
+        self.lanes = lanes
+        self.regs = regs  # vector registers: the register tile decides the packing block
+
+    def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        return rewrite_functions(mod, _ConvWeightPacker(mod, self.lanes, self.regs))
+
+
+def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
+    """``mod`` with packed conv weights (:class:`PackConvWeights`) and every computation on
+    weights alone (packing, FC weight transposes, bias reshapes) lifted out of ``main`` into
+    ``main_transform_params``: run that once on the weights (at build time) and pass its outputs
+    to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
+    with target:
+        mod = PackConvWeights(vector_lanes(target), vector_registers(target))(mod)
+        return relax.transform.LiftTransformParams()(mod)

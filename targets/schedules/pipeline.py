@@ -1,0 +1,51 @@
+"""The CPU pipeline: TVM 0.27's ``relax.backend.cpu_generic`` with legoc's rewrites and rules."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.target import Target
+
+from legoc.targets.schedules.isa import vector_lanes
+from legoc.targets.schedules.pad_channels import PadConvChannels
+from legoc.targets.schedules.transform import ApplyCPUSchedules
+
+
+def cpu_pipeline(target: Target, *, schedule: bool = True,
+                 before_schedule: tuple = ()) -> tvm.transform.Pass:
+    """TVM 0.27's CPU pipeline (``relax.backend.cpu_generic``) with the CPU rules applied after
+    operator fusion. ``before_schedule``: passes run between fusion and the rules (the tuning
+    database). ``schedule=False`` gives TVM's own pipeline (no schedules)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="LegocCPUPipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            passes = scheduling_passes(target, schedule=schedule, before_schedule=before_schedule)
+            return tvm.transform.Sequential(passes + lowering_passes(target))(mod)
+
+    return _pipeline
+
+
+def scheduling_passes(target: Target, *, schedule: bool = True, before_schedule: tuple = (),
+                      rules: list | None = None, strict: bool | None = None) -> list:
+    """cpu_generic's passes up to fused PrimFuncs, then legoc's: conv channel padding before
+    legalization, ``before_schedule``, then the rules (``rules``: default_rules())."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+
+    padding = [PadConvChannels(vector_lanes(target))] if schedule else []
+    scheduled = [ApplyCPUSchedules(rules, strict=strict)] if schedule else []
+    return (padding + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            + list(before_schedule) + scheduled)
+
+
+def lowering_passes(target: Target) -> list:
+    """cpu_generic's passes after scheduling: dataflow lowering (not exported by TVM 0.27's
+    package, copied from its list) and finalization."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        *cpu.finalize_passes(target),
+    ]

@@ -1,0 +1,39 @@
+"""What the Relax rewrites (:mod:`.pad_channels`, :mod:`.pack_weights`) share: matching the
+conv2d they handle, and running a mutator over a module's Relax functions."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+
+def match_conv2d(call, *, packable: bool = False):
+    """The weight of ``call`` if it is a conv2d the rewrites handle, else None: groups=1, NCHW
+    data, OIHW weight, NCHW output, a float32 weight with a static number of filters.
+    ``packable``: also float32 data and output, every shape static (the packed TE conv's needs)."""
+    if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.nn.conv2d"):
+        return None
+    attrs = call.attrs
+    if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW"
+            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW"):
+        return None
+    if packable and str(attrs.out_dtype) not in ("", "float32"):
+        return None
+    for arg in call.args[:2] if packable else call.args[1:2]:
+        info = arg.ty
+        if not isinstance(info, relax.TensorType) or info.shape is None \
+                or str(info.dtype) != "float32":
+            return None
+        try:
+            [int(d) for d in (info.shape if packable else [info.shape[0]])]
+        except TypeError:  # symbolic shapes
+            return None
+    return call.args[1]
+
+
+def rewrite_functions(mod: tvm.ir.IRModule, mutator) -> tvm.ir.IRModule:
+    """Every Relax function of ``mod`` through ``mutator`` (a ``PyExprMutator`` on ``mod`` with a
+    ``changed`` flag); ``mod`` itself when nothing changed."""
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get() if mutator.changed else mod
