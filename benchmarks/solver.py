@@ -47,6 +47,17 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+
+def _timed(call):
+    """(solve ms, selection) of one solve; (wall ms, None) when it raised a UserError (infeasible,
+    or no solution within the time limit): such solves are timed all the same."""
+    t0 = time.perf_counter()
+    try:
+        sel = call()
+    except UserError:
+        return (time.perf_counter() - t0) * 1e3, None
+    return sel.solve_ms, sel
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--solves", type=int, default=200)
@@ -63,15 +74,11 @@ def main(argv=None) -> int:
         budget = Budget(latency_ms=_span(prof, prof.latency_ms, small, full, rng),
                         memory_mb=_span(prof, prof.memory_bytes, small, full, rng) / MIB)
         current = [rng.randrange(5) for _ in range(8)]
-        t0 = time.perf_counter()
-        try:
-            sel = solve([Problem(prof, budget, current=current, loaded={(b, v) for b, v in enumerate(current)})])
-        except UserError:   # infeasible: timed all the same
-            infeasible += 1
-            times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        times.append(sel.solve_ms)
-        optimal += sel.optimal
+        ms, sel = _timed(lambda: solve([Problem(prof, budget, current=current,
+                                                loaded={(b, v) for b, v in enumerate(current)})]))
+        times.append(ms)
+        infeasible += sel is None
+        optimal += bool(sel and sel.optimal)
     print(f"single model, 8 blocks x 5 variants: {len(times)} solves, median {statistics.median(times):.2f} ms, "
           f"p99 {percentile(times, 99):.2f} ms, max {max(times):.2f} ms; {optimal} optimal, {infeasible} infeasible "
           f"budgets (target: median <= 5 ms)")
@@ -82,15 +89,10 @@ def main(argv=None) -> int:
         problems = [Problem(p, Budget(latency_ms=_span(p, p.latency_ms, [4] * 8, [0] * 8, rng)), weight=rng.uniform(0.5, 2),
                             name=f"m{k}") for k, p in enumerate(profs)]
         mem = sum(_span(p, p.memory_bytes, [4] * 8, [0] * 8, rng) for p in profs) / MIB
-        t0 = time.perf_counter()
-        try:
-            sel = solve(problems, memory_mb=mem, time_limit_s=5.0)
-        except UserError:   # infeasible, or no solution within the time limit: timed all the same
-            jinf += 1
-            jt.append((time.perf_counter() - t0) * 1e3)
-            continue
-        jt.append(sel.solve_ms)
-        jopt += sel.optimal
+        ms, sel = _timed(lambda: solve(problems, memory_mb=mem, time_limit_s=5.0))
+        jt.append(ms)
+        jinf += sel is None
+        jopt += bool(sel and sel.optimal)
     print(f"10 models x 8 blocks x 5 variants jointly (shared memory, per-model latency): {len(jt)} solves, median "
           f"{statistics.median(jt):.1f} ms, p99 {percentile(jt, 99):.1f} ms; {jopt} optimal, "
           f"{len(jt) - jopt - jinf} feasible but not proven optimal, {jinf} infeasible or out of time "

@@ -35,19 +35,7 @@ ARCH = {
     "blocks_per_stage": 2,
     "num_classes": NUM_CLASSES,
 }
-TRAIN = {
-    "seed": 0,
-    "split_seed": 0,
-    "epochs": 8,
-    "batch_size": BATCH_SIZE,
-    "optimizer": "adamw",
-    "lr": 3e-3,
-    "weight_decay": 5e-4,
-    "schedule": "onecycle",
-    "augment_shift": 2,  # random translation by up to this many pixels
-    "keep": "best_val_epoch",  # the epoch with the best val-split accuracy is returned
-    "num_threads": 2,
-}
+TRAIN = mnist_training.train_config(epochs=8, lr=3e-3, batch_size=BATCH_SIZE)
 CACHE_VERSION = 2  # bump to invalidate caches written by an older training procedure
 
 

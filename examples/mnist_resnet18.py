@@ -43,19 +43,7 @@ ARCH = {
     "blocks_per_stage": 2,
     "num_classes": 10,
 }
-TRAIN = {
-    "seed": 0,
-    "split_seed": 0,
-    "epochs": 8,
-    "batch_size": BATCH_SIZE,
-    "optimizer": "adamw",
-    "lr": 2e-3,
-    "weight_decay": 5e-4,
-    "schedule": "onecycle",
-    "augment_shift": 2,  # random translation (28x28 pixels) before upsampling
-    "num_threads": 2,
-    "keep": "best_val_epoch",
-}
+TRAIN = mnist_training.train_config(epochs=8, lr=2e-3, batch_size=BATCH_SIZE)  # shifts at 28x28, then upsampling
 CACHE_VERSION = 1  # bump to invalidate caches written by an older training procedure
 
 

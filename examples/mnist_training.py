@@ -138,6 +138,21 @@ def train_classifier(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray,
 
 # -------------------------------------------------------------------------------- cache
 
+def train_config(**settings) -> dict:
+    """The training settings of an MNIST example: these defaults, with ``settings`` replacing them."""
+    return {
+        "seed": 0,
+        "split_seed": 0,
+        "batch_size": 64,
+        "optimizer": "adamw",
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "augment_shift": 2,  # random translation by up to this many pixels (at 28x28)
+        "keep": "best_val_epoch",  # the epoch with the best val-split accuracy is returned
+        "num_threads": 2,
+    } | settings
+
+
 def spec_hash(spec: dict) -> str:
     """16 hex digits identifying ``spec`` (key order does not matter)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
