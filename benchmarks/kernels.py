@@ -1,0 +1,147 @@
+"""Where a model's time goes: every kernel (fused PrimFunc) of its monolithic CPU module, timed on
+its own, with the rule that scheduled it and its GFLOP/s.
+
+    .venv/bin/python benchmarks/kernels.py [--model mobilenetv2-224|resnet18-224|path/model.py]
+                                           [--threads 1] [--top 25] [--number 20 --repeat 5]
+
+The module is prepared as ``legoc.targets.build.build_module(prepack=True)`` prepares it (weights
+packed at build time) and run through legoc's CPU scheduling passes; each resulting PrimFunc is
+then built alone for the host and timed with TVM's time evaluator on random buffers of its own
+shapes (median of ``--repeat`` repeats of ``--number`` calls). The sum over kernels, each counted
+as often as ``main`` calls it, approximates the module's latency without the VM's own cost.
+
+FLOPs: 2 x the multiply-adds of a kernel's reduction (output elements x reduction extent, read
+from the PrimFunc's loop nest), so elementwise kernels count 0. ``TVM_NUM_THREADS`` is set from
+``--threads`` before TVM starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _model_file(name: str, work: Path) -> Path:
+    if name.endswith(".py"):
+        return Path(name)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from inference import ZOO_SOURCE  # noqa: PLC0415 - benchmarks/inference.py's zoo models
+
+    arch, size = name.rsplit("-", 1)
+    path = work / f"{arch}_{size}.py"
+    path.write_text(ZOO_SOURCE.format(arch=arch, size=int(size), zoo=str(ROOT / "tests" / "zoo.py")))
+    return path
+
+
+def _calls(main) -> dict:
+    """The PrimFuncs ``main`` calls (``call_tir``), each with its argument shapes and dtypes
+    (inputs, then the output) and how often it is called."""
+    from tvm import relax  # noqa: PLC0415
+
+    calls: dict = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+            types = [a.ty for a in expr.args[1].fields] + list(expr.ty_args)
+            if all(hasattr(t, "shape") and t.shape is not None for t in types):
+                try:
+                    args = tuple((tuple(int(d) for d in t.shape), str(t.dtype)) for t in types)
+                except TypeError:   # a symbolic dimension: not timed
+                    return
+                name = expr.args[0].name_hint
+                n = calls.get(name, (args, 0))[1]
+                calls[name] = (args, n + 1)
+
+    relax.analysis.post_order_visit(main.body, visit)
+    return calls
+
+
+def _macs(func) -> int:
+    """Multiply-adds of the (unscheduled) PrimFunc's largest reduction block: the product of its
+    iterators' extents, spatial and reduction."""
+    from tvm import s_tir  # noqa: PLC0415
+    from tvm.s_tir.dlight.analysis import get_root_block  # noqa: PLC0415
+
+    sch = s_tir.Schedule(func)
+    best = 0
+    for block in sch.get_child_blocks(get_root_block(sch)):
+        iters = sch.get(block).iter_vars
+        if any(iv.iter_type == iv.CommReduce for iv in iters):
+            n = 1
+            for iv in iters:
+                n *= int(iv.dom.extent)
+            best = max(best, n)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mobilenetv2-224")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--number", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cold", action="store_true", help="flush the CPU caches before every call (all arguments but the first)")
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax, s_tir, tirx
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from legoc.modelfile import load_model_file
+    from legoc.passes.fold import fold_batchnorm
+    from legoc.targets.schedules import RULE_ATTR, ApplyCPUSchedules, prepack_weights, scheduling_passes
+    from legoc.targets.table import TARGETS
+
+    torch.set_num_threads(args.threads)
+    target = TARGETS["host"].tvm_target()
+    with tempfile.TemporaryDirectory() as work:
+        spec = load_model_file(_model_file(args.model, Path(work)))
+    inputs = tuple(spec.example_inputs)
+    with torch.no_grad():
+        exported = torch.export.export(fold_batchnorm(spec.model.eval()), inputs)
+    mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+    mod, _ = relax.frontend.detach_params(mod)
+    mod = prepack_weights(mod, target)
+    with target:
+        mod = tvm.transform.Sequential(scheduling_passes(target, rules=[]))(mod)   # fused, plain
+        macs = {gv.name_hint: _macs(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+        mod = ApplyCPUSchedules()(mod)
+    calls = _calls(mod["main"])
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    rows = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or gv.name_hint not in calls:
+            continue
+        args_spec, n_calls = calls[gv.name_hint]
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        arrays = [tvm.runtime.tensor(rng.standard_normal(shape).astype(dtype), dev) for shape, dtype in args_spec]
+        timer = lib.jit().time_evaluator("main", dev, number=1 if args.cold else args.number,
+                                         repeat=args.repeat * (args.number if args.cold else 1),
+                                         f_preproc="cache_flush_cpu_non_first_arg" if args.cold else "")
+        ms = float(np.median(timer(*arrays).results)) * 1e3
+        rule = str(func.attrs[RULE_ATTR]) if func.attrs and RULE_ATTR in func.attrs else "-"
+        rows.append((ms * n_calls, ms, n_calls, gv.name_hint, rule, macs.get(gv.name_hint, 0),
+                     [list(shape) for shape, _ in args_spec]))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    total_macs = sum(r[5] * r[2] for r in rows)
+    print(f"{args.model}: {len(rows)} kernels, {total:.3f} ms summed ({args.threads} thread(s)), "
+          f"{total_macs / 1e6:.1f} M MACs in reductions, {2 * total_macs / total / 1e6:.1f} GFLOP/s overall")
+    print(f"{'ms total':>9} {'ms':>8} {'×':>2} {'share':>6} {'GFLOP/s':>8}  {'rule':<22} kernel (buffer shapes)")
+    for tot, ms, n, name, rule, macs, shapes in rows[:args.top]:
+        gflops = f"{2 * macs / ms / 1e6:8.1f}" if macs else " " * 8
+        print(f"{tot:9.3f} {ms:8.3f} {n:2d} {tot / total:6.1%} {gflops}  {rule:<22} {name} {shapes}")
+
+
+if __name__ == "__main__":
+    main()
