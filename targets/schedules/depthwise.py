@@ -53,8 +53,10 @@ class DepthwiseConv2d(CPURule):
         n, f, y, x = loops[:4]
         reduce = loops[4:]
         n_x = extent(sch, x)
-        # accumulators of one row chunk in registers; the rest hold a weight and input vectors
-        max_acc = max(lanes, (regs - 4) * lanes)
+        # one row chunk's accumulators and the input vectors of one tap in registers, plus the
+        # tap's broadcast weight: at most (regs - 2) / 2 vectors a chunk (NEON: 15, so a 112-wide
+        # row goes in two chunks of 14; with 28 vectors LLVM kept the accumulators on the stack)
+        max_acc = max(lanes, (regs - 2) // 2 * lanes)
         chunk = n_x if n_x <= max_acc else largest_divisor(n_x, max_acc)
         if chunk < lanes and n_x > max_acc:
             return False
