@@ -24,10 +24,13 @@ BATCH = 32
 
 def _any_batch(gm, inputs: tuple) -> bool:
     """Whether ``gm`` gives the same per-sample outputs on a batch of two as on each sample."""
+    import contextlib
+    import io
+
     import torch
 
-    try:
-        with torch.no_grad():
+    try:   # a GraphModule that fails prints its generated code to stderr before raising: not for users
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             one = torch.utils._pytree.tree_leaves(gm(*inputs))
             two = torch.utils._pytree.tree_leaves(gm(*[torch.cat([x, x]) for x in inputs]))
     except Exception:

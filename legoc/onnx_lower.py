@@ -5,7 +5,8 @@ common activations become torch.nn modules holding the initializers as parameter
 prune), the rest become onnx2torch modules whose forward calls torch functions. :func:`lower`
 traces through the latter so the graph holds only torch.nn modules and torch functions (what
 legoc.passes.analysis reasons about), then rewrites a few spellings to the ones the channel
-analysis knows (torch.mean -> Tensor.mean, nn.Flatten -> torch.flatten, torch.clip -> clamp).
+analysis knows (torch.mean -> Tensor.mean, nn.Flatten -> torch.flatten, torch.clip -> clamp, and a
+reshape to a constant (batch, -1) -> torch.flatten, so the model takes any batch size again).
 
 Every proxy of the lowering trace carries its value on the example inputs, so a converter module
 that asks its input for ``dim()``, ``shape`` or ``tolist()`` gets numbers: the shapes are fixed
@@ -165,6 +166,24 @@ def _hardsigmoid(m: nn.Module) -> bool:
     return type(m).__name__ == "OnnxHardSigmoid" and abs(m.alpha - 1 / 6) < 1e-6 and abs(m.beta - 0.5) < 1e-6
 
 
+def _batch_flatten(n: torch.fx.Node) -> bool:
+    """Whether ``n`` reshapes a tensor to (its batch size, everything else): the ``x.view(
+    x.size(0), -1)`` that exporters write as Shape -> Gather -> Concat -> Reshape and constant
+    folding turned into a fixed batch size. ``torch.flatten(x, 1)`` is the same at that batch size
+    and keeps other batch sizes working (``--data`` batches)."""
+    if not ((n.op == "call_function" and n.target is torch.reshape)
+            or (n.op == "call_method" and n.target in ("reshape", "view"))) or len(n.args) < 2 or n.kwargs:
+        return False
+    src = n.args[0]
+    shape = n.args[1] if len(n.args) == 2 else n.args[1:]
+    value = src.meta.get("legoc_value") if isinstance(src, torch.fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.ndim < 3 or not isinstance(shape, (tuple, list)) or len(shape) != 2:
+        return False
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return False
+    return shape[0] == value.shape[0] and shape[1] in (-1, int(np.prod(value.shape[1:])))
+
+
 def lower(gm: torch.fx.GraphModule, example_inputs: tuple, class_name: str) -> torch.fx.GraphModule:
     """onnx2torch's GraphModule as one of torch.nn modules and torch functions only."""
     gm.eval()   # the trace runs every module on the example inputs: BN must not update its statistics
@@ -183,6 +202,12 @@ def lower(gm: torch.fx.GraphModule, example_inputs: tuple, class_name: str) -> t
             graph.erase_node(n)
         elif n.op == "call_function" and n.target in _FUNCTIONS:
             n.target = _FUNCTIONS[n.target]
+        elif _batch_flatten(n):   # batch-independent again, as the original graph was
+            with graph.inserting_before(n):
+                new = graph.call_function(torch.flatten, (n.args[0], 1))
+            new.meta["legoc_value"] = n.meta["legoc_value"]
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Flatten):
             m = gm.get_submodule(n.target)
             with graph.inserting_before(n):
