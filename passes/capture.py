@@ -5,6 +5,7 @@ flow") becomes a one-line UserError naming the model class, the file and line, a
 """
 from __future__ import annotations
 
+import operator
 import os
 import traceback
 
@@ -38,13 +39,52 @@ def trace_error_message(model: torch.nn.Module, exc: BaseException) -> str:
 
 
 def trace(model: torch.nn.Module, concrete_args: dict | None = None) -> torch.fx.GraphModule:
+    """The torch.fx graph of ``model``; its inputs are the tensors example_inputs() gives, the
+    ``concrete_args`` (model.py's optional dict) baked in."""
     try:
         gm = torch.fx.symbolic_trace(model, concrete_args=concrete_args)
     except Exception as exc:  # TraceError, TypeError on Proxy, ...: the model is not traceable
         raise UserError(trace_error_message(model, exc)) from exc
+    _drop_specialized_inputs(gm, concrete_args or {})
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+# what torch.fx puts on the placeholder of a concrete argument: a check that the caller passes
+# the value the graph was specialized to
+_GUARDS = {torch._assert, getattr(torch.fx._symbolic_trace, "_assert_is_none", torch._assert), operator.eq}
+
+
+def _drop_specialized_inputs(gm: torch.fx.GraphModule, concrete_args: dict) -> None:
+    """torch.fx keeps a placeholder for every concrete argument, read only by a guard (``x == v``
+    then ``torch._assert``): the graph would take inputs example_inputs() does not give, and every
+    later pass expects one graph input per tensor. The value is baked into the graph; drop the
+    placeholder and its guard."""
+    names = [k for k, v in concrete_args.items() if v is not torch.fx.PH]
+    for ph in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        if not any(str(ph.target).startswith(k) for k in names):
+            continue
+        guard, todo = [], [ph]
+        while todo:
+            n = todo.pop()
+            for user in n.users:
+                if user.op == "call_function" and user.target in _GUARDS and user not in guard:
+                    guard.append(user)
+                    todo.append(user)
+        if not all(u in guard for n in [ph, *guard] for u in n.users):
+            continue   # read by the model itself: keep it
+        position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for n in sorted(guard, key=position.get, reverse=True):   # users first
+            gm.graph.erase_node(n)
+        gm.graph.erase_node(ph)
+
+
+def call_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict | None):
+    """``model(*inputs)`` as the traced graph computes it: with the concrete arguments that are
+    values (not placeholders) passed by keyword."""
+    baked = {k: v for k, v in (concrete_args or {}).items() if v is not torch.fx.PH}
+    return model(*inputs, **baked)
 
 
 def annotate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
@@ -81,7 +121,7 @@ class Capture(Pass):
 
     def ensures(self, state: ProgramState) -> None:
         with torch.no_grad():
-            ref = state.model(*state.example_inputs)
+            ref = call_model(state.model, state.example_inputs, state.concrete_args)
             got = state.gm(*state.example_inputs)
         ref_leaves, got_leaves = torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(got)
         if len(ref_leaves) != len(got_leaves) or any(

@@ -48,6 +48,9 @@ class Variant:
     param_bytes: int
     channels: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # group -> (original, computed, kept)
     nested: bool = False   # weights are leading sub-tensors of the block's full-size variant
+    # group -> the criterion that ranked its channels: the one asked for, or "l1" where "bn" found
+    # no BatchNorm scale in the group (only groups whose channels were ranked)
+    importance: dict[str, str] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -122,12 +125,16 @@ def taylor_scores(gm: torch.fx.GraphModule, inputs: list, targets: list, source:
 
 
 def _importance(gm: torch.fx.GraphModule, plan: analysis.ChannelPlan, group: analysis.ChannelGroup, how: str,
-                taylor: dict | None = None) -> torch.Tensor:
+                taylor: dict | None = None) -> tuple[torch.Tensor, str]:
+    """The score of every channel of ``group`` and the criterion that gave it: ``how``, except
+    that "bn" falls back to "l1" for a group without a BatchNorm scale (the caller records it)."""
     score = torch.zeros(group.channels)
     if how == "taylor":
         for t in group.producers:
+            if taylor is None or t not in taylor:
+                raise InternalError(f"no Taylor score for {t}, a producer of channel group {group.root}")
             score += taylor[t]
-        return score
+        return score, "taylor"
     if how == "bn":
         found = False
         for t in group.members:
@@ -137,11 +144,11 @@ def _importance(gm: torch.fx.GraphModule, plan: analysis.ChannelPlan, group: ana
                 score += mod.weight.detach()[offset:offset + group.channels].abs()
                 found = True
         if found:
-            return score
+            return score, "bn"
     for t in group.producers:  # L1 norm of each output filter
         w = gm.get_submodule(t).weight.detach()
         score += w.abs().reshape(w.shape[0], -1).sum(1)
-    return score
+    return score, "l1"
 
 
 def _offset(layout: list[tuple[str, int]], root: str) -> int:
@@ -239,7 +246,7 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
     rounding, kept)."""
     gm = copy.deepcopy(block_gm)
     ShapeProp(gm).propagate(example_input)
-    channels = {}
+    channels, used = {}, {}
     if ratio > 0:
         plan = analysis.channel_plan(gm)
         keep = {}
@@ -250,14 +257,14 @@ def prune_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rat
             g = granularity(group.channels // d, ratios, round_to)
             n = kept_channels(group.channels // d, ratio, g) * d
             if n < group.channels:
-                score = _importance(gm, plan, group, importance, taylor)
+                score, used[group.root] = _importance(gm, plan, group, importance, taylor)
                 keep[group.root] = _choose(score, n // d, d)
             channels[group.root] = (group.channels, kept_channels(group.channels // d, ratio) * d, n)
         apply_channels(gm, plan, keep)
         gm.recompile()
         ShapeProp(gm).propagate(example_input)
     return Variant(block=name, ratio=ratio, gm=gm.eval(), macs=analysis.graph_macs(gm),
-                   param_bytes=analysis.param_bytes(gm), channels=channels)
+                   param_bytes=analysis.param_bytes(gm), channels=channels, importance=used)
 
 
 def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, ratios, importance: str = "l1",
@@ -272,24 +279,27 @@ def nest_block(block_gm: torch.fx.GraphModule, example_input: torch.Tensor, rati
     ShapeProp(full).propagate(example_input)
     plan = analysis.channel_plan(full)
     groups = [g for g in plan.groups if g.prunable and not g.shared_layout and g.divisions == 1]
-    order = {g.root: torch.argsort(_importance(full, plan, g, importance, taylor), descending=True, stable=True)
-             for g in groups}   # most important channels first: a permutation, same function
+    scored = {g.root: _importance(full, plan, g, importance, taylor) for g in groups}
+    order = {root: torch.argsort(score, descending=True, stable=True)
+             for root, (score, _) in scored.items()}   # most important channels first: a permutation, same function
     apply_channels(full, plan, order)
     full.recompile()
     variants = []
     for r in ratios:
         gm = copy.deepcopy(full)
-        keep, channels = {}, {}
+        keep, channels, used = {}, {}, {}
         for g in groups:
             n = kept_channels(g.channels, r, granularity(g.channels, ratios, round_to)) if r > 0 else g.channels
             if n < g.channels:
                 keep[g.root] = torch.arange(n)
+                used[g.root] = scored[g.root][1]
             channels[g.root] = (g.channels, kept_channels(g.channels, r) if r > 0 else g.channels, n)
         apply_channels(gm, plan, keep)
         gm.recompile()
         ShapeProp(gm).propagate(example_input)
         variants.append(Variant(block=name, ratio=r, gm=gm.eval(), macs=analysis.graph_macs(gm),
-                                param_bytes=analysis.param_bytes(gm), channels=channels, nested=True))
+                                param_bytes=analysis.param_bytes(gm), channels=channels, nested=True,
+                                importance=used))
     return variants
 
 
@@ -314,6 +324,19 @@ def validate_ratios(ratios) -> tuple[float, ...]:
     if 0.0 not in ratios:
         raise UserError("pruning ratios must include 0 (the full-size variant of every block)")
     return tuple(sorted(set(ratios)))
+
+
+def _warn_fallback(variants: dict[str, list[Variant]], importance: str) -> None:
+    """One warning line when some groups were not ranked by the criterion asked for (``bn`` on
+    groups without a BatchNorm scale): each variant's ``importance`` records which were."""
+    fell = sorted({(b, g) for b, vs in variants.items() for v in vs for g, how in v.importance.items()
+                   if how != importance})
+    if fell:
+        from legoc.pipeline import warn  # noqa: PLC0415 - the pipeline imports this module
+
+        groups = ", ".join(f"{b}/{g}" for b, g in fell)
+        warn(f"--importance {importance}: {len(fell)} pruned channel group(s) have no BatchNorm scale and were "
+             f"ranked by L1 norm instead ({groups}); each variant's importance in the manifest says which")
 
 
 class Prune(Pass):
@@ -342,6 +365,7 @@ class Prune(Pass):
                 variants[block.name] = [
                     prune_block(block.gm, x, r, importance, round_to, block.name, taylor, ratios) for r in ratios
                 ]
+        _warn_fallback(variants, importance)
         return PassResult(state.replace(variants=variants), modified=any(r > 0 for r in ratios))
 
     def ensures(self, state: ProgramState) -> None:

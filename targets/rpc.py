@@ -128,7 +128,8 @@ def _request(cfg: RpcConfig):
         if "timed out" in text:
             raise UserError(
                 f"no free device with key '{cfg.key}' at the RPC tracker {cfg.address} within "
-                f"{cfg.timeout:g} s (another session may hold it; --rpc-timeout waits longer)"
+                f"{cfg.timeout:g} s (another session may hold it, or its RPC server stopped; --rpc-timeout waits "
+                f"longer)"
             ) from exc
         raise UserError(f"could not get a '{cfg.key}' device from the RPC tracker at "
                         f"{cfg.address}: {first_line(exc)}") from exc
@@ -184,12 +185,33 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _session_lost(remote) -> bool:
+    """Whether the RPC session is gone (the server stopped, the board rebooted, the network
+    failed), as opposed to an error the device reported: one round trip that needs nothing but
+    a live session (looking up a function every TVM runtime has; a device query would not do,
+    the client answers ``exist`` from its cache)."""
+    try:
+        remote.get_function("runtime.GetDeviceAttr")
+        return False
+    except Exception:  # noqa: BLE001 - any failure of the round trip means no session
+        return True
+
+
+PROFILE_AGAIN = "the manifest was not changed; run `legoc profile` again once the board's RPC server is back"
+COMPILE_AGAIN = "nothing was written; compile again once the board's RPC server is back"
+
+
 def measure(jobs: list[Job], cfg: RpcConfig, device: str = "cpu", log=None,
-            built_for: str = "") -> dict[str, float]:
+            built_for: str = "", then: str = PROFILE_AGAIN) -> dict[str, float]:
     """Median latency (ms) of each job on the device behind ``cfg.key``, in one session that is
-    released before this returns or raises."""
+    released before this returns or raises. ``then``: what the error of a session lost midway
+    tells the user to do."""
     import tvm  # noqa: PLC0415
     import tvm.runtime.vm  # noqa: F401, PLC0415
+
+    def lost(label: str, exc: BaseException) -> UserError:
+        return UserError(f"lost the RPC session to the device behind key '{cfg.key}' (tracker {cfg.address}) "
+                         f"while measuring {label}: {_reason(exc)}; {then}")
 
     remote = _request(cfg)
     results: dict[str, float] = {}
@@ -205,6 +227,8 @@ def measure(jobs: list[Job], cfg: RpcConfig, device: str = "cpu", log=None,
                 remote.upload(str(job.module), target=name)
                 lib = remote.load_module(name)
             except Exception as exc:  # noqa: BLE001 - TVM's RPC errors come in many types
+                if _session_lost(remote):
+                    raise lost(job.label, exc) from exc
                 raise UserError(f"the device behind key '{cfg.key}' cannot load {job.label}"
                                 f"{built_for}: {_reason(exc)}") from exc
             try:
@@ -215,6 +239,8 @@ def measure(jobs: list[Job], cfg: RpcConfig, device: str = "cpu", log=None,
                 timer = vm.time_evaluator("main", dev, number=cfg.number, repeat=cfg.repeat)
                 results[job.label] = float(timer(*args).median) * 1e3
             except Exception as exc:  # noqa: BLE001
+                if _session_lost(remote):
+                    raise lost(job.label, exc) from exc
                 raise UserError(f"running {job.label} on the device behind key '{cfg.key}' "
                                 f"failed: {_reason(exc)}") from exc
             finally:
@@ -248,7 +274,7 @@ def measure_into(root: Path, manifest: dict, cfg: RpcConfig, log=None) -> None:
     """Measure the variants of an artifact being written (files under ``root``, manifest not yet
     on disk) and record them in ``manifest``: `legoc compile --rpc` does this before committing."""
     record(manifest, measure(jobs_of(Path(root), manifest), cfg, manifest["target"]["device"], log,
-                             _built_for(manifest)), cfg)
+                             _built_for(manifest), then=COMPILE_AGAIN), cfg)
 
 
 def _built_for(manifest: dict) -> str:

@@ -130,6 +130,12 @@ def _artifact_cases(art: Path, tmp: Path, good: str = "") -> dict:
                                     "127.0.0.1:9"),
         "public key of the wrong kind": (lambda a: None, ["run", "A", "--input", str(x), "--public-key", str(x)],
                                          "not a PEM public key"),
+        "export without ONNX modules": (lambda a: None, ["export", "A", "--onnx", str(tmp / "m.onnx")],
+                                        "has no ONNX module (the artifact was compiled without them)"),
+        "export variant out of range": (lambda a: None, ["export", "A", "--onnx", str(tmp / "m.onnx"),
+                                                         "--variants", "9,0,0,0"], "has variants 0..1, not 9"),
+        "export into a missing folder": (lambda a: None, ["export", "A", "--onnx", str(tmp / "no" / "m.onnx")],
+                                         "does not exist; create it or choose another output"),
     }
 
 
@@ -152,6 +158,7 @@ def test_artifact_cli(case, artifact, tmp_path, capsys, tiny_model_source):
     before = _snapshot(art)
     _one_line(capsys, [str(art) if a == "A" else a for a in args], expected)
     assert _snapshot(art) == before     # nothing written or changed
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in ("a.lego", "x.npy", "m.py")]
 
 
 def _snapshot(path: Path) -> dict:

@@ -346,3 +346,92 @@ def test_compile_config_resolves_round_to_from_the_target():
     assert channel_multiple(get_target("host")) in (4, 8, 16)
     with pytest.raises(UserError):
         CompileConfig(round_to=0)
+
+
+class MixedNorm(nn.Module):
+    """Two prunable groups in one block: a conv with BatchNorm, then a conv without (bn falls back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 10, 3, padding=1)
+        self.c3 = nn.Conv2d(10, 8, 1)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+def test_bn_importance_records_the_groups_that_fell_back_to_l1():
+    torch.manual_seed(0)
+    model = MixedNorm().eval()
+    with torch.no_grad():   # BN scale and L1 norm disagree: the BN scale must decide for c1's group
+        model.b1.weight.copy_(torch.arange(12, dtype=torch.float32) + 1)       # channels 6..11 largest
+        model.c1.weight.mul_(torch.linspace(3, 0.1, 12).view(12, 1, 1, 1))      # L1: channels 0..5 largest
+    x = torch.randn(1, 8, 6, 6)
+    gm = _gm(model, x)
+    v = prune_block(gm, x, 0.5, importance="bn")
+    assert v.importance == {"c1": "bn", "c2": "l1"}
+    kept = v.gm.get_submodule("b1").weight.detach()
+    assert sorted(kept.tolist()) == [7.0, 8.0, 9.0, 10.0, 11.0, 12.0]            # by BN scale, not L1
+    assert prune_block(gm, x, 0.5).importance == {"c1": "l1", "c2": "l1"}
+    assert prune_block(gm, x, 0.0, importance="bn").importance == {}           # nothing ranked at full size
+
+
+def _front(model, x, train=None, **cfg):
+    """capture -> partition -> prune of ``model`` with the compile options ``cfg``."""
+    from legoc.passes import PassManager
+    from legoc.passes.partition import PartitionPass
+    from legoc.passes.prune import Prune
+    from legoc.pipeline import CompileConfig
+
+    inputs, targets = train if train else ([], [])
+    state = ProgramState(model=model.eval(), example_inputs=(x,), source="m.py", train_inputs=inputs,
+                         train_targets=targets)
+    return PassManager([Capture(), PartitionPass(), Prune()])(state, CompileConfig(**cfg)).state
+
+
+class ConvMlp(nn.Module):
+    """A conv block with BatchNorm, a conv block without, and a hidden Linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                               nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.ReLU(),
+                                  nn.Linear(32, 5))
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+def test_the_prune_pass_with_bn_importance_warns_and_records_each_fallback(capsys):
+    torch.manual_seed(0)
+    state = _front(ConvMlp(), torch.randn(1, 3, 8, 8), ratios=(0.0, 0.5), importance="bn", round_to=1)
+    used = {(b, g): how for b, vs in state.variants.items() for v in vs for g, how in v.importance.items()}
+    assert "bn" in used.values() and "l1" in used.values(), used
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("legoc: warning: --importance bn: "), err
+    assert all(f"{b}/{g}" in err[0] for (b, g), how in used.items() if how == "l1")
+    _front(ConvMlp(), torch.randn(1, 3, 8, 8), ratios=(0.0, 0.5), round_to=1)   # l1: nothing to warn about
+    assert capsys.readouterr().err == ""
+
+
+def test_the_prune_pass_with_taylor_importance_ranks_linear_groups():
+    # through the pass (not taylor_scores alone): a block holding a hidden Linear layer
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    train = ([(torch.randn(8, 3, 8, 8, generator=g),) for _ in range(3)],
+             [torch.randint(0, 5, (8,), generator=g) for _ in range(3)])
+    state = _front(ConvMlp(), torch.randn(1, 3, 8, 8), train, ratios=(0.0, 0.5), importance="taylor", round_to=1)
+    producers = {grp.root: grp.producers for block in state.partition.blocks for grp in channel_groups(block.gm)}
+    used = {g: how for vs in state.variants.values() for v in vs for g, how in v.importance.items()}
+    assert used and set(used.values()) == {"taylor"}
+    linear = [g for g in used if any(isinstance(state.gm.get_submodule(t), nn.Linear) for t in producers.get(g, []))]
+    assert linear, (used, producers)     # a Linear producer's group was ranked by Taylor scores
+    with torch.no_grad():
+        x = torch.randn(2, 3, 8, 8)
+        ref = state.partition.run(x)
+        for block in state.partition.blocks:
+            for v in state.variants[block.name]:
+                assert state.partition.run(x, replace={block.name: v.gm}).shape == ref.shape

@@ -174,7 +174,7 @@ def test_held_session_blocks_then_times_out(artifact, tracker, x86_server, tmp_p
             profile_artifact(art, RpcConfig(HOST, tracker, x86_server, timeout=3))
         assert str(info.value) == (
             f"no free device with key '{x86_server}' at the RPC tracker {HOST}:{tracker} within 3 s "
-            "(another session may hold it; --rpc-timeout waits longer)")
+            "(another session may hold it, or its RPC server stopped; --rpc-timeout waits longer)")
         assert digest(art) == before  # nothing written
     finally:
         del held  # releases the session
@@ -247,3 +247,54 @@ def test_aarch64_board_under_qemu(artifact, tracker, aarch64_server, tmp_path):
     lats = latencies(manifest)
     assert all(lat["source"] == "measured-rpc" and lat["value"] > 0 for lat in lats)
     assert manifest_of(art) == manifest
+
+
+@pytest.mark.parametrize("when", ["measuring", "before the session"])
+def test_rpc_server_killed_mid_profile_is_one_line_and_changes_nothing(artifact, tracker, tmp_path, when):
+    """The board's RPC server dies (SIGKILL) while `legoc profile` measures (after the first
+    module was timed), or between registering and serving the session: one line, exit 2, the
+    artifact byte for byte as it was, no temporary file left."""
+    art = copy_of(artifact("vgg_chain"), tmp_path)
+    before = {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()}
+    key = "x86-doomed"
+    port = free_port()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"{HOST}:{tracker}",
+           "--key", key, "--host", HOST, "--port", str(port), "--port-end", str(port + 1)]
+    with started(cmd, log) as server:
+        wait_for_key(tracker, key, server, log)
+        if when == "before the session":
+            os.killpg(server.pid, signal.SIGKILL)   # the tracker still lists the key for a moment
+            server.wait(10)
+        # slow timings (200 x 5 runs per module) so that the kill lands in the middle
+        profile = subprocess.Popen(
+            [sys.executable, "-m", "legoc", "profile", str(art), "--rpc", f"{HOST}:{tracker}", "--device-key", key,
+             "--rpc-number", "200", "--rpc-repeat", "5", "--rpc-timeout", "20" if when == "measuring" else "5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            lines = []
+            if when == "measuring":
+                for line in profile.stderr:      # "  block0/r0.00: 0.123 ms" once a module is timed
+                    lines.append(line)
+                    if " ms" in line:
+                        os.killpg(server.pid, signal.SIGKILL)
+                        break
+                assert server.wait(10) is not None, "".join(lines)
+            out, err = profile.communicate(timeout=120)
+        finally:
+            if profile.poll() is None:
+                os.killpg(profile.pid, signal.SIGKILL)
+                profile.wait()
+    err = "".join(lines) + err
+    errors = [ln for ln in err.splitlines() if ln.startswith("legoc: ")]
+    assert profile.returncode == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"'{key}'" in errors[0], errors[0]
+    print(f"{when}: {errors[0]}")
+    if when == "measuring":   # what happened, what it means for the artifact, what to do
+        assert errors[0].startswith(f"legoc: error: lost the RPC session to the device behind key '{key}' "
+                                    f"(tracker {HOST}:{tracker}) while measuring "), errors[0]
+        assert errors[0].endswith("the manifest was not changed; run `legoc profile` again once the board's "
+                                  "RPC server is back"), errors[0]
+    assert {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()} == before
+    assert not [p for p in art.rglob("*") if p.name.startswith(".")]

@@ -29,6 +29,8 @@ def variant_entry(state: ProgramState, job: VariantJob, module: dict, weights: d
     return {
         "id": job.id, "ratio": job.ratio, "macs": int(job.macs), "param_bytes": int(job.param_bytes),
         "channels": {k: list(v) for k, v in job.channels.items()},
+        # the criterion that ranked each pruned group: options.importance, or "l1" where "bn" found no BN scale
+        "importance": dict(job.importance),
         "module": module,
         "weights": weights,
         "retrain": (state.retrain_report or {}).get((job.segment.name, job.id)),

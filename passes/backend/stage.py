@@ -4,7 +4,7 @@ entry sits in the manifest."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from legoc.errors import InternalError
@@ -52,6 +52,7 @@ class VariantJob:
     param_bytes: int
     channels: dict        # channel group -> (original, computed, kept)
     nested: bool          # weights are leading sub-tensors of the block's full-size variant
+    importance: dict = field(default_factory=dict)   # channel group -> criterion that ranked it
 
     @property
     def label(self) -> str:
@@ -68,7 +69,8 @@ def variant_jobs(state: ProgramState) -> list[VariantJob]:
     for seg in part.segments:
         inputs = tuple(env[n] for n in seg.inputs)
         if seg.is_block:
-            jobs += [VariantJob(seg, i, v.id, v.ratio, v.gm, inputs, v.macs, v.param_bytes, v.channels, v.nested)
+            jobs += [VariantJob(seg, i, v.id, v.ratio, v.gm, inputs, v.macs, v.param_bytes, v.channels, v.nested,
+                                v.importance)
                      for i, v in enumerate(state.variants[seg.name])]
         else:
             jobs.append(VariantJob(seg, 0, "frame", 0.0, seg.gm, inputs, seg.macs, param_bytes(seg.gm), {}, False))
