@@ -33,6 +33,9 @@ demo: setup
 	$(PY) examples/demo_app.py $(OUT)/mnist-host.lego
 
 test: setup emulation
+	# iproute2 (ip, tc) for the shaped-link test (tests/test_cluster_plan.py), when missing and root
+	@command -v ip >/dev/null && command -v tc >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -q iproute2 >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q iproute2 >/dev/null)); } || true
 	$(PY) -m pytest -q tests
 
 # Compile the MNIST example for every target in the table and verify the Jetson GPU code

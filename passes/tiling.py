@@ -40,7 +40,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from legoc.errors import UserError
 
-__all__ = ["Tile", "TilePlan", "Untileable", "compile_tiles", "join", "row_splits", "tile_plan"]
+__all__ = ["Tile", "TilePlan", "Untileable", "compile_plan", "compile_tiles", "join", "row_profile", "row_splits", "tile_plan"]
 
 # ops that need the same rows of every tensor input as they produce (elementwise, BN, identity,
 # channel concat/chunk); their args are checked further in _rule (concat dim, broadcasting)
@@ -389,9 +389,9 @@ def _unpadded(m: nn.Module) -> nn.Module:
     return new
 
 
-def tile_plan(gm: torch.fx.GraphModule, example_input: torch.Tensor, shares: Sequence[float]) -> TilePlan | Untileable:
-    """Tiles of ``gm`` (one NCHW tensor in, one out) for output row shares ``shares`` (k tiles,
-    top to bottom), or :class:`Untileable` saying which node mixes rows."""
+def _analyse(gm: torch.fx.GraphModule, example_input: torch.Tensor):
+    """(nodes, rule per node, result node, input shape, output shape) of a tileable block, or
+    :class:`Untileable` naming the first node that mixes rows."""
     ShapeProp(gm).propagate(example_input)
     nodes = list(gm.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
@@ -413,17 +413,90 @@ def tile_plan(gm: torch.fx.GraphModule, example_input: torch.Tensor, shares: Seq
     in_shape, out_shape = _shape(inputs[0]), _shape(result)
     if in_shape is None or len(in_shape) != 4 or out_shape is None or len(out_shape) != 4:
         return Untileable(f"the block maps {in_shape} to {out_shape}: only 4-D NCHW tensors are tiled")
+    return nodes, rule, result, tuple(in_shape), tuple(out_shape)
 
-    tiles = [_tile(gm, nodes, rule, result, rows, in_shape[2]) for rows in row_splits(out_shape[2], shares)]
+
+def tile_plan(gm: torch.fx.GraphModule, example_input: torch.Tensor, shares: Sequence[float] | None = None, *,
+              rows: Sequence[tuple[int, int]] | None = None) -> TilePlan | Untileable:
+    """Tiles of ``gm`` (one NCHW tensor in, one out) for output row shares ``shares`` (k tiles,
+    top to bottom) or for explicit consecutive output row ranges ``rows`` (as a plan chose them),
+    or :class:`Untileable` saying which node mixes rows."""
+    if (shares is None) == (rows is None):
+        raise UserError("tile_plan takes either row shares or output row ranges, not both or neither")
+    found = _analyse(gm, example_input)
+    if isinstance(found, Untileable):
+        return found
+    nodes, rule, result, in_shape, out_shape = found
+    if rows is None:
+        rows = row_splits(out_shape[2], shares)
+    else:
+        rows = [(int(a), int(b)) for a, b in rows]
+        if (not rows or rows[0][0] != 0 or rows[-1][1] != out_shape[2] or any(a >= b for a, b in rows)
+                or any(p[1] != q[0] for p, q in zip(rows, rows[1:]))):
+            raise UserError(f"tile rows {rows} do not cut the block's {out_shape[2]} output rows into consecutive "
+                            "non-empty ranges from row 0")
+        total = out_shape[2]
+        shares = [(b - a) / total for a, b in rows]
+    tiles = [_tile(gm, nodes, rule, result, r, in_shape[2]) for r in rows]
     distinct: dict[str, int] = {}
     for i, t in enumerate(tiles):
         distinct.setdefault(t.key, i)
-    return TilePlan(tiles, tuple(in_shape), tuple(out_shape), tuple(float(s) for s in shares), distinct)
+    return TilePlan(tiles, in_shape, out_shape, tuple(float(s) for s in shares), distinct)
 
 
-def _tile(gm, nodes, rule, result, rows_out, in_height) -> Tile:
-    # 1. rows each node must compute: hull of what its users need (backwards)
-    need: dict[torch.fx.Node, tuple[int, int]] = {result: rows_out}
+def _node_work(gm: torch.fx.GraphModule, n: torch.fx.Node) -> float:
+    """Work of one output row of ``n``: multiply-adds for a conv, window reads for a pool,
+    elements for anything else (what a tile's latency grows with)."""
+    shape = _shape(n)
+    if shape is None or len(shape) != 4 or n.op not in ("call_module", "call_function", "call_method"):
+        return 0.0
+    per_row = shape[0] * shape[1] * shape[3]
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Conv2d):
+            return float(per_row * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            kh, kw = _pair(m.kernel_size)
+            return float(per_row * kh * kw)
+    elif n.target in (F.max_pool2d, F.avg_pool2d):
+        kh, kw = _pair(_kwargs(gm, n)["kernel_size"])
+        return float(per_row * kh * kw)
+    return float(per_row)
+
+
+def row_profile(gm: torch.fx.GraphModule, example_input: torch.Tensor, name: str = "block"):
+    """What a planner needs to know of tiling ``gm``: for every output row range ``[a, b)`` the
+    input rows its tile reads (halo included) and its work (multiply-adds, pool window reads and
+    elementwise elements over every row each node computes, halo rows recomputed included), plus
+    the bytes of one input and one output row. A :class:`legoc.runtime.cluster_plan.RunProfile`,
+    or :class:`Untileable`."""
+    from legoc.runtime.cluster_plan import RunProfile
+
+    found = _analyse(gm, example_input)
+    if isinstance(found, Untileable):
+        return found
+    nodes, rule, result, in_shape, out_shape = found
+    per_row = {n: _node_work(gm, n) for n in nodes}
+    height = out_shape[2]
+    rows_in: dict[tuple[int, int], tuple[int, int]] = {}
+    work: dict[tuple[int, int], float] = {}
+    placeholder = next(n for n in nodes if n.op == "placeholder")
+    for a in range(height):
+        for b in range(a + 1, height + 1):
+            need = _needs(nodes, rule, result, (a, b))
+            rows_in[a, b] = need[placeholder]
+            work[a, b] = sum(per_row[n] * (r[1] - r[0]) for n, r in need.items())
+    item = example_input.element_size()
+    return RunProfile(name=name, height=height, in_height=in_shape[2],
+                      in_row_bytes=in_shape[0] * in_shape[1] * in_shape[3] * item,
+                      out_row_bytes=out_shape[0] * out_shape[1] * out_shape[3] * item,
+                      rows_in=rows_in, work=work)
+
+
+def _needs(nodes, rule, result, rows_out) -> dict:
+    """The rows every node must compute for output rows ``rows_out``: the hull of what its users
+    need (backwards through the graph)."""
+    need: dict[torch.fx.Node, tuple[int, int]] = {result: tuple(rows_out)}
     for n in reversed(nodes):
         if n.op in ("output", "get_attr"):
             continue
@@ -440,6 +513,12 @@ def _tile(gm, nodes, rule, result, rows_out, in_height) -> Tile:
             if lo < hi:
                 old = need.get(a)
                 need[a] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return need
+
+
+def _tile(gm, nodes, rule, result, rows_out, in_height) -> Tile:
+    # 1. rows each node must compute (backwards)
+    need = _needs(nodes, rule, result, rows_out)
 
     # 2. the tile: every op on its band, inputs fitted to what it needs (forwards)
     graph = torch.fx.Graph()
@@ -511,3 +590,47 @@ def compile_tiles(plan: TilePlan, example_input: torch.Tensor, target, folder, *
                                   name=f"{name} tile {i}", prepack=prepack)
     return [TileModule(path=built[t.key].path, weights=tuple(built[t.key].params), rows_in=t.rows_in,
                        rows_out=t.rows_out) for t in plan.tiles]
+
+
+def compile_plan(plan, blocks: Sequence[torch.fx.GraphModule], example_input: torch.Tensor, target, folder,
+                 n_workers: int, *, prepack: bool = True, cache: dict | None = None):
+    """Compile every step of a :class:`legoc.runtime.cluster_plan.Plan` over ``blocks`` (the
+    chain, ``example_input`` its input): a local step's blocks whole, a tiled step's tiles with
+    the rows the plan gave each worker. Returns ``(cluster_steps, local)``: per tiled step one
+    TileModule or None per worker (for ``Cluster(steps=...)``), and per local step's index its
+    TileModule. ``cache`` (a dict kept by the caller) reuses steps compiled before."""
+    from pathlib import Path
+
+    from legoc.runtime.cluster import TileModule
+    from legoc.targets.build import build_module
+
+    folder = Path(folder)
+    cache = {} if cache is None else cache
+    cluster_steps, local = [], {}
+    x = example_input
+    with torch.no_grad():
+        for i, step in enumerate(plan.steps):
+            run = blocks[step.first] if step.last - step.first == 1 else join(blocks[step.first:step.last], x)
+            key = (step.first, step.last, step.tiles)
+            if key not in cache:
+                name = f"run{step.first}-{step.last}"
+                if step.local:
+                    built = build_module(run, (x,), target, folder / f"{name}-whole.so", name=name, prepack=prepack)
+                    y = run(x)
+                    cache[key] = TileModule(path=built.path, weights=tuple(built.params), rows_in=(0, x.shape[2]),
+                                            rows_out=(0, y.shape[2]))
+                else:
+                    tiled = tile_plan(run, x, rows=[(a, b) for _, a, b in step.tiles])
+                    if isinstance(tiled, Untileable):
+                        raise UserError(f"the plan tiles blocks {step.first}-{step.last - 1}, but {tiled.reason}")
+                    modules = compile_tiles(tiled, x, target, folder, prepack=prepack, name=name)
+                    per_worker: list = [None] * n_workers
+                    for (w, _, _), m in zip(step.tiles, modules):
+                        per_worker[w] = m
+                    cache[key] = per_worker
+            if step.local:
+                local[i] = cache[key]
+            else:
+                cluster_steps.append(cache[key])
+            x = run(x)
+    return cluster_steps, local
