@@ -138,6 +138,18 @@ def _budget_args(p) -> None:
     p.add_argument("--latency-ms", type=float, help="latency budget per inference (ms)")
     p.add_argument("--memory-mb", type=float, help="memory budget (MiB of resident memory the runtime adds)")
     p.add_argument("--min-accuracy", type=float, help="lowest acceptable estimated accuracy (metric units, e.g. 0.97)")
+    p.add_argument("--energy-mj", type=float,
+                   help="energy budget per inference (mJ; estimated from the target's power model, or measured)")
+    p.add_argument("--objective", choices=("accuracy", "energy"), default="accuracy",
+                   help="accuracy: the most accurate within the budgets (default); energy: the least energy within "
+                        "latency, memory and --min-accuracy")
+    p.add_argument("--dvfs", action="store_true",
+                   help="also choose the board's clock (DVFS level) per CPU/GPU from the target's power model")
+    p.add_argument("--set-clocks", action="store_true",
+                   help="with --dvfs: set the chosen clocks through cpufreq/devfreq (on the board; needs root)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --set-clocks: print the sysfs writes instead of doing them")
+    p.add_argument("--sysfs", default="/", metavar="ROOT", help=argparse.SUPPRESS)   # tests: a fake sysfs tree
     p.add_argument("--time-limit", type=float, default=1.0, help="solver time limit in seconds (default 1)")
 
 

@@ -8,7 +8,31 @@ from legoc.errors import UserError
 
 
 def _select(m, args):
-    return m.select(args.latency_ms, args.memory_mb, args.min_accuracy, time_limit_s=args.time_limit)
+    if (args.set_clocks or args.dry_run) and not args.dvfs:
+        raise UserError("--set-clocks and --dry-run set the clocks --dvfs chooses; add --dvfs")
+    if args.dry_run and not args.set_clocks:
+        raise UserError("--dry-run prints what --set-clocks would write; add --set-clocks")
+    return m.select(args.latency_ms, args.memory_mb, args.min_accuracy, time_limit_s=args.time_limit,
+                    energy_mj=args.energy_mj, objective=args.objective, dvfs=args.dvfs)
+
+
+def _set_clocks(m, sel, args) -> None:
+    """With --set-clocks: the chosen clocks written (or, --dry-run, printed) and read back."""
+    from legoc.runtime import dvfs
+
+    if not (args.set_clocks and sel.levels):
+        return
+    m.sysfs_root = args.sysfs
+    done = m.set_clocks(sel.levels, dry_run=args.dry_run)
+    if args.dry_run:
+        print("would write:")
+        for line in dvfs.commands(done):
+            print(f"  {line}")
+        return
+    for a in done:
+        now = "-" if a.current_mhz is None else f"{a.current_mhz:g} MHz"
+        note = "" if a.took_effect else " (not in effect: a thermal limit or the power mode caps it)"
+        print(f"set {a.device} to {a.wanted_mhz:g} MHz; now {now}{note}")
 
 
 def cmd_select(args) -> int:
@@ -25,14 +49,20 @@ def cmd_select(args) -> int:
         on = f" on {d}" if choose_devices else ""
         print(f"  {b.name}: variant {i} ({v.id}, ratio {v.ratio:.2f}, {v.macs / 1e6:.2f} M MACs){on}")
     lat = "-" if e.latency_ms is None else f"{e.latency_ms:.2f} ms ({', '.join(e.sources['latency'])})"
+    energy = "" if e.energy_mj is None else f", energy {e.energy_mj:.3f} mJ ({', '.join(e.sources['energy'])})"
     print(f"estimated accuracy {e.accuracy:.4f} ({e.sources['accuracy']}), latency {lat}, "
-          f"memory {e.memory_bytes / 2**20:.2f} MiB")
+          f"memory {e.memory_bytes / 2**20:.2f} MiB{energy}")
     if choose_devices:
         transfer = "-" if e.transfer_ms is None else f"{e.transfer_ms:.3f} ms ({', '.join(e.sources['transfer'])})"
         print(f"  of which CPU<->GPU copies: {transfer}")
+    if sel.switch_energy_mj and sel.switch_energy_mj[0] is not None and e.energy_mj is not None:
+        print(f"  switching to it from nothing loaded: {sel.switch_energy_mj[0]:.3f} mJ (estimated, bytes loaded)")
     print(f"variants: {','.join(map(str, sel.choice))}")
     if choose_devices:
         print(f"devices: {','.join(sel.devices)}")
+    if sel.levels:
+        print("clocks: " + ", ".join(f"{d} {mhz:g} MHz" for d, mhz in sel.levels.items()))
+    _set_clocks(m, sel, args)
     return 0
 
 
@@ -57,10 +87,12 @@ def cmd_run(args) -> int:
         except ValueError:
             raise UserError(f"--variants takes comma-separated integers like 0,2,1,4, got {args.variants!r}")
         m.configure(variants=variants, devices=devices)
-    elif args.latency_ms is not None or args.memory_mb is not None or args.min_accuracy is not None:
+    elif (args.latency_ms is not None or args.memory_mb is not None or args.min_accuracy is not None
+          or args.energy_mj is not None or args.objective != "accuracy" or args.dvfs):
         if devices is not None:
             raise UserError("--devices goes with --variants; with a budget the solver chooses the devices")
         sel = _select(m, args)
+        _set_clocks(m, sel, args)
         m.configure(variants=sel.choice, devices=sel.devices)
     else:
         m.configure(devices=devices)
@@ -181,7 +213,7 @@ def cmd_inspect(args) -> int:
     from legoc.show import print_artifact
 
     m = read_manifest(args.artifact)
-    con = Console(width=max(170, Console().width))
+    con = Console(width=max(210, Console().width))
     print_artifact(con, args.artifact, m)
     if args.graph:
         from legoc.plot import plot_blocks

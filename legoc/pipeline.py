@@ -105,7 +105,7 @@ def default_pipeline() -> list:
 def backend_pipeline() -> list:
     """The back end of `legoc compile`, in order: stages that write the artifact (legoc.passes.backend)."""
     from legoc.export import ExportOnnx
-    from legoc.passes.backend import Build, MeasureLatency, MeasureLoad, MeasureRpc, Validate, Write
+    from legoc.passes.backend import Build, MeasureEnergy, MeasureLatency, MeasureLoad, MeasureRpc, Validate, Write
 
     return [
         # Phase 4. Build every variant of every segment with TVM; write modules, weights, manifest
@@ -117,9 +117,11 @@ def backend_pipeline() -> list:
         Validate(),
         # Phase 7. With --rpc: time every module on a board of the device farm
         MeasureRpc(),
-        # Phase 8. With --onnx: every variant's module as ONNX too, for `legoc export`
+        # Phase 8. Energy: measured here where RAPL can (else estimated at load time from the power model)
+        MeasureEnergy(),
+        # Phase 9. With --onnx: every variant's module as ONNX too, for `legoc export`
         ExportOnnx(),
-        # Phase 9. Commit: manifest, digest, signature; rename the artifact into place
+        # Phase 10. Commit: manifest, digest, signature; rename the artifact into place
         Write(),
     ]
 

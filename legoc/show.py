@@ -21,8 +21,10 @@ def print_artifact(con, path: str | Path, m: dict) -> None:
               f"{model['total_macs'] / 1e6:.2f} M MACs in blocks; retrained: {m['retrained']}")
     t = Table(title="segments (in execution order)")
     for col in ("segment", "kind", "in → out", "variant", "ratio", "MACs (M)", "params (KiB)", "peak act. (KiB)",
-                "latency (ms)", "acc. drop", "module (KiB)"):
-        t.add_column(col, justify="right" if col not in ("segment", "kind", "in → out", "variant") else "left")
+                "latency (ms)", "energy (mJ)", "acc. drop", "module (KiB)"):
+        t.add_column(col, justify="right" if col not in ("segment", "kind", "in → out", "variant") else "left",
+                     no_wrap=col in ("latency (ms)", "energy (mJ)"))   # "gpu ~0.16 cpu ~0.33" stays one line
+    energies, energy_note = _energies(m)
     for s in m["segments"]:
         shapes = " → ".join(",".join("×".join(map(str, s["tensors"][n]["shape"])) for n in names)
                             for names in (s["inputs"], s["outputs"]))
@@ -30,10 +32,12 @@ def print_artifact(con, path: str | Path, m: dict) -> None:
             t.add_row(s["name"] if k == 0 else "", s["kind"] if k == 0 else "", shapes if k == 0 else "",
                       v["id"], f"{v['ratio']:.2f}", f"{v['macs'] / 1e6:.2f}", f"{v['param_bytes'] / 1024:.1f}",
                       _profile(v, "peak_activation_bytes", 1 / 1024, ".1f"), _latencies(v, m),
+                      energies.get((s["name"], k), "-"),
                       _drop(v),
                       f"{v['module']['bytes'] / 1024:.0f}")
         t.add_section()
     con.print(t)
+    con.print(energy_note)
     con.print("structure: " + "  ".join(
         f"{s['name']}({','.join(s['inputs'])} → {','.join(s['outputs'])})" for s in m["segments"]))
     print_estimates(con, m)
@@ -106,6 +110,46 @@ def print_evaluation(con, ev: dict | None) -> None:
         t.add_row(r["label"], ",".join(map(str, r["choice"])), cell(r["est_accuracy"], ".4f"),
                   f"{r['accuracy']:.4f}", cell(r["est_latency_ms"], ".3f"))
     con.print(t)
+
+
+def _energies(m: dict) -> tuple[dict, str]:
+    """The energy cell of every variant ((segment, index) -> text: one call at the reference clocks,
+    every device's with --devices, marked like latency: ~ estimated, * measured on the board over
+    RPC or by its helper, no mark measured here) and a line on where the figures come from."""
+    from legoc.errors import UserError
+    from legoc.runtime.estimate import Profiles
+
+    try:
+        prof = Profiles(m)
+    except UserError as exc:
+        return {}, f"energy: - ({exc})"
+    why = prof.energy_unavailable()
+    if why is not None:
+        return {}, f"energy: unavailable: {why}"
+    cells = {}
+    blocks, frames = iter(prof.device_costs), iter(prof.frame)   # the costs the solver uses, in segment order
+    for s in m["segments"]:
+        if s["kind"] == "block":
+            costs = [list(per_device.items()) for per_device in next(blocks)]
+        else:
+            costs = [[(prof.frame_device, next(frames))]]
+        for k, per_device in enumerate(costs):
+            parts = []
+            for d, cost in per_device:
+                e = prof.option_energy_mj(cost, d)
+                mark = {"measured-local": "", "measured-rpc": "*"}.get(cost.energy_source or "", "~")
+                parts.append("-" if e is None else f"{mark}{e:.3f}")
+            cells[(s["name"], k)] = parts[0] if len(parts) == 1 else " ".join(
+                f"{d} {p}" for (d, _), p in zip(per_device, parts))
+    if prof.power is None:
+        return cells, "energy column: measured per call (no power model: no DVFS levels)"
+    levels = "; ".join(f"{d} " + ", ".join(f"{lv.mhz:g}" for lv in dev.levels) + f" MHz (active {dev.levels[0].active_w:.2f}-"
+                       f"{dev.levels[-1].active_w:.2f} W, reference {dev.reference_mhz:g})"
+                       for d, dev in prof.power.devices.items())
+    return cells, (f"energy column: one call at the reference clocks; ~ estimated: the board's active power x latency "
+                   f"(legoc.runtime.energy), from target {prof.target_name}'s power model, DVFS levels {levels}; "
+                   f"switching {prof.power.switch_nj_per_byte:g} nJ per byte loaded; each figure's reference is in the "
+                   "manifest (target.power)")
 
 
 def _drop(variant: dict) -> str:

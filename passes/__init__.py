@@ -7,7 +7,8 @@ but a :class:`~legoc.errors.UserError`, names the failing pass and the passes be
 
 The front end (capture, partition, prune, recalibrate, retrain, profile-accuracy: one module each
 here) works on the torch.fx graph; the back end (legoc.passes.backend: build, measure-latency,
-measure-load, validate, measure-rpc, write) compiles, measures and writes the artifact. The
+measure-load, validate, measure-rpc, measure-energy, export-onnx, write) compiles, measures and
+writes the artifact. The
 pipeline that runs them in order is legoc.pipeline.
 """
 from legoc.passes.infra import Pass, PassManager, PassResult, ProgramState

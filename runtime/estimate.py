@@ -22,15 +22,24 @@ boundary (model inputs and outputs included; they live in host memory, i.e. on t
 once to the other device when at least one of its consumers runs on a device other than its
 producer. Its cost is the manifest's ``devices.transfer.tensors[name].ms`` (estimated). Without
 a ``devices`` section there is one device and no copy is counted.
+
+Energy (legoc.runtime.energy states the rule): with the target's power model, a variant's energy
+at a DVFS level is the board's active power at that level times its latency there, the latency
+scaled by the clock (compute-bound); a configuration adds its segments, the dispatch overhead and
+the copies. Measured figures (``profile.energy_mj``, RAPL or INA3221) replace the estimate at the
+clock they were measured at. ``levels`` (device -> MHz) picks the clocks; None is the reference
+clocks the latency figures assume, and every figure is then exactly as without DVFS.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from legoc.errors import UserError
+from legoc.runtime.energy import PowerModel, energy_figure, power_model_of
 
 # Resident memory the runtime adds per loaded module beyond its .so file, weights and
 # activations (VM object, allocator bookkeeping, relocations), with a margin: an upper bound
@@ -49,6 +58,8 @@ class Estimate:
     memory_bytes: int
     sources: dict = field(default_factory=dict, compare=False)   # figure -> sources it combined
     transfer_ms: float | None = 0.0   # the CPU<->GPU copies included in latency_ms (0: one device)
+    energy_mj: float | None = None    # per inference; None without a power model or measured figures
+    levels: dict = field(default_factory=dict)   # device -> MHz the figures are at (empty: reference clocks)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,8 @@ class VariantCost:
     shared_bytes: int
     load_ms: float | None = None   # measured time to load module + weights, if measured
     macs: int | None = None        # multiply-accumulates of one call (the solver's capacity tie-break)
+    energy_measured: float | None = None   # mJ per call measured by a power meter (at the reference clock)
+    energy_source: str | None = None       # its source: measured-local or measured-rpc
 
     @property
     def load_bytes(self) -> int:
@@ -104,7 +117,8 @@ def device_entry(v: dict, device: str | None) -> dict:
     other = (v.get("devices") or {}).get(device) if device is not None else None
     if other is None:
         return v
-    profile = {k: f for k, f in (v.get("profile") or {}).items() if k != "load_ms"}   # load_ms: default only
+    # load_ms and measured energy belong to the default device's module only
+    profile = {k: f for k, f in (v.get("profile") or {}).items() if k not in ("load_ms", "energy_mj")}
     return {**v, "module": other["module"], "weights": other["weights"],
             "profile": {**profile, **(other.get("profile") or {})}}
 
@@ -115,6 +129,7 @@ def variant_cost(v: dict, device: str | None = None) -> VariantCost:
     lat = prof.get("latency_ms") or {}
     acc = prof.get("accuracy_drop") or {}
     wb, shared, sb = _weight_bytes(v)
+    energy = energy_figure(v)
     return VariantCost(
         id=v["id"], ratio=float(v["ratio"]),
         drop=acc.get("value"), latency_ms=lat.get("value"), latency_source=lat.get("source", "unmeasured"),
@@ -122,6 +137,8 @@ def variant_cost(v: dict, device: str | None = None) -> VariantCost:
         activation_bytes=int((prof.get("peak_activation_bytes") or {}).get("value") or 0),
         shared_file=shared, shared_bytes=sb, load_ms=(prof.get("load_ms") or {}).get("value"),
         macs=None if v.get("macs") is None else int(v["macs"]),
+        energy_measured=None if energy is None else float(energy["value"]),
+        energy_source=None if energy is None else energy["source"],
     )
 
 
@@ -185,6 +202,9 @@ class Profiles:
             self.transfers = [t if t.ms is None else dataclasses.replace(t, ms=t.ms * self.slowdown) for t in self.transfers]
         self.transfer_sources: list[str] = sorted({(dev.get("transfer") or {}).get("source", "unmeasured")}) \
             if self.transfers else []
+        # energy: the board's power model, and without one the mean power of measured modules
+        self.power: PowerModel | None = power_model_of(manifest)
+        self.mean_measured_w: float | None = _mean_measured_w(self.blocks + [self.frame])
 
     def _scaled(self, v: VariantCost) -> VariantCost:
         if v.latency_ms is None or v.latency_source != "measured-local":
@@ -194,7 +214,8 @@ class Profiles:
     def _slowed(self, v: VariantCost) -> VariantCost:
         if v.latency_ms is None or self.slowdown == 1.0:
             return v
-        return dataclasses.replace(v, latency_ms=v.latency_ms * self.slowdown)
+        energy = None if v.energy_measured is None else v.energy_measured * self.slowdown
+        return dataclasses.replace(v, latency_ms=v.latency_ms * self.slowdown, energy_measured=energy)
 
     def slowed(self, slowdown: float) -> "Profiles":
         """These profiles with every latency multiplied by ``slowdown`` (this machine now vs when profiled)."""
@@ -262,7 +283,11 @@ class Profiles:
         full = self.full_block_macs()
         return None if full is None else sum(v.macs for v in self.chosen(choice)) / full
 
-    def latency_ms(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> float | None:
+    def latency_ms(self, choice: Sequence[int], devices: Sequence[str] | str | None = None,
+                   levels: dict | None = None) -> float | None:
+        """Estimated latency; ``levels`` (device -> MHz): at those DVFS clocks (None: as profiled)."""
+        if levels is not None:
+            return self._latency_at(choice, devices, self.check_levels(levels))
         vs = self.chosen(choice, devices) + self.frame
         if any(v.latency_ms is None for v in vs):
             return None
@@ -270,6 +295,149 @@ class Profiles:
         if transfer is None:
             return None
         return sum(v.latency_ms for v in vs) + self.call_overhead_ms * self.num_segments + transfer
+
+    # -- DVFS and energy ---------------------------------------------------------------------
+    def check_levels(self, levels: dict | None) -> dict[str, float]:
+        """``levels`` completed with the reference clock of every device of the power model;
+        UserError without a power model or for a clock it does not have."""
+        if self.power is None:
+            raise UserError(f"target {self.target_name} has no DVFS levels (no power model); "
+                            "select without levels, or add a \"power\" object to the target's JSON")
+        return self.power.check_levels(levels)
+
+    @property
+    def target_name(self) -> str | None:
+        return (self.manifest.get("target") or {}).get("name")
+
+    def level_ratio(self, device: str, mhz: float | None) -> float:
+        """Latency at ``mhz`` over latency as profiled, on ``device`` (compute-bound: f_ref / f)."""
+        if mhz is None or self.power is None:
+            return 1.0
+        return self.power.devices[device].ratio(mhz)
+
+    def overhead_ms(self) -> float:
+        """The per-segment dispatch overhead of a whole configuration, as profiled."""
+        return self.call_overhead_ms * self.num_segments
+
+    def _latency_at(self, choice, devices, levels: dict[str, float]) -> float | None:
+        per_block = self.device_list(devices)
+        vs = self.chosen(choice, devices)
+        if any(v.latency_ms is None for v in vs + self.frame):
+            return None
+        transfer = self.transfer_ms(devices)
+        if transfer is None:
+            return None
+        if self.frame_device not in levels or "cpu" not in levels or any(d not in levels for d in per_block):
+            raise UserError(f"target {self.target_name}'s power model has no DVFS levels for every device the "
+                            f"configuration uses ({', '.join(sorted(set(per_block) | {self.frame_device}))})")
+        return (sum(v.latency_ms * self.level_ratio(d, levels[d]) for v, d in zip(vs, per_block))
+                + sum(v.latency_ms for v in self.frame) * self.level_ratio(self.frame_device, levels[self.frame_device])
+                + self.overhead_ms() * self.level_ratio("cpu", levels["cpu"]) + transfer)
+
+    def energy_unavailable(self) -> str | None:
+        """Why this artifact has no energy figures (None: it has)."""
+        if self.power is not None:
+            used = set(self.devices) | {self.frame_device}
+            missing = sorted(used - set(self.power.devices))
+            if missing:
+                return (f"target {self.target_name}'s power model has no figures for its {', '.join(missing)}; add them "
+                        "to the \"power\" object of the target's JSON")
+            return None
+        if self.mean_measured_w is not None and all(
+                v.energy_measured is not None for vs in self.blocks + [self.frame] for v in vs):
+            return None
+        from legoc.targets.power import POWER
+
+        meter = (self.manifest.get("energy_meter") or {}).get("why")
+        if meter and (self.manifest.get("target") or {}).get("runs_here"):
+            how = f"this machine's energy can only be measured, and at compile time {meter}"
+        elif self.target_name in POWER:
+            how = f"it was compiled before legoc had a power model for {self.target_name}: compile it again"
+        else:
+            how = ("add a \"power\" object to the target's JSON (DVFS levels and watts; legoc.targets.power shows the "
+                   "format) or measure every module on the board with `python -m legoc.runtime.energy ART`")
+        return f"target {self.target_name} has no power model and the artifact has no measured energy figures: {how}"
+
+    def option_energy_mj(self, cost: VariantCost, device: str, mhz: float | None = None) -> float | None:
+        """mJ of one call of ``cost``'s module on ``device`` at ``mhz`` (None: the reference clock):
+        measured if the manifest has a figure (scaled by the power model to other clocks), else
+        estimated from the power model and the latency (legoc.runtime.energy)."""
+        if self.power is None:
+            return cost.energy_measured if mhz is None else None
+        dev = self.power.devices.get(device)
+        if dev is None:
+            return None
+        ratio, watts = dev.ratio(mhz), dev.level(mhz).active_w
+        if cost.energy_measured is not None:
+            return cost.energy_measured * watts * ratio / dev.level(None).active_w
+        if cost.latency_ms is None:
+            return None
+        return watts * cost.latency_ms * ratio
+
+    def overhead_energy_mj(self, cpu_mhz: float | None = None) -> float | None:
+        """mJ of the dispatch overhead of a whole configuration (on the CPU, compute-bound)."""
+        if self.power is None:
+            return None if self.mean_measured_w is None else self.mean_measured_w * self.overhead_ms()
+        dev = self.power.devices["cpu"]
+        return dev.level(cpu_mhz).active_w * self.overhead_ms() * dev.ratio(cpu_mhz)
+
+    def copy_power_w(self) -> float | None:
+        """Watts a CPU<->GPU copy is charged at: the CPU's highest active power (an upper bound)."""
+        return self.mean_measured_w if self.power is None else self.power.devices["cpu"].max_active_w
+
+    def frame_energy_mj(self, mhz: float | None = None) -> float | None:
+        """mJ of the frame segments (on the frame's device at ``mhz``)."""
+        total = 0.0
+        for v in self.frame:
+            e = self.option_energy_mj(v, self.frame_device, mhz)
+            if e is None:
+                return None
+            total += e
+        return total
+
+    def energy_mj(self, choice: Sequence[int], devices: Sequence[str] | str | None = None,
+                  levels: dict | None = None) -> float | None:
+        """Estimated (or measured) energy of one inference of a configuration at ``levels``
+        (None: the reference clocks); None if a figure is missing."""
+        if self.energy_unavailable() is not None:
+            return None
+        lv = {} if levels is None else self.check_levels(levels)
+        total = 0.0
+        for cost, d in zip(self.chosen(choice, devices), self.device_list(devices)):
+            e = self.option_energy_mj(cost, d, lv.get(d))
+            if e is None:
+                return None
+            total += e
+        frame, overhead = self.frame_energy_mj(lv.get(self.frame_device)), self.overhead_energy_mj(lv.get("cpu"))
+        transfer = self.transfer_ms(devices)
+        if frame is None or overhead is None or transfer is None:
+            return None
+        return total + frame + overhead + transfer * (self.copy_power_w() if transfer else 0.0)
+
+    def energy_sources(self, choice: Sequence[int], devices: Sequence[str] | str | None = None,
+                       levels: dict | None = None) -> list[str]:
+        """Where a configuration's energy figure comes from: measured-* for measured modules at
+        the clock they were measured at, estimated for everything else."""
+        lv = {} if levels is None else self.check_levels(levels)
+        out = set()
+        for cost, d in list(zip(self.chosen(choice, devices), self.device_list(devices))) + \
+                [(f, self.frame_device) for f in self.frame]:
+            at_reference = lv.get(d) is None or math.isclose(lv[d], self.power.devices[d].reference_mhz) \
+                if self.power is not None and d in self.power.devices else True
+            out.add(cost.energy_source if cost.energy_source and at_reference else "estimated")
+        if self.power is not None or self.overhead_ms() or self.transfers:
+            out.add("estimated")    # dispatch overhead and copies
+        return sorted(out)
+
+    def switch_energy_mj(self, cost: VariantCost) -> float | None:
+        """mJ to load ``cost``'s module and weights: bytes x the board's switching cost per byte
+        (without a power model: the measured load time at the measured modules' mean power)."""
+        if self.power is not None:
+            return cost.load_bytes * self.power.switch_nj_per_byte / 1e6
+        if self.mean_measured_w is None:
+            return None
+        ms = cost.load_ms if cost.load_ms is not None else cost.load_bytes / ASSUMED_LOAD_BYTES_PER_S * 1e3
+        return self.mean_measured_w * ms
 
     def memory_bytes(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> int:
         return self.memory_of(list(self.chosen(choice, devices)) + self.frame)
@@ -291,6 +459,30 @@ class Profiles:
             lat = self.latency_ms(choice, devs)
             if lat is not None and (best is None or lat < best):
                 best = lat
+        return best
+
+    def min_energy_mj(self, dvfs: bool = False, limit: int = 4096) -> float | None:
+        """The least energy any configuration reaches (at the reference clocks, or with ``dvfs``
+        at any levels), exact like :meth:`min_latency_ms`; None without energy figures."""
+        if self.energy_unavailable() is not None:
+            return None
+        level_sets = self.power.level_choices() if dvfs and self.power is not None else [None]
+        assignments = [None]
+        if len(self.devices) > 1 and len(self.devices) ** len(self.blocks) <= limit:
+            assignments = list(itertools.product(self.devices, repeat=len(self.blocks)))
+        best = None
+        for levels in level_sets:
+            for devs in assignments:
+                per_block = self.device_list(devs)
+                choice = []
+                for vs, d in zip(self.device_costs, per_block):
+                    figures = [self.option_energy_mj(v[d], d, None if levels is None else levels[d]) for v in vs]
+                    if any(f is None for f in figures):
+                        return None
+                    choice.append(min(range(len(vs)), key=figures.__getitem__))
+                e = self.energy_mj(choice, devs, levels)
+                if e is not None and (best is None or e < best):
+                    best = e
         return best
 
     def memory_of(self, held: Sequence[VariantCost]) -> int:
@@ -321,15 +513,22 @@ class Profiles:
                 total += vs[new[b]].load_ms
         return total
 
-    def estimate(self, choice: Sequence[int], devices: Sequence[str] | str | None = None) -> Estimate:
+    def estimate(self, choice: Sequence[int], devices: Sequence[str] | str | None = None,
+                 levels: dict | None = None) -> Estimate:
+        """Every estimate of a configuration; ``levels`` (device -> MHz): at those DVFS clocks
+        (None: as profiled, at the reference clocks)."""
         vs = self.chosen(choice, devices)
         sources = {"latency": sorted({v.latency_source for v in vs + self.frame}),
                    "accuracy": self.metric, "memory": "static (file sizes, weights, activations) + module overhead"}
         if self.transfers:
             sources["transfer"] = self.transfer_sources
+        energy = self.energy_mj(choice, devices, levels)
+        if energy is not None:
+            sources["energy"] = self.energy_sources(choice, devices, levels)
         return Estimate(
-            accuracy=self.accuracy(choice), latency_ms=self.latency_ms(choice, devices),
+            accuracy=self.accuracy(choice), latency_ms=self.latency_ms(choice, devices, levels),
             memory_bytes=self.memory_bytes(choice, devices), sources=sources, transfer_ms=self.transfer_ms(devices),
+            energy_mj=energy, levels={} if levels is None else self.check_levels(levels),
         )
 
     # -- all combinations ------------------------------------------------------------------------
@@ -363,6 +562,17 @@ class Profiles:
     def all_device_choices(self):
         """Every per-block device assignment (one tuple with the default device if there is one)."""
         return itertools.product(self.devices, repeat=len(self.blocks))
+
+
+def _mean_measured_w(groups: list[list[VariantCost]]) -> float | None:
+    """Mean power (W) of the modules with both a measured energy and a latency figure (None if
+    there are none): what the runtime charges its own overhead at without a power model."""
+    mj = ms = 0.0
+    for vs in groups:
+        for v in vs:
+            if v.energy_measured is not None and v.latency_ms:
+                mj, ms = mj + v.energy_measured, ms + v.latency_ms
+    return mj / ms if ms > 0 else None
 
 
 def _transfers(segs: list[dict], manifest: dict) -> list[Transfer]:

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from legoc.errors import UserError
 from legoc.runtime import selection
 from legoc.runtime.artifact import read_manifest
 from legoc.runtime.cache import ModuleCache
@@ -54,6 +55,7 @@ class Model:
         self.last_switch_loaded = 0
         self.last_selection = None
         self.adapt_to_speed = False   # budget selection scales the latency profile by slowdown()
+        self.sysfs_root = "/"         # where set_clocks writes (tests: a fake tree)
 
     @property
     def profiles(self) -> Profiles:
@@ -148,13 +150,30 @@ class Model:
     def select(self, latency_ms: float | None = None, memory_mb: float | None = None,
                min_accuracy: float | None = None, *, block_latency_ms: dict | None = None,
                allowed: dict | None = None, switch_penalty: float | None = None,
-               time_limit_s: float | None = None, best_effort: bool = False):
+               time_limit_s: float | None = None, best_effort: bool = False, energy_mj: float | None = None,
+               objective: str = "accuracy", dvfs: bool = False):
         """The optimal configuration for a budget (CP-SAT), without switching to it.
         ``best_effort``: if no configuration meets ``latency_ms``, the one that exceeds it least
-        (``within_budget`` False on the selection) instead of an error."""
+        (``within_budget`` False on the selection) instead of an error. ``energy_mj``: energy per
+        inference (legoc.runtime.energy); ``objective``: "accuracy" (the most accurate within the
+        budgets) or "energy" (the least energy within latency, memory and ``min_accuracy``);
+        ``dvfs``: choose the board's clock per device too (``Selection.levels``)."""
         return selection.select(self.problem, latency_ms, memory_mb, min_accuracy, block_latency_ms=block_latency_ms,
                                 allowed=allowed, switch_penalty=switch_penalty, time_limit_s=time_limit_s,
-                                best_effort=best_effort)
+                                best_effort=best_effort, energy_mj=energy_mj, objective=objective, dvfs=dvfs)
+
+    def set_clocks(self, levels: dict | None = None, *, dry_run: bool = False):
+        """Set the board's DVFS levels (device -> MHz; default: those of the last configure() by
+        budget) through cpufreq and devfreq under ``sysfs_root`` (legoc.runtime.dvfs); returns
+        what took effect.
+        ``dry_run``: write nothing (legoc.runtime.dvfs.commands prints what would be written)."""
+        from legoc.runtime import dvfs
+
+        levels = levels if levels is not None else (self.last_selection.levels if self.last_selection else {})
+        power = self.profiles.power
+        if power is None:
+            raise UserError(f"{self.path}: target {self.target.get('name')} has no DVFS levels (no power model)")
+        return dvfs.apply(power, levels, self.sysfs_root, dry_run=dry_run)
 
     # -- configuration -----------------------------------------------------------------------
     def plan(self, variants: Sequence[int] | None = None,
@@ -173,13 +192,16 @@ class Model:
         size) and ``devices`` (one per block, or one for all; default the target's own device;
         artifacts compiled with ``--devices``), or the most accurate one within a budget
         (``latency_ms``, ``memory_mb`` in MiB, ``min_accuracy``; see ``select`` for the other
-        options), whose devices the solver chooses too. Loads only modules not already loaded;
+        options), whose devices the solver chooses too; with ``dvfs=True`` it chooses the board's
+        clocks as well and sets them (:meth:`set_clocks`) before switching. Loads only modules not already loaded;
         with a memory budget, least recently used modules beyond it are dropped. The switch is
         atomic for concurrent callers: every inference runs wholly on the old or the new one."""
         with self._config_lock:
             if selection.by_budget(variants, devices, latency_ms, memory_mb, min_accuracy, options):
                 self.last_selection = self.select(latency_ms, memory_mb, min_accuracy, **options)
                 variants, devices = self.last_selection.choice, self.last_selection.devices
+                if self.last_selection.levels:
+                    self.set_clocks(self.last_selection.levels)
             if memory_mb is not None:
                 self._modules.limit_bytes = int(memory_mb * (1 << 20))
             steps = self.plan(variants, devices)

@@ -26,13 +26,16 @@ def problem(profiles: Profiles, budget: solver.Budget | None, *, name: str, weig
 def select(problem_for: Callable[[solver.Budget], solver.Problem], latency_ms: float | None = None,
            memory_mb: float | None = None, min_accuracy: float | None = None, *,
            block_latency_ms: dict | None = None, allowed: dict | None = None, switch_penalty: float | None = None,
-           time_limit_s: float | None = None, best_effort: bool = False) -> solver.Selection:
+           time_limit_s: float | None = None, best_effort: bool = False, energy_mj: float | None = None,
+           objective: str = "accuracy", dvfs: bool = False) -> solver.Selection:
     """The optimal configuration of the model ``problem_for`` describes for a budget (see
     :meth:`legoc.runtime.model.Model.select`)."""
-    budget = solver.Budget(latency_ms, memory_mb, min_accuracy, dict(block_latency_ms or {}), dict(allowed or {}))
+    budget = solver.Budget(latency_ms, memory_mb, min_accuracy, dict(block_latency_ms or {}), dict(allowed or {}),
+                           energy_mj)
     return solver.solve([problem_for(budget)],
                         switch_penalty=solver.DEFAULT_SWITCH_PENALTY if switch_penalty is None else switch_penalty,
-                        time_limit_s=time_limit_s or solver.DEFAULT_TIME_LIMIT_S, best_effort=best_effort)
+                        time_limit_s=time_limit_s or solver.DEFAULT_TIME_LIMIT_S, best_effort=best_effort,
+                        objective=objective, dvfs=dvfs)
 
 
 def by_budget(variants, devices, latency_ms, memory_mb, min_accuracy, options: dict) -> bool:

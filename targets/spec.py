@@ -33,6 +33,7 @@ class TargetSpec:
     board_software: str  # one line: what the board must run
     runs_here: bool  # artifacts can be loaded and executed on this machine
     device_code: str  # "native" for cpu; for cuda one of legoc.targets.cuda.DEVICE_CODES
+    power: dict | None = None  # DVFS levels and watts (legoc.targets.power.PowerModel); None: none known
 
     def __hash__(self) -> int:  # dict fields: hash by the canonical JSON form
         return hash(json.dumps(self.to_json(), sort_keys=True))
@@ -48,12 +49,17 @@ class TargetSpec:
         """A JSON-able dict of every field (what the artifact manifest records).
 
         Writing it to a file gives a valid custom target for :func:`legoc.targets.get_target`.
+        ``power`` is left out when there is none, so a target without a power model has the same
+        JSON (and measurement-cache keys, legoc.targets.measure) as before power models existed.
         """
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        if out["power"] is None:
+            del out["power"]
+        return out
 
 
 _REQUIRED = ("name", "device", "target", "triple", "linker")
-_OPTIONAL = ("description", "host", "board_software", "runs_here", "device_code")
+_OPTIONAL = ("description", "host", "board_software", "runs_here", "device_code", "power")
 
 
 def target_from_dict(data: Any, *, source: str = "target", check_here: bool = True) -> TargetSpec:
@@ -139,11 +145,25 @@ def target_from_dict(data: Any, *, source: str = "target", check_here: bool = Tr
         board_software=string("board_software", "unspecified"),
         runs_here=runs_here,
         device_code=string("device_code", "native" if device == "cpu" else DEFAULT_CUDA_CODE),
+        power=_power(data.get("power"), device, source),
     )
     if check_here:
         _check_device_code(spec, bad)
         _check_with_tvm(spec, llvm, llvm_field, bad)
     return spec
+
+
+def _power(data: Any, device: str, source: str) -> dict | None:
+    """The ``power`` field checked (legoc.targets.power.PowerModel.from_json), as JSON; a cuda
+    target's model must have its GPU's levels too."""
+    if data is None:
+        return None
+    from legoc.targets.power import PowerModel  # noqa: PLC0415 (light: no numpy, no tvm)
+
+    model = PowerModel.from_json(data, source=source, prefix="power.")
+    if device == "cuda" and "gpu" not in model.devices:
+        raise UserError(f"{source}: field 'power.devices' needs a \"gpu\" entry for a cuda target")
+    return model.to_json()
 
 
 def _check_device_code(spec: TargetSpec, bad) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from legoc.errors import UserError, first_line
+from legoc.targets.power import cpu_only, power_of
 from legoc.targets.spec import TargetSpec, machine_triple, target_from_dict
 
 __all__ = [
@@ -51,6 +52,7 @@ def _cpu(name: str, description: str, mcpu: str, software: str = _RPI_SOFTWARE) 
         board_software=software,
         runs_here=False,
         device_code="native",
+        power=power_of(name),
     )
 
 
@@ -67,6 +69,7 @@ def _jetson(name: str, description: str, arch: str, mcpu: str, software: str,
         board_software=software,
         runs_here=False,
         device_code=device_code,
+        power=power_of(name),
     )
 
 
@@ -180,6 +183,7 @@ def cpu_part(spec: TargetSpec) -> TargetSpec:
         board_software=spec.board_software,
         runs_here=False,
         device_code="native",
+        power=cpu_only(spec.power),
     )
 
 

@@ -2,16 +2,17 @@
 with the same signature as the front end's (legoc.passes.infra):
 
 build (build.py) -> measure-latency (measure_latency.py) -> measure-load (measure_load.py) ->
-validate (validate.py) -> measure-rpc (measure_rpc.py) -> write (write.py).
+validate (validate.py) -> measure-rpc (measure_rpc.py) -> measure-energy (energy.py) -> write (write.py).
 
 ``stage.py`` holds what they share (the base class, the per-module records); ``manifest.py`` the
 manifest the build stage writes and the others complete.
 """
 from legoc.passes.backend.build import Build
+from legoc.passes.backend.energy import MeasureEnergy
 from legoc.passes.backend.measure_latency import MeasureLatency
 from legoc.passes.backend.measure_load import MeasureLoad
 from legoc.passes.backend.measure_rpc import MeasureRpc
 from legoc.passes.backend.validate import Validate
 from legoc.passes.backend.write import Write
 
-__all__ = ["Build", "MeasureLatency", "MeasureLoad", "MeasureRpc", "Validate", "Write"]
+__all__ = ["Build", "MeasureEnergy", "MeasureLatency", "MeasureLoad", "MeasureRpc", "Validate", "Write"]
