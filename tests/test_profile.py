@@ -188,8 +188,10 @@ def _manifest(drops, lats, weights=None):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.floats(0, 0.2), st.floats(0.1, 10)), min_size=1, max_size=4),
-                min_size=1, max_size=4))
+# drops to 1e-6 of the metric, the resolution the solver works at: drops of 1e-12 let the two
+# paths' float sums break ties differently (hypothesis found [[(0, 2), (1e-12, 1)]] * 2)
+@given(st.lists(st.lists(st.tuples(st.floats(0, 0.2).map(lambda d: round(d, 6)), st.floats(0.1, 10)),
+                         min_size=1, max_size=4), min_size=1, max_size=4))
 def test_pareto_front_equals_brute_force(blocks):
     m = _manifest([[d for d, _ in b] for b in blocks], [[lat for _, lat in b] for b in blocks])
     prof = Profiles(m)
