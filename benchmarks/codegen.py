@@ -74,8 +74,7 @@ def _fma_lanes(mnemonic: str, operands: str, aarch64: bool) -> int:
     if aarch64:
         return 4 if mnemonic == "fmla" and ".4s" in operands else 0
     if mnemonic.startswith("vfmadd") and mnemonic.endswith("ps"):
-        return {"zmm": 16, "ymm": 8, "xmm": 4}.get(operands.split(",")[-1].strip()[1:4], 0) or (
-            16 if "zmm" in operands else 8 if "ymm" in operands else 4)
+        return 16 if "zmm" in operands else 8 if "ymm" in operands else 4
     return 0
 
 
