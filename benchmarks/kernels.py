@@ -10,6 +10,10 @@ then built alone for the host and timed with TVM's time evaluator on random buff
 shapes (median of ``--repeat`` repeats of ``--number`` calls). The sum over kernels, each counted
 as often as ``main`` calls it, approximates the module's latency without the VM's own cost.
 
+Memory bound (``--bandwidth``): the bytes of every argument (inputs, weights, output: each read
+or written at least once) over one thread's measured copy bandwidth (``benchmarks/peak.py``);
+the "x bound" column is a kernel's time over that bound, for memory-bound kernels (depthwise).
+
 FLOPs: 2 x the multiply-adds of a kernel's reduction (output elements x reduction extent, read
 from the PrimFunc's loop nest), so elementwise kernels count 0. ``TVM_NUM_THREADS`` is set from
 ``--threads`` before TVM starts.
@@ -85,6 +89,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--number", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--bandwidth", action="store_true", help="add each kernel's time over its memory-bandwidth bound")
     ap.add_argument("--cold", action="store_true", help="flush the CPU caches before every call (all arguments but the first)")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -115,6 +120,13 @@ def main() -> None:
         macs = {gv.name_hint: _macs(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
         mod = ApplyCPUSchedules()(mod)
     calls = _calls(mod["main"])
+    gbps = None
+    if args.bandwidth:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from peak import copy_bandwidth  # noqa: PLC0415
+
+        gbps = copy_bandwidth()[0]
+        print(f"memory bound: one thread copies {gbps:.1f} GB/s (best of 20 copies of 64 MB)")
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
     rows = []
@@ -129,17 +141,20 @@ def main() -> None:
                                          f_preproc="cache_flush_cpu_non_first_arg" if args.cold else "")
         ms = float(np.median(timer(*arrays).results)) * 1e3
         rule = str(func.attrs[RULE_ATTR]) if func.attrs and RULE_ATTR in func.attrs else "-"
+        nbytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in args_spec)
         rows.append((ms * n_calls, ms, n_calls, gv.name_hint, rule, macs.get(gv.name_hint, 0),
-                     [list(shape) for shape, _ in args_spec]))
+                     [list(shape) for shape, _ in args_spec], nbytes))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
     total_macs = sum(r[5] * r[2] for r in rows)
     print(f"{args.model}: {len(rows)} kernels, {total:.3f} ms summed ({args.threads} thread(s)), "
           f"{total_macs / 1e6:.1f} M MACs in reductions, {2 * total_macs / total / 1e6:.1f} GFLOP/s overall")
-    print(f"{'ms total':>9} {'ms':>8} {'×':>2} {'share':>6} {'GFLOP/s':>8}  {'rule':<22} kernel (buffer shapes)")
-    for tot, ms, n, name, rule, macs, shapes in rows[:args.top]:
+    bound_head = f" {'x bound':>7}" if gbps else ""
+    print(f"{'ms total':>9} {'ms':>8} {'×':>2} {'share':>6} {'GFLOP/s':>8}{bound_head}  {'rule':<22} kernel (buffer shapes)")
+    for tot, ms, n, name, rule, macs, shapes, nbytes in rows[:args.top]:
         gflops = f"{2 * macs / ms / 1e6:8.1f}" if macs else " " * 8
-        print(f"{tot:9.3f} {ms:8.3f} {n:2d} {tot / total:6.1%} {gflops}  {rule:<22} {name} {shapes}")
+        bound = f" {ms / (nbytes / gbps / 1e6):7.2f}" if gbps else ""
+        print(f"{tot:9.3f} {ms:8.3f} {n:2d} {tot / total:6.1%} {gflops}{bound}  {rule:<22} {name} {shapes}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ The basis every GFLOP/s of ``benchmarks/inference.py`` and the README is stated 
   except AMD Zen 4 (family 0x19, model >= 0x10), whose AVX-512 instructions run on 256-bit
   units (8 lanes); the clock is "cpu MHz", which a VM reports as its nominal clock, not turbo,
   so the true ceiling can be higher than this figure.
+* **memory bandwidth** (``--bandwidth``, and :func:`copy_bandwidth` for other benchmarks): one
+  thread copying 64 MB with numpy (read + write counted), best of 20 copies: the bound a
+  memory-bound kernel (a depthwise conv) is compared with. One thread, because legoc's
+  single-thread kernel timings are what it bounds.
 """
 from __future__ import annotations
 
@@ -114,6 +118,25 @@ def theoretical(cores: int) -> tuple[float, str]:
                     f"{mhz / 1e3:.2f} GHz reported clock; {info.get('model name', '?')}")
 
 
+def copy_bandwidth(mbytes: int = 64, runs: int = 20) -> tuple[float, float]:
+    """(best, median) GB/s of one thread copying ``mbytes`` MB (bytes read plus bytes written)."""
+    import statistics  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    src = np.ones(mbytes * 2 ** 20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)   # pages touched before timing
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    moved = 2 * src.nbytes / 1e9
+    return moved / min(times), moved / statistics.median(times)
+
+
 def peak(threads: int = 2, runs: int = 10) -> Peak:
     m = measure_sgemm(threads, runs)
     g = sorted(m["gflops"])
@@ -127,9 +150,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--bandwidth", action="store_true", help="also one thread's copy bandwidth")
     args = ap.parse_args()
     p = peak(args.threads, args.runs)
     print(json.dumps(asdict(p), indent=1) if args.json else p.describe())
+    if args.bandwidth:
+        best, median = copy_bandwidth()
+        print(f"memory: one thread copies {best:.1f} GB/s (best of 20 copies of 64 MB, read + write; median {median:.1f})")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,19 @@ class DepthwiseConv2d(CPURule):
             return False
         xo, xi = sch.split(x, [None, chunk])
         sch.reorder(n, f, y, xo, *reduce, xi)
+        # the chunk as unrolled machine-width vectors (the widest of lanes, lanes/2, lanes/4 that
+        # divides it): each tap's weight is then one broadcast register shared by every vector of
+        # the chunk. Left as one chunk-wide vector, LLVM splits it after building a chunk-wide
+        # broadcast per tap, hoists those out of the row loop and spills them (a 112-wide row:
+        # 63 broadcast vectors on the stack, two loads per FMA). x86 only (8 or 16 lanes): NEON's
+        # fmla by element reads the weight from a lane, and there the split cost instructions
+        # (benchmarks/codegen.py: 317 -> 401 in MobileNetV2's first stride-2 loop)
+        vec = next((v for v in (lanes, lanes // 2, lanes // 4)
+                    if lanes >= 8 and v >= 4 and chunk % v == 0 and chunk > v), 0)
+        split_vec = vec > 0
+        if split_vec:
+            xm, xi = sch.split(xi, [None, vec])
+            sch.unroll(xm)
         acc_out = sch.cache_write(conv, 0, "local")
         left = inline_epilogue(sch, acc_out, epilogue)
         sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
@@ -69,7 +82,11 @@ class DepthwiseConv2d(CPURule):
         if prologue:
             _pad_per_channel(sch, prologue[0], nf, extent(sch, xo) * chunk, reduce[-1])
         sch.vectorize(xi)
-        sch.vectorize(sch.get_loops(acc_out)[-1])
+        last = sch.get_loops(acc_out)[-1]
+        if split_vec:
+            outer, last = sch.split(last, [None, vec])
+            sch.unroll(outer)
+        sch.vectorize(last)
         work = product(extent(sch, lp) for lp in sch.get_loops(conv))
         if work >= MIN_PARALLEL and extent(sch, nf) > 1:
             sch.parallel(nf)
