@@ -16,9 +16,12 @@ for measuring on a board over TVM RPC (``ms.runner.RPCRunner``).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from legoc.errors import UserError
 from legoc.paths import cache_dir
-from legoc.targets.schedules import cpu_pipeline
+from legoc.targets.schedules import PadConvChannels, cpu_pipeline, vector_lanes
 from legoc.targets.table import TargetSpec
 
 __all__ = ["TuneReport", "database_dir", "tune_module", "tuned_pipeline"]
@@ -61,10 +64,67 @@ def _open_database(folder: Path) -> ms.database.JSONDatabase:
 
 
 def _fused(mod: tvm.ir.IRModule, tvm_target) -> tvm.ir.IRModule:
-    """Legalized and fused (the PrimFuncs MetaSchedule sees and the compile later applies)."""
+    """Legalized and fused as the compile pipeline does it before applying the database (conv
+    output channels padded first, :func:`legoc.targets.schedules.scheduling_passes`), so the
+    workloads tuned are the ones the compile looks up."""
     with tvm_target:
-        return tvm.transform.Sequential(cpu.library_dispatch_passes(tvm_target)
+        return tvm.transform.Sequential([PadConvChannels(vector_lanes(tvm_target))]
+                                        + cpu.library_dispatch_passes(tvm_target)
                                         + cpu.legalize_passes(tvm_target))(mod)
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule's TuneContext does, on first use) from a
+    thread of its own.
+
+    The import parses every TVMScript tensor intrinsic TVM ships, and each parse calls
+    ``inspect.stack()``, which for every frame of the calling thread may scan all of
+    ``sys.modules``: the cost grows with the depth of the caller's stack and the number of
+    modules loaded. From inside a compile (torch loaded) it took 103 s on this machine; from a
+    fresh thread's short stack 34 s, 35-65 s in a pytest process. It is the bulk of a small
+    tuning run; an upstream fix (registering intrinsics lazily) would remove it."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    failure = []
+
+    def run():
+        try:
+            importlib.import_module("tvm.s_tir.tensor_intrin")
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="legoc-import-tensor-intrin")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+
+
+def build_candidate(mod: tvm.ir.IRModule, target, _params) -> tvm.runtime.Module:
+    """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``.
+
+    That import parses every TVMScript tensor intrinsic TVM ships (CUDA's included), and each
+    parse walks the call stack with ``inspect.stack()``: about 25 s of CPU on this machine. The
+    local builder starts new worker processes for every batch of candidates, so each batch paid
+    it again. The candidates it gets are already scheduled (any tensorization was applied by
+    the search, in this process), so building them needs no intrinsic registry."""
+    from tvm.driver import build as tvm_build  # noqa: PLC0415
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: PLC0415
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _search_strategy(trials: int) -> ms.search_strategy.EvolutionarySearch:
+    """MetaSchedule's evolutionary search with its population scaled to the trial budget.
+
+    Before every batch of measurements the search samples a population of schedules and evolves
+    it for ``genetic_num_iters`` rounds, scoring every member with the cost model; the work
+    grows with the population. Its defaults (512 schedules, at least 50 of them freshly sampled)
+    suit budgets of hundreds of trials, not a handful (2 trials pick 2 schedules out of 512).
+    Here the population is 32 per trial, from 64 up to the default 512."""
+    population = min(512, max(64, 32 * trials))
+    return ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                 init_min_unmeasured=min(50, population // 2))
 
 
 def _tuning_target(target: TargetSpec):
@@ -96,20 +156,28 @@ def tune_module(mod: tvm.ir.IRModule, target: TargetSpec, trials: int, *,
     new = [t for t in tasks
            if database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None]
     if new:
+        _import_tensor_intrinsics()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            new, work_dir=str(folder / "logs"))
+            new, work_dir=str(folder / "logs"), strategy=_search_strategy(trials))
         if contexts:
+            per_batch = min(64, trials)
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,
                 work_dir=str(folder / "logs"),
                 max_trials_global=trials * len(contexts),
                 max_trials_per_task=trials,
-                num_trials_per_iter=min(64, trials),
+                num_trials_per_iter=per_batch,
                 database=database,
-                # MetaSchedule's default of 30 s per build is too short on a small, busy machine
-                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                # MetaSchedule's default of 30 s per build is too short on a small, busy machine;
+                # no more worker processes than candidates in a batch (each imports tvm)
+                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate,
+                                                max_workers=max(1, min(os.cpu_count() or 1, per_batch))),
                 runner=runner if runner is not None else "local",
+                # the cost model ranks a task's candidates from its second batch on; with one
+                # batch per task (trials <= per_batch) it would be trained and never used, and
+                # XGBoost's import (scikit-learn's with it) alone took 10 s here
+                cost_model="xgb" if trials > per_batch else "random",
             )
     return TuneReport(workloads=len(tasks), reused=len(tasks) - len(new), tuned=len(new),
                       trials=trials, database=folder)

@@ -85,7 +85,7 @@ def test_concrete_args_are_baked_into_a_graph_of_the_tensor_inputs_only(flag):
         assert torch.allclose(state.gm(x), model(x, **concrete), atol=1e-6)
 
 
-def test_concrete_args_model_file_compiles_through_partition(tmp_path):
+def test_concrete_args_model_file_compiles_through_partition(tmp_path, flag_model_source):
     # the README's `concrete_args` for a model whose forward has a keyword flag: capture then
     # partition (this used to fail with "partition expects 2 inputs, got 1")
     from legoc.modelfile import load_model_file
@@ -94,7 +94,7 @@ def test_concrete_args_model_file_compiles_through_partition(tmp_path):
     from legoc.pipeline import CompileConfig
 
     path = tmp_path / "model.py"
-    path.write_text(FLAG_MODEL)
+    path.write_text(flag_model_source(True))
     spec = load_model_file(path)
     state = ProgramState(model=spec.model, example_inputs=spec.example_inputs, concrete_args=spec.concrete_args,
                          source=str(path))
@@ -103,36 +103,3 @@ def test_concrete_args_model_file_compiles_through_partition(tmp_path):
     with torch.no_grad():
         ref = spec.model(*spec.example_inputs, return_features=True)
         assert torch.allclose(state.partition.run(*spec.example_inputs), ref, atol=1e-5)
-
-
-FLAG_MODEL = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-
-    def forward(self, x, return_features=False):
-        y = self.b(self.a(x))
-        if return_features:
-            return y
-        return self.head(y)
-
-
-def build_model():
-    torch.manual_seed(0)
-    return Net().eval()
-
-
-def example_inputs():
-    return (torch.randn(1, 3, 16, 16),)
-
-
-concrete_args = {"return_features": True}
-'''

@@ -57,15 +57,10 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def nano(tiny, tmp_path_factory):
-    """The tiny model compiled for jetson-nano with --devices cpu,gpu (about 15 s here)."""
-    from legoc.pipeline import CompileConfig, compile_model
-
-    out = tmp_path_factory.mktemp("art") / "tiny-nano.lego"
-    cfg = CompileConfig(target="jetson-nano", output=out, ratios=(0.0, 0.5), blocks=2, retrain_epochs=0,
-                        progress=False, devices=("cpu", "gpu"))
-    compile_model(tiny, cfg)
-    return out
+def nano(tiny, artifact):
+    """The tiny model compiled for jetson-nano with --devices cpu,gpu."""
+    return artifact(str(tiny), "jetson-nano", ratios=(0.0, 0.5), blocks=2, retrain_epochs=0,
+                    devices=("cpu", "gpu")).artifact
 
 
 def _manifest(path) -> dict:
@@ -242,48 +237,15 @@ def test_old_manifest_without_devices_still_loads(nano, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# synthetic artifacts: frame0 -> block0 -> ... -> frame1, plus a skip tensor frame0 -> frame1
+# synthetic artifacts (conftest's board_manifest): frame0 -> block0 -> ... -> frame1, plus a skip
+# tensor frame0 -> frame1
 
 
-def device_manifest(blocks, copy_ms, frame_ms=0.25, overhead=0.0, weight_bytes=1000):
-    """blocks[b] = [(drop, gpu_ms, cpu_ms), ...]; copy_ms: tensor name -> ms of one copy
-    (tensors: x, f0, b0 .. b{n-1}, y)."""
-    def figure(ms):
-        return {"value": ms, "source": "estimated"}
-
-    def variant(i, drop, gpu, cpu):
-        return {"id": f"r{i}", "ratio": i / 10, "module": {"file": f"m{i}", "bytes": 1000},
-                "weights": {"file": f"w{i}", "bytes": weight_bytes, "sha256": ""},
-                "profile": {"latency_ms": figure(gpu), "accuracy_drop": {"value": drop},
-                            "peak_activation_bytes": {"value": 0}},
-                "devices": {"cpu": {"module": {"file": f"m{i}c", "bytes": 1000},
-                                    "weights": {"file": f"w{i}c", "bytes": 2 * weight_bytes, "sha256": ""},
-                                    "profile": {"latency_ms": figure(cpu)}}}}
-
-    frame = [{"id": "frame", "ratio": 0.0, "module": {"bytes": 1000}, "weights": {"bytes": 0, "sha256": ""},
-              "profile": {"latency_ms": figure(frame_ms)}}]
-    n = len(blocks)
-    segs = [{"name": "frame0", "kind": "frame", "inputs": ["x"], "outputs": ["f0"], "variants": frame}]
-    for b, vs in enumerate(blocks):
-        segs.append({"name": f"block{b}", "kind": "block", "inputs": ["f0" if b == 0 else f"b{b - 1}"],
-                     "outputs": [f"b{b}"], "variants": [variant(i, *v) for i, v in enumerate(vs)]})
-    segs.append({"name": "frame1", "kind": "frame", "inputs": [f"b{n - 1}", "f0"], "outputs": ["y"], "variants": frame})
-    tensors = {"x": ("input", ["frame0"]), "f0": ("frame0", ["block0", "frame1"]), "y": ("frame1", ["output"])}
-    tensors.update({f"b{b}": (f"block{b}", [f"block{b + 1}" if b + 1 < n else "frame1"]) for b in range(n)})
-    return {"segments": segs, "target": {"name": "board", "device": "cuda"},
-            "accuracy": {"baseline": 0.9, "metric": "top1"},
-            "combination": {"call_overhead_ms": {"value": overhead}, "module_overhead_bytes": 0},
-            "devices": {"default": "gpu", "choices": ["gpu", "cpu"], "frame": "gpu",
-                        "transfer": {"source": "estimated", "tensors": {
-                            k: {"from": f, "to": t, "bytes": 4, "ms": copy_ms.get(k, 0.0)}
-                            for k, (f, t) in tensors.items()}}}}
-
-
-def test_estimate_of_a_mixed_plan_is_latencies_plus_copies():
+def test_estimate_of_a_mixed_plan_is_latencies_plus_copies(board_manifest):
     # binary fractions: the sums below are exact in floating point
-    prof = Profiles(device_manifest([[(0.0, 1.0, 0.5), (0.01, 0.75, 0.25)], [(0.0, 2.0, 4.0), (0.02, 1.5, 3.0)]],
-                                    {"x": 0.125, "f0": 0.0625, "b0": 0.5, "b1": 0.25, "y": 0.125},
-                                    frame_ms=0.25, overhead=0.03125))
+    prof = Profiles(board_manifest([[(0.0, 1.0, 0.5), (0.01, 0.75, 0.25)], [(0.0, 2.0, 4.0), (0.02, 1.5, 3.0)]],
+                                   {"x": 0.125, "f0": 0.0625, "b0": 0.5, "b1": 0.25, "y": 0.125},
+                                   frame_ms=0.25, overhead=0.03125))
     est = prof.estimate([1, 0], ["cpu", "gpu"])
     # block0 r1 on the cpu (0.25), block1 r0 on the gpu (2.0), frames 2 x 0.25, overhead 4 x 1/32;
     # copies: f0 to the cpu (block0), b0 back to the gpu; x and y stay where the frame is (gpu) and
@@ -322,8 +284,8 @@ copy_costs = st.fixed_dictionaries({k: st.floats(0.0, 2.0) for k in ("x", "f0", 
 
 @settings(max_examples=60, deadline=None)
 @given(block_lists, copy_costs, st.floats(0.0, 1.0), st.floats(0.3, 1.0))
-def test_device_choice_equals_brute_force(blocks, copies, lat_frac, mem_frac):
-    prof = Profiles(device_manifest(blocks, copies, weight_bytes=100_000))
+def test_device_choice_equals_brute_force(board_manifest, blocks, copies, lat_frac, mem_frac):
+    prof = Profiles(board_manifest(blocks, copies, weight_bytes=100_000))
     every = [prof.estimate(c, d) for c in prof.all_choices() for d in prof.all_device_choices()]
     lats, mems = [e.latency_ms for e in every], [e.memory_bytes for e in every]
     budget = Budget(latency_ms=min(lats) + lat_frac * (max(lats) - min(lats)) + 1e-3,
@@ -343,14 +305,15 @@ def test_device_choice_equals_brute_force(blocks, copies, lat_frac, mem_frac):
     assert e.latency_ms == pytest.approx(best[3].latency_ms, abs=1e-5)
 
 
-def _chain(block0, block1, copies):
-    """One variant per block: (gpu_ms, cpu_ms) each; copies of f0, b0, b1 (x, y: none)."""
-    return Profiles(device_manifest([[(0.0, *block0)], [(0.0, *block1)]], copies))
+@pytest.fixture(scope="module")
+def chain(board_manifest):
+    """Profiles of two blocks of one variant each, (gpu_ms, cpu_ms); copies of f0, b0, b1 (x, y: none)."""
+    return lambda block0, block1, copies: Profiles(board_manifest([[(0.0, *block0)], [(0.0, *block1)]], copies))
 
 
-def test_transfer_cost_makes_all_gpu_win_over_mixed():
+def test_transfer_cost_makes_all_gpu_win_over_mixed(chain):
     # block0 is faster on the cpu, but moving its input and output across costs more than it saves
-    prof = _chain((1.0, 0.75), (1.0, 5.0), {"f0": 0.5, "b0": 0.5, "b1": 0.5})
+    prof = chain((1.0, 0.75), (1.0, 5.0), {"f0": 0.5, "b0": 0.5, "b1": 0.5})
     blocks_only = {d: sum(c.latency_ms for c in prof.chosen([0, 0], d)) for d in [("cpu", "gpu"), ("gpu", "gpu")]}
     assert blocks_only[("cpu", "gpu")] < blocks_only[("gpu", "gpu")]          # without copies: mixed
     assert prof.latency_ms([0, 0], ["gpu", "gpu"]) < prof.latency_ms([0, 0], ["cpu", "gpu"])
@@ -359,17 +322,17 @@ def test_transfer_cost_makes_all_gpu_win_over_mixed():
     assert solve([Problem(prof, Budget(latency_ms=2.6))]).devices == ("gpu", "gpu")
 
 
-def test_transfer_cost_makes_all_cpu_win_over_mixed():
+def test_transfer_cost_makes_all_cpu_win_over_mixed(chain):
     # block1 alone would go to the gpu, but the big tensor between the blocks makes that dearer
-    prof = _chain((3.0, 0.25), (1.0, 1.25), {"f0": 0.5, "b0": 1.0, "b1": 0.5})
+    prof = chain((3.0, 0.25), (1.0, 1.25), {"f0": 0.5, "b0": 1.0, "b1": 0.5})
     assert prof.latency_ms([0, 0], ["cpu", "cpu"]) < prof.latency_ms([0, 0], ["cpu", "gpu"])
     sel = solve([Problem(prof, Budget(latency_ms=100))])
     assert sel.devices == ("cpu", "cpu")
     assert sel.estimate.transfer_ms == 0.5 + 0.5     # f0 to the cpu, b1 back to the frame's gpu
 
 
-def test_mixed_plan_wins_when_copies_are_cheap_enough():
-    prof = _chain((3.0, 0.25), (1.0, 5.0), {"f0": 0.5, "b0": 0.5, "b1": 0.5})
+def test_mixed_plan_wins_when_copies_are_cheap_enough(chain):
+    prof = chain((3.0, 0.25), (1.0, 5.0), {"f0": 0.5, "b0": 0.5, "b1": 0.5})
     lat = {d: prof.latency_ms([0, 0], d) for d in prof.all_device_choices()}
     assert min(lat, key=lat.get) == ("cpu", "gpu")
     sel = solve([Problem(prof, Budget(latency_ms=lat[("cpu", "gpu")] + 0.01))])
@@ -378,10 +341,10 @@ def test_mixed_plan_wins_when_copies_are_cheap_enough():
         solve([Problem(prof, Budget(latency_ms=lat[("cpu", "gpu")] - 0.01))])
 
 
-def test_switch_charge_counts_the_device():
+def test_switch_charge_counts_the_device(chain):
     # equal accuracy everywhere and block0 faster on the gpu; the configuration in use (block0 on
     # the cpu) is loaded, block0's gpu module is not: staying is free, moving costs a load
-    prof = _chain((1.0, 1.5), (1.0, 5.0), {"f0": 0.0, "b0": 0.0, "b1": 0.0})
+    prof = chain((1.0, 1.5), (1.0, 5.0), {"f0": 0.0, "b0": 0.0, "b1": 0.0})
     sticky = solve([Problem(prof, Budget(latency_ms=100), current=[0, 0], current_devices=["cpu", "gpu"],
                             loaded={(0, 0, "cpu"), (1, 0, "gpu")})])
     assert sticky.devices == ("cpu", "gpu")

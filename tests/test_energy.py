@@ -3,6 +3,7 @@ selection with energy budgets, an energy objective and DVFS levels against brute
 and two models included), the meters (RAPL, INA3221) and setting clocks, all on fake sysfs trees."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -26,39 +27,10 @@ POWER = {"devices": {
     "switch_nj_per_byte": 10.0, "switch_basis": "test", "references": ["test"]}
 
 
-def board_manifest(blocks, copy_ms, *, frame_ms=0.25, overhead=0.01, power=POWER, gpu=True, weight_bytes=1000):
-    """frame0 -> block0 -> ... -> frame1 (with a skip tensor frame0 -> frame1). ``blocks[b]`` =
-    [(drop, gpu_ms, cpu_ms), ...] with ``gpu``, else [(drop, cpu_ms), ...] on a CPU board."""
-    def variant(i, drop, ms, cpu_ms=None):
-        v = {"id": f"r{i}", "ratio": i / 10, "module": {"bytes": 1000},
-             "weights": {"file": f"w{i}", "bytes": weight_bytes, "sha256": ""},
-             "profile": {"latency_ms": {"value": ms, "source": "estimated"}, "accuracy_drop": {"value": drop},
-                         "peak_activation_bytes": {"value": 0}}}
-        if cpu_ms is not None:
-            v["devices"] = {"cpu": {"module": {"bytes": 1000}, "weights": {"bytes": 2 * weight_bytes, "sha256": ""},
-                                    "profile": {"latency_ms": {"value": cpu_ms, "source": "estimated"}}}}
-        return v
-
-    frame = [{"id": "frame", "ratio": 0.0, "module": {"bytes": 1000}, "weights": {"bytes": 0, "sha256": ""},
-              "profile": {"latency_ms": {"value": frame_ms, "source": "estimated"}}}]
-    n = len(blocks)
-    segs = [{"name": "frame0", "kind": "frame", "inputs": ["x"], "outputs": ["f0"], "variants": frame}]
-    for b, vs in enumerate(blocks):
-        segs.append({"name": f"block{b}", "kind": "block", "inputs": ["f0" if b == 0 else f"b{b - 1}"],
-                     "outputs": [f"b{b}"], "variants": [variant(i, *v) for i, v in enumerate(vs)]})
-    segs.append({"name": "frame1", "kind": "frame", "inputs": [f"b{n - 1}", "f0"], "outputs": ["y"], "variants": frame})
-    target_power = power if gpu or power is None else {**power, "devices": {"cpu": power["devices"]["cpu"]}}
-    m = {"segments": segs, "target": {"name": "board", "device": "cuda" if gpu else "cpu", "power": target_power},
-         "accuracy": {"baseline": 0.9, "metric": "top1"},
-         "combination": {"call_overhead_ms": {"value": overhead}, "module_overhead_bytes": 0}}
-    if gpu:
-        tensors = {"x": ("input", ["frame0"]), "f0": ("frame0", ["block0", "frame1"]), "y": ("frame1", ["output"])}
-        tensors.update({f"b{b}": (f"block{b}", [f"block{b + 1}" if b + 1 < n else "frame1"]) for b in range(n)})
-        m["devices"] = {"default": "gpu", "choices": ["gpu", "cpu"], "frame": "gpu",
-                        "transfer": {"source": "estimated", "tensors": {
-                            k: {"from": f, "to": t, "bytes": 4, "ms": copy_ms.get(k, 0.0)}
-                            for k, (f, t) in tensors.items()}}}
-    return m
+@pytest.fixture(scope="module")
+def board_manifest(board_manifest):
+    """conftest's synthetic board manifest on the small board POWER, 0.01 ms per module call."""
+    return functools.partial(board_manifest, overhead=0.01, power=POWER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +98,7 @@ def test_custom_target_json_carries_its_power_model(tmp_path):
 # the estimate
 
 
-def test_energy_is_power_times_latency_scaled_by_the_clock():
+def test_energy_is_power_times_latency_scaled_by_the_clock(board_manifest):
     # binary fractions and round watts: the sums below are exact
     m = board_manifest([[(0.0, 1.0, 2.0)], [(0.0, 0.5, 0.25)]], {"f0": 0.125, "b0": 0.25}, frame_ms=0.25,
                        overhead=0.0625)
@@ -150,7 +122,7 @@ def test_energy_is_power_times_latency_scaled_by_the_clock():
         prof.estimate([0, 0], "gpu", {"gpu": 700.0})
 
 
-def test_a_measured_figure_replaces_the_estimate_and_scales_with_the_power_model():
+def test_a_measured_figure_replaces_the_estimate_and_scales_with_the_power_model(board_manifest):
     m = board_manifest([[(0.0, 1.0, 2.0)]], {}, frame_ms=0.25, overhead=0.0)
     m["segments"][1]["variants"][0]["profile"]["energy_mj"] = {"value": 3.0, "source": "measured-rpc"}
     prof = Profiles(m)
@@ -163,7 +135,7 @@ def test_a_measured_figure_replaces_the_estimate_and_scales_with_the_power_model
     assert prof.option_energy_mj(prof.device_costs[0][0]["cpu"], "cpu") == 2.0 * 4.0
 
 
-def test_no_power_model_no_energy_with_a_clear_reason():
+def test_no_power_model_no_energy_with_a_clear_reason(board_manifest):
     m = board_manifest([[(0.0, 1.0)]], {}, gpu=False, power=None)
     m["target"].update(name="host", runs_here=True)
     m["energy_meter"] = {"meter": None, "why": "no RAPL package counters under /sys/class/powercap"}
@@ -216,8 +188,8 @@ copy_costs = st.fixed_dictionaries({k: st.floats(0.0, 1.0) for k in ("x", "f0", 
 
 @settings(max_examples=60, deadline=None)
 @given(block_lists, copy_costs, st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.booleans(), st.booleans())
-def test_energy_selection_with_devices_and_dvfs_equals_brute_force(blocks, copies, lat_frac, en_frac, dvfs,
-                                                                   by_energy):
+def test_energy_selection_with_devices_and_dvfs_equals_brute_force(board_manifest, blocks, copies, lat_frac, en_frac,
+                                                                   dvfs, by_energy):
     prof = Profiles(board_manifest(blocks, copies))
     every = [(c, d, lv, prof.estimate(c, d, lv)) for c, d, lv in _configs(prof, dvfs)]
     lats, ens = [e.latency_ms for *_, e in every], [e.energy_mj for *_, e in every]
@@ -253,8 +225,8 @@ cpu_variants = st.tuples(st.integers(0, 5).map(lambda k: k / 100), st.floats(0.1
 @given(st.lists(st.lists(cpu_variants, min_size=1, max_size=3), min_size=1, max_size=2),
        st.lists(st.lists(cpu_variants, min_size=1, max_size=2), min_size=1, max_size=2),
        st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.booleans(), st.floats(0.5, 2.0))
-def test_two_models_share_the_boards_clocks_and_equal_brute_force(blocks_a, blocks_b, lat_frac, en_frac, by_energy,
-                                                                  weight):
+def test_two_models_share_the_boards_clocks_and_equal_brute_force(board_manifest, blocks_a, blocks_b, lat_frac,
+                                                                  en_frac, by_energy, weight):
     a, b = Profiles(board_manifest(blocks_a, {}, gpu=False)), Profiles(board_manifest(blocks_b, {}, gpu=False))
     levels = a.power.level_choices()
     pairs = [(ca, cb, lv, a.estimate(ca, None, lv), b.estimate(cb, None, lv))
@@ -285,7 +257,7 @@ def test_two_models_share_the_boards_clocks_and_equal_brute_force(blocks_a, bloc
         assert abs(value(*sel.choices) - best) <= 2   # per-term rounding of the weighted objective
 
 
-def test_without_energy_the_selection_is_the_one_before():
+def test_without_energy_the_selection_is_the_one_before(board_manifest):
     # the same problem with and without a power model: identical choice, estimate figures aside
     blocks = [[(0.0, 1.0, 2.0), (0.01, 0.5, 1.0)], [(0.0, 2.0, 1.5), (0.02, 1.0, 0.8)]]
     copies = {"f0": 0.1, "b0": 0.2}
@@ -296,7 +268,7 @@ def test_without_energy_the_selection_is_the_one_before():
         assert s1.levels == {} and s1.estimate.latency_ms == s2.estimate.latency_ms
 
 
-def test_dvfs_lowers_the_clock_into_the_latency_slack():
+def test_dvfs_lowers_the_clock_into_the_latency_slack(board_manifest):
     # one CPU block: at 1000 MHz 1 ms x 4 W = 4 mJ, at 500 MHz 2 ms x 2 W = 4 mJ for the block, but the
     # energy budget cannot be met at the reference clocks once the frame (1 ms) is added; a latency budget
     # with slack lets the solver halve the clock of a board whose power falls faster than its speed
@@ -312,7 +284,7 @@ def test_dvfs_lowers_the_clock_into_the_latency_slack():
         solve([Problem(prof, Budget(latency_ms=3, energy_mj=7))], dvfs=True)
 
 
-def test_energy_objective_counts_the_switching_energy():
+def test_energy_objective_counts_the_switching_energy(board_manifest):
     # two equal-energy variants; the one in use is loaded, the other is not: staying costs nothing
     prof = Profiles(board_manifest([[(0.0, 1.0), (0.0, 1.0)]], {}, gpu=False, weight_bytes=10_000_000))
     stay = solve([Problem(prof, Budget(), current=[1], loaded={(0, 1)})], objective="energy")
@@ -473,55 +445,17 @@ def test_set_clocks_errors_are_one_line(tmp_path, monkeypatch):
 # real artifacts: the compile-time stage, inspect and select
 
 
-SMALL_MODEL = '''
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                               nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                               nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 8 * 8, 4))
-
-    def forward(self, x):
-        return self.head(self.b(self.a(x)))
-
-def build_model():
-    torch.manual_seed(0)
-    return Net().eval()
-
-def example_inputs():
-    return (torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)),)
-
-def val_data():
-    # labels: the full model's own answers (every pruned variant's drop is what pruning costs)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(128, 3, 8, 8, generator=g)
-    with torch.no_grad():
-        y = build_model()(x).argmax(1)
-    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, 128, 64)]
-'''
-
-
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(tmp_path_factory, two_block_source):
     path = tmp_path_factory.mktemp("small") / "small.py"
-    path.write_text(SMALL_MODEL)
+    path.write_text(two_block_source(size=8, head="flatten", samples=128, batch=64, labels="model"))
     return path
 
 
 @pytest.fixture(scope="module")
-def nano_artifact(small, tmp_path_factory):
+def nano_artifact(small, artifact):
     """The small model compiled for jetson-nano (estimated latencies, the Nano's power model)."""
-    from legoc.pipeline import CompileConfig, compile_model
-
-    out = tmp_path_factory.mktemp("nano") / "small-nano.lego"
-    compile_model(small, CompileConfig(target="jetson-nano", output=out, ratios=(0.0, 0.5), blocks=2,
-                                       retrain_epochs=0, progress=False))
-    return out
+    return artifact(str(small), "jetson-nano", ratios=(0.0, 0.5), blocks=2, retrain_epochs=0).artifact
 
 
 def test_a_board_artifact_carries_its_power_model_and_shows_energy(nano_artifact, tmp_path, capsys):

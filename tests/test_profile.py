@@ -11,37 +11,10 @@ from hypothesis import strategies as st
 
 from legoc.runtime.estimate import Profiles
 
-SMALL_MODEL = '''
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                               nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                               nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-
-    def forward(self, x):
-        return self.head(self.b(self.a(x)))
-
-def build_model():
-    torch.manual_seed(0)
-    return Net().eval()
-
-def example_inputs():
-    return (torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1)),)
-'''
-VAL = '''
-def val_data():
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(64, 3, 12, 12, generator=g)
-    with torch.no_grad():
-        y = build_model()(x).argmax(1)     # labels the full model gets right: baseline accuracy 1.0
-    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-'''
+# two blocks, a pooling head, 12x12 inputs; with VAL, 64 validation samples labelled by the
+# full model (baseline accuracy 1.0)
+SMALL = dict(size=12, head="pool")
+VAL = dict(samples=64, batch=16, labels="model")
 
 
 def _state(tmp_path, source: str):
@@ -58,9 +31,9 @@ def _state(tmp_path, source: str):
     return PassManager(default_pipeline())(state, cfg).state
 
 
-def test_accuracy_drop_is_measured_per_variant_in_two_contexts(tmp_path, monkeypatch):
+def test_accuracy_drop_is_measured_per_variant_in_two_contexts(tmp_path, monkeypatch, two_block_source):
     monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
-    state = _state(tmp_path, SMALL_MODEL + VAL)
+    state = _state(tmp_path, two_block_source(**SMALL, **VAL))
     acc = state.accuracy
     assert acc["metric"] == "top1" and "val_data (64 samples" in acc["how"]
     assert acc["baseline"] == 1.0
@@ -83,18 +56,18 @@ def test_accuracy_drop_is_measured_per_variant_in_two_contexts(tmp_path, monkeyp
     assert again.computed == 0 and again.reused == 1
 
 
-def test_without_val_data_fidelity_is_recorded_as_such(tmp_path, monkeypatch):
+def test_without_val_data_fidelity_is_recorded_as_such(tmp_path, monkeypatch, two_block_source):
     monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
-    acc = _state(tmp_path, SMALL_MODEL).accuracy
+    acc = _state(tmp_path, two_block_source(**SMALL)).accuracy
     assert acc["metric"] == "fidelity" and "not an accuracy" in acc["how"]
     assert acc["baseline"] == pytest.approx(1.0)
     drops = [d["value"] for d in acc["variants"].values()]
     assert min(drops) == pytest.approx(0.0) and max(drops) > 0.0
 
 
-def test_evaluate_hook_gets_val_data_and_must_not_see_other_inputs(tmp_path, monkeypatch):
+def test_evaluate_hook_gets_val_data_and_must_not_see_other_inputs(tmp_path, monkeypatch, two_block_source):
     monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
-    source = SMALL_MODEL + VAL + '''
+    source = two_block_source(**SMALL, **VAL) + '''
 def evaluate(model, data):
     with torch.no_grad():
         return sum(float((model(x).argmax(1) == y).float().mean()) for x, y in data) / len(data)
@@ -156,12 +129,12 @@ def test_memory_estimate_is_not_below_the_measured_peak(artifact):
         assert estimated < 2 * measured   # an upper bound, but not a useless one
 
 
-def test_latency_profiles_are_cached_per_module_and_target(tmp_path, monkeypatch):
+def test_latency_profiles_are_cached_per_module_and_target(tmp_path, monkeypatch, two_block_source):
     from legoc.pipeline import CompileConfig, compile_model
 
     monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "model.py"
-    path.write_text(SMALL_MODEL + VAL)
+    path.write_text(two_block_source(**SMALL, **VAL))
     cfg = dict(ratios=(0.0, 0.5), blocks=2, progress=False, retrain_epochs=0)
     first = compile_model(path, CompileConfig(output=tmp_path / "a.lego", **cfg))
     second = compile_model(path, CompileConfig(output=tmp_path / "b.lego", **cfg))

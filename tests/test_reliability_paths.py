@@ -1,7 +1,6 @@
 """Documented paths that no other test ran (issue 17): `legoc run` end to end, a compile with its
 progress bars on a terminal together with `--round-to` and `--importance bn` from the command
-line, and a model file with `concrete_args` compiled and run. (`--tune-trials N > 0` is not run
-here: MetaSchedule took 133-200 s for 2 trials of one small conv on the 2-core machine.)"""
+line, a model file with `concrete_args` compiled and run, and a real `--tune-trials` run."""
 from __future__ import annotations
 
 import json
@@ -149,40 +148,9 @@ def test_compile_with_progress_bars_round_to_and_bn_importance_from_the_command_
 
 # ------------------------------------------------------------------------- concrete_args
 
-FLAG_MODEL = """
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                               nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-
-    def forward(self, x, return_features=False):
-        y = self.a(x)
-        if return_features:
-            return y
-        return self.head(y)
-
-
-def build_model():
-    torch.manual_seed(0)
-    return Net().eval()
-
-
-def example_inputs():
-    return (torch.randn(1, 3, 12, 12),)
-
-
-concrete_args = {"return_features": FLAG}
-"""
-
 
 @pytest.mark.parametrize("flag", [False, True])
-def test_a_model_file_with_concrete_args_compiles_and_runs_as_specialized(tmp_path, capsys, flag):
+def test_a_model_file_with_concrete_args_compiles_and_runs_as_specialized(tmp_path, capsys, flag_model_source, flag):
     # README: `concrete_args = {...}` is passed to torch.fx.symbolic_trace; a keyword flag used to
     # fail with "pass 'partition' failed (after capture): partition expects 2 inputs, got 1"
     import torch
@@ -191,7 +159,7 @@ def test_a_model_file_with_concrete_args_compiles_and_runs_as_specialized(tmp_pa
     from legoc.runtime import load
 
     path = tmp_path / "model.py"
-    path.write_text(FLAG_MODEL.replace("FLAG", str(flag)))
+    path.write_text(flag_model_source(flag))
     out = tmp_path / "m.lego"
     assert main(["compile", str(path), "-o", str(out), "--ratios", "0,0.5", "--no-progress"]) == 0, \
         capsys.readouterr().err
@@ -202,3 +170,47 @@ def test_a_model_file_with_concrete_args_compiles_and_runs_as_specialized(tmp_pa
     got = np.asarray(load(out)(x.numpy()))
     assert got.shape == ref.shape == ((1, 16, 12, 12) if flag else (1, 4))
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------- --tune-trials
+
+
+def test_tune_trials_tunes_a_small_conv_once_and_reuses_the_database(tmp_path, monkeypatch):
+    """A real MetaSchedule run: 2 trials per workload of one 3x3 conv + ReLU on a 8x8 map
+    (measured on this machine). The records go to the per-CPU database under $LEGOC_CACHE; a
+    second build of the same module tunes nothing (every workload found), and both builds
+    compute what PyTorch does."""
+    import torch
+    import tvm
+    from torch import nn
+
+    from legoc.targets import tune
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
+    host = get_target("host")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    reports = []
+    real = tune.tune_module
+
+    def recording(*args, **kwargs):
+        reports.append(real(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(tune, "tune_module", recording)
+    outs = []
+    for k in range(2):
+        built = build_module(model, (x,), host, tmp_path / f"m{k}.so", tune_trials=2)
+        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy())
+    first, second = reports
+    assert first.workloads >= 1 and first.tuned >= 1 and first.reused == 0 and first.trials == 2
+    assert second.workloads == first.workloads and second.tuned == 0 and second.reused == second.workloads
+    assert first.database == tune.database_dir(host) and any(first.database.glob("*.json"))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for out in outs:
+        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))

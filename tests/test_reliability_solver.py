@@ -99,29 +99,28 @@ def test_min_accuracy_equals_brute_force(costs, frac):
     _check(prof, Budget(min_accuracy=_threshold(prof, frac)))
 
 
-@settings(max_examples=60, deadline=None)
-@given(instances, st.data())
-def test_block_latency_limits_equal_brute_force(costs, data):
-    prof = Profiles(_manifest(costs))
-    limits = {}
-    for name, vs in zip(prof.block_names, prof.blocks):
-        if data.draw(st.booleans(), label=f"limit {name}"):
-            lats = sorted(v.latency_ms for v in vs)
-            # half-way below one of the block's own latencies (the smallest: nothing fits)
-            limits[name] = data.draw(st.sampled_from(lats), label=f"{name} limit") - LAT_GRID / 2
-    _check(prof, Budget(block_latency_ms=limits))
+def _block_latency_limit(data, name, variants):
+    # half-way below one of the block's own latencies (the smallest: nothing fits)
+    lats = sorted(v.latency_ms for v in variants)
+    return data.draw(st.sampled_from(lats), label=f"{name} limit") - LAT_GRID / 2
 
 
+def _allowed_variants(data, name, variants):
+    return data.draw(st.lists(st.integers(0, len(variants) - 1), max_size=len(variants), unique=True),
+                     label=f"{name} allowed")
+
+
+@pytest.mark.parametrize("field, draw", [("block_latency_ms", _block_latency_limit), ("allowed", _allowed_variants)])
 @settings(max_examples=60, deadline=None)
 @given(instances, st.data())
-def test_allowed_variants_equal_brute_force(costs, data):
+def test_per_block_constraints_equal_brute_force(field, draw, costs, data):
+    # Budget.block_latency_ms or Budget.allowed on a random subset of the blocks
     prof = Profiles(_manifest(costs))
-    allowed = {}
+    per_block = {}
     for name, vs in zip(prof.block_names, prof.blocks):
-        if data.draw(st.booleans(), label=f"restrict {name}"):
-            allowed[name] = data.draw(st.lists(st.integers(0, len(vs) - 1), max_size=len(vs), unique=True),
-                                      label=f"{name} allowed")
-    _check(prof, Budget(allowed=allowed))
+        if data.draw(st.booleans(), label=f"constrain {name}"):
+            per_block[name] = draw(data, name, vs)
+    _check(prof, Budget(**{field: per_block}))
 
 
 @settings(max_examples=80, deadline=None)

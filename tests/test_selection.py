@@ -84,48 +84,29 @@ def test_an_estimated_drop_is_below_zero_only_when_an_interval_says_so(m, mh, s,
         assert est == pytest.approx(alpha * max(s, 0))   # inside the metric's noise: the signal decides
 
 
-NOISY_MODEL = '''
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                               nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                               nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 12 * 12, 4, bias=False))
-
-    def forward(self, x):
-        return self.head(self.b(self.a(x)))
-
-def build_model():
-    torch.manual_seed(0)
-    return Net().eval()
-
-def example_inputs():
-    return (torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1)),)
-
-def val_data():
-    # labels the model gets right at chance: every pruned variant's top-1 drop is pure noise,
-    # some of it below zero
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(256, 3, 12, 12, generator=g)
-    y = torch.randint(0, 4, (256,), generator=g)
-    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
-'''
+# two blocks whose drops are pure noise: val_data's labels are at chance, so every pruned
+# variant's top-1 drop is noise, some of it below zero
+NOISY = dict(size=12, head="flatten-nobias", samples=256, batch=64, labels="random")
 
 
-def test_a_budget_that_fits_full_size_gets_full_size_when_drops_are_noise(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory, two_block_source):
+    """The NOISY model compiled with ratios 0, 0.5, 0.75 and 2 blocks (its own empty cache)."""
     from legoc.pipeline import CompileConfig, compile_model
+
+    tmp = tmp_path_factory.mktemp("noisy")
+    path = tmp / "model.py"
+    path.write_text(two_block_source(**NOISY))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEGOC_CACHE", str(tmp / "cache"))
+        return compile_model(path, CompileConfig(output=tmp / "noisy.lego", ratios=(0.0, 0.5, 0.75), blocks=2,
+                                                 progress=False, retrain_epochs=0))
+
+
+def test_a_budget_that_fits_full_size_gets_full_size_when_drops_are_noise(noisy):
     from legoc.runtime import load
 
-    monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "model.py"
-    path.write_text(NOISY_MODEL)
-    report = compile_model(path, CompileConfig(output=tmp_path / "noisy.lego", ratios=(0.0, 0.5, 0.75), blocks=2,
-                                               progress=False, retrain_epochs=0))
+    report = noisy
     variants = [v for s in report.manifest["segments"] if s["kind"] == "block" for v in s["variants"]]
     measured = [x for v in variants for x in v["profile"]["accuracy_drop"]["measured"].values()]
     assert min(measured) < 0, "the scenario needs a variant measured better than full size inside the noise"
@@ -141,20 +122,13 @@ def test_a_budget_that_fits_full_size_gets_full_size_when_drops_are_noise(tmp_pa
     assert m.choice == (0,) * len(prof.blocks)
 
 
-def test_inspect_shows_the_interval_and_the_signal(tmp_path, monkeypatch, capsys):
+def test_inspect_shows_the_interval_and_the_signal(noisy, capsys):
     from legoc.cli import main
-    from legoc.pipeline import CompileConfig, compile_model
 
-    monkeypatch.setenv("LEGOC_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "model.py"
-    path.write_text(NOISY_MODEL)
-    out = tmp_path / "noisy.lego"
-    compile_model(path, CompileConfig(output=out, ratios=(0.0, 0.5), blocks=2, progress=False, retrain_epochs=0,
-                                      validate=False))
+    out = noisy.artifact
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "95%" in text and "KL divergence" in text
-
 
 
 @settings(max_examples=40, deadline=None)

@@ -83,19 +83,35 @@ def test_random_dags_partition_and_recompose(seed, n_layers):
         assert float((model(*inputs) - part.run(*inputs)).abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(zoo.MODELS))
-def test_zoo_compiles_for_host_and_runs_equal(name, tmp_path):
-    from legoc.pipeline import build_artifact, CompileConfig, CompileReport
+@pytest.fixture(scope="module")
+def zoo_artifact(tmp_path_factory):
+    """A zoo model compiled for host with ratios 0 and 0.5, once per module: (state, manifest, artifact)."""
     from legoc.passes import PassManager
-    from legoc.pipeline import default_pipeline
-    from legoc.runtime import load
+    from legoc.pipeline import CompileConfig, CompileReport, build_artifact, default_pipeline
     from legoc.targets.table import get_target
 
-    model, inputs = zoo.MODELS[name]()
-    cfg = CompileConfig(ratios=(0.0, 0.5), progress=False)
-    state = PassManager(default_pipeline())(ProgramState(model=model, example_inputs=inputs, source=name), cfg).state
-    out = tmp_path / f"{name}.lego"
-    build_artifact(state, get_target("host"), out, cfg, CompileReport(artifact=out))
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model, inputs = zoo.MODELS[name]()
+            cfg = CompileConfig(ratios=(0.0, 0.5), progress=False)
+            state = PassManager(default_pipeline())(ProgramState(model=model, example_inputs=inputs, source=name),
+                                                    cfg).state
+            out = tmp_path_factory.mktemp("zoo") / f"{name}.lego"
+            manifest = build_artifact(state, get_target("host"), out, cfg, CompileReport(artifact=out))
+            cache[name] = (state, manifest, out)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(zoo.MODELS))
+def test_zoo_compiles_for_host_and_runs_equal(name, zoo_artifact):
+    from legoc.runtime import load
+
+    _, inputs = zoo.MODELS[name]()
+    state, _, out = zoo_artifact(name)
     m = load(out)
     xs = [x.numpy() for x in inputs]
     for choice in ([0] * len(m.blocks), [1] * len(m.blocks)):
@@ -116,18 +132,11 @@ def _leaves_np(out):
     return [out]
 
 
-def test_unet_artifact_plot_shows_blocks_and_frame(tmp_path):
-    from legoc.pipeline import CompileConfig, CompileReport, build_artifact, default_pipeline
-    from legoc.passes import PassManager
+def test_unet_artifact_plot_shows_blocks_and_frame(zoo_artifact, tmp_path):
     from legoc.plot import plot_blocks, segment_graph
-    from legoc.targets.table import get_target
     import networkx as nx
 
-    model, inputs = zoo.MODELS["unet"]()
-    cfg = CompileConfig(ratios=(0.0, 0.5), progress=False)
-    state = PassManager(default_pipeline())(ProgramState(model=model, example_inputs=inputs, source="zoo:unet"), cfg).state
-    out = tmp_path / "unet.lego"
-    manifest = build_artifact(state, get_target("host"), out, cfg, CompileReport(artifact=out))
+    state, manifest, _ = zoo_artifact("unet")     # the artifact test_zoo_compiles_for_host_and_runs_equal runs
     g = segment_graph(manifest)
     kinds = [g.nodes[n]["kind"] for n in g.nodes]
     assert nx.is_directed_acyclic_graph(g)
