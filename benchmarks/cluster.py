@@ -3,6 +3,7 @@ against fixed alternatives, estimate vs measurement, on the machine's loopback a
 100 Mbit/s link (issue 19).
 
     .venv/bin/python benchmarks/cluster.py [--size 224] [--layers 2] [--calls 10] [--links loopback,shaped]
+        [--qemu] [--cold] [--no-pin-master]
 
 The model: the torchvision ResNet-18 architecture (random weights) cut into blocks: the stem
 (7x7/2 conv-BN-ReLU, 3x3/2 max pool) and ``--layers`` stages of two basic blocks, at ``--size``
@@ -26,6 +27,12 @@ TVM with one thread. Per link:
 ``shaped``: a network namespace whose loopback is shaped with ``tc ... tbf rate 100mbit``
 (legoc.runtime.cluster.ShapedLoopback; root and iproute2 needed, else skipped with the reason);
 master and workers run inside it. The workers share this 2-core machine with anything else on it.
+The master talks to worker w from a thread pinned to worker w's core (``--no-pin-master``: any
+core). ``--cold``: the workers' block seconds are timed with the weights flushed from the caches.
+
+``--qemu``: a heterogeneous pair, a host worker and an aarch64 TVM RPC server under qemu-user
+(``--qemu-size``, ``--qemu-layers``), the joined blocks compiled for host and raspberry-pi-4; the
+exact row DP's split against equal rows (the slow node's share shrinks).
 """
 from __future__ import annotations
 
@@ -99,10 +106,14 @@ def bench_link(link_name, ctx, gms, x, ref, whole, inputs, profiles, args, folde
     """Measure, plan and time every plan on one link (``ctx``: the namespace to run in, or none)."""
     n = len(gms)
     with ctx, LocalWorkers(2, threads=1) as workers:
-        links = measure_links(workers.addresses, nbytes=1 << 20, repeat=5)
-        per_block_workers = measure_workers(workers.addresses, whole, inputs, number=3, repeat=3)
+        cores = workers.worker_cores if args.pin_master else None
+        links = measure_links(workers.addresses, nbytes=1 << 20, repeat=5, cores=cores)
+        per_block_workers = measure_workers(workers.addresses, whole, inputs, number=1 if args.cold else 3,
+                                            repeat=9 if args.cold else 3, cores=cores, cold=args.cold)
         local = measure_local(whole, inputs, number=3, repeat=3)
-        print(f"[{link_name}] links: " + ", ".join(f"rtt {k.rtt * 1e3:.2f} ms, {k.bandwidth / 1e6:.1f} MB/s" for k in links))
+        print(f"[{link_name}] links: " + ", ".join(
+            f"rtt {k.rtt * 1e3:.2f} ms, shared {k.bandwidth / 1e6:.1f} MB/s, own {k.own_bandwidth / 1e6:.1f} MB/s"
+            for k in links))
         print(f"[{link_name}] block ms on worker 0 / worker 1 / master: "
               + "; ".join(f"{w[0] * 1e3:.1f} / {w[1] * 1e3:.1f} / {m * 1e3:.1f}" for w, m in zip(per_block_workers, local)))
         cands = chain_candidates(n, lambda i, j: profiles[i, j], local, per_block_workers)
@@ -124,7 +135,7 @@ def bench_link(link_name, ctx, gms, x, ref, whole, inputs, profiles, args, folde
             all_steps += steps
         times: dict[str, list[float]] = {label: [] for label in plans}
         outs = {}
-        with Cluster(workers.addresses, steps=all_steps, timeout=120) as cluster:
+        with Cluster(workers.addresses, steps=all_steps, timeout=120, cores=cores) as cluster:
             for runner in runners.values():
                 runner.cluster = cluster
             for label, runner in runners.items():  # warm-up
@@ -143,12 +154,78 @@ def bench_link(link_name, ctx, gms, x, ref, whole, inputs, profiles, args, folde
                   f"measured {r['measured'] * 1e3:.1f} ms", flush=True)
 
 
+def bench_qemu(args, folder: Path) -> None:
+    """A heterogeneous pair: a host worker (core 0) and an aarch64 TVM RPC server under qemu-user
+    (core 1, legoc.targets.emulation), the joined blocks compiled for each worker's target (host;
+    raspberry-pi-4). Each worker's seconds for the whole run and its link are measured, the exact
+    row DP splits the rows, and the chosen split is run against equal rows."""
+    from legoc.passes.tiling import compile_tiles, tile_plan
+    from legoc.runtime.cluster_plan import Candidate, best_rows
+    from legoc.targets import emulation
+
+    torch.manual_seed(0)
+    gms = [torch.fx.symbolic_trace(b) for b in resnet18_blocks(args.qemu_layers)]
+    x = torch.randn(1, 3, args.qemu_size, args.qemu_size)
+    with torch.no_grad():
+        run = join(gms, x) if len(gms) > 1 else gms[0]
+        ref = run(x).numpy()
+    prof = row_profile(run, x)
+    targets = [TARGETS["host"], TARGETS["raspberry-pi-4"]]
+    whole = []
+    for k, target in enumerate(targets):
+        built = build_module(run, (x,), target, folder / f"qemu-whole-{k}.so", name=f"whole for {target.name}")
+        whole.append(TileModule(built.path, tuple(built.params), (0, x.shape[2]), (0, prof.height)))
+    emu = emulation.setup(log=print)
+    with LocalWorkers(1, cores=[0]) as host, LocalWorkers(1, cores=[1], python=emu.command(), env=emu.env()) as arm:
+        addresses, cores = host.addresses + arm.addresses, [0, 1]
+        seconds = [measure_workers(a, [m], [x.numpy()], number=1, repeat=3, timeout=600)[0][0]
+                   for a, m in zip(addresses, whole)]
+        links = measure_links(addresses, nbytes=1 << 18, repeat=3, cores=cores, timeout=600)
+        print(f"[qemu] whole run on the host worker {seconds[0] * 1e3:.1f} ms, on the aarch64 qemu worker "
+              f"{seconds[1] * 1e3:.1f} ms; links: " + ", ".join(
+                  f"rtt {k.rtt * 1e3:.2f} ms, shared {k.bandwidth / 1e6:.1f} MB/s, own {k.own_bandwidth / 1e6:.1f} MB/s"
+                  for k in links))
+        cand = Candidate(0, len(gms), None, tuple(seconds), prof)
+        chosen = best_rows(cand, links)
+        equal = step_seconds(cand, links, [(w, a, b) for w, (a, b) in enumerate(equal_rows(prof.height, 2))])
+        for label, step in (("chosen", chosen), ("equal rows", equal)):
+            rows_of = {w: (a, b) for w, a, b in step.tiles}
+            used = [w for w in range(2) if w in rows_of]
+            plan = tile_plan(run, x, rows=[rows_of[w] for w in used])
+            tiles: list = [None, None]
+            for i, w in enumerate(used):  # each worker's tile for its own target (both compiled per target)
+                sub = folder / f"qemu-{label.replace(' ', '')}-{w}"
+                sub.mkdir(exist_ok=True)
+                tiles[w] = compile_tiles(plan, x, targets[w], sub)[i]
+            with Cluster(addresses, steps=[tiles], timeout=600, cores=cores) as cluster:
+                out = cluster(x.numpy())
+                times = []
+                for _ in range(args.qemu_calls):
+                    t0 = time.perf_counter()
+                    out = cluster(x.numpy())
+                    times.append(time.perf_counter() - t0)
+            share = {w: (b - a) / prof.height for w, (a, b) in rows_of.items()}
+            print(f"[qemu] {label}: host worker {share.get(0, 0) * 100:.0f}% of rows, qemu worker "
+                  f"{share.get(1, 0) * 100:.0f}%; estimate {step.seconds * 1e3:.1f} ms, measured "
+                  f"{statistics.median(times) * 1e3:.1f} ms (median of {len(times)}); max abs diff "
+                  f"{float(np.abs(out - ref).max()):.1e}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--layers", type=int, default=2, help="ResNet-18 stages after the stem (1-4)")
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--links", default="loopback,shaped")
+    ap.add_argument("--qemu", action="store_true", help="also the heterogeneous pair: host + aarch64 under qemu")
+    ap.add_argument("--qemu-size", type=int, default=112)
+    ap.add_argument("--qemu-layers", type=int, default=1)
+    ap.add_argument("--qemu-calls", type=int, default=3)
+    ap.add_argument("--cold", action="store_true",
+                    help="time blocks on the workers with the weights flushed from the caches before each run "
+                         "(default: warm, TVM's time evaluator as is)")
+    ap.add_argument("--no-pin-master", dest="pin_master", action="store_false",
+                    help="let the master's thread for each worker run on any core (default: on that worker's core)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -175,7 +252,7 @@ def main(argv=None) -> None:
         print(f"compiled {n} blocks whole in {time.perf_counter() - t0:.0f} s")
         np_inputs = [xi.numpy() for xi in inputs]
         cache: dict = {}
-        for link_name in args.links.split(","):
+        for link_name in [name for name in args.links.split(",") if name]:  # --links "": none
             if link_name == "loopback":
                 ctx = nullcontext()
             elif link_name == "shaped":
@@ -193,6 +270,10 @@ def main(argv=None) -> None:
             finally:
                 if link_name == "shaped":
                     shaped.__exit__()
+        if args.qemu:
+            bench_qemu(args, folder)
+    if not rows:
+        return
 
     print(f"\nResNet-18 stem + {args.layers} stage(s) at {args.size}x{args.size}, batch 1; blocks: "
           f"0 = stem, 1-{args.layers} = stages; 2 loopback TVM RPC workers (1 thread, taskset-pinned) and the "

@@ -598,7 +598,8 @@ def compile_plan(plan, blocks: Sequence[torch.fx.GraphModule], example_input: to
     chain, ``example_input`` its input): a local step's blocks whole, a tiled step's tiles with
     the rows the plan gave each worker. Returns ``(cluster_steps, local)``: per tiled step one
     TileModule or None per worker (for ``Cluster(steps=...)``), and per local step's index its
-    TileModule. ``cache`` (a dict kept by the caller) reuses steps compiled before."""
+    TileModule (for a tiled step with a master band, that band's TileModule, to wrap in
+    ``MasterBand``). ``cache`` (a dict kept by the caller) reuses steps compiled before."""
     from pathlib import Path
 
     from legoc.runtime.cluster import TileModule
@@ -625,12 +626,19 @@ def compile_plan(plan, blocks: Sequence[torch.fx.GraphModule], example_input: to
                         raise UserError(f"the plan tiles blocks {step.first}-{step.last - 1}, but {tiled.reason}")
                     modules = compile_tiles(tiled, x, target, folder, prepack=prepack, name=name)
                     per_worker: list = [None] * n_workers
+                    master = None
                     for (w, _, _), m in zip(step.tiles, modules):
-                        per_worker[w] = m
-                    cache[key] = per_worker
+                        if w < 0:   # legoc.runtime.cluster_plan.MASTER: a band computed here, not sent
+                            master = m
+                        else:
+                            per_worker[w] = m
+                    cache[key] = (per_worker, master)
             if step.local:
                 local[i] = cache[key]
             else:
-                cluster_steps.append(cache[key])
+                per_worker, master = cache[key]
+                cluster_steps.append(per_worker)
+                if master is not None:
+                    local[i] = master   # the master's band: the caller wraps it (runtime.cluster_plan.MasterBand)
             x = run(x)
     return cluster_steps, local

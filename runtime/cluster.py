@@ -1,8 +1,16 @@
 """legoc.runtime.cluster: one tiled block run across several devices over TVM RPC.
 
-Each worker is a plain TVM RPC server reached directly by ``HOST:PORT``::
+Each worker is a TVM RPC server, reached directly by ``HOST:PORT``::
 
     python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090      # on each board
+    Cluster("board1:9090,board2:9090", tiles)
+
+or through a TVM RPC tracker, as ``n`` free devices registered under one key::
+
+    python -m tvm.exec.rpc_server --tracker TRACKER:9190 --key rpi4  # on each board
+    Cluster(2, tiles, tracker="TRACKER:9190", device_key="rpi4")
+
+(sessions are opened by :mod:`legoc.runtime.rpc_session`, as the device farm's are).
 
 A :class:`Cluster` gets one :class:`TileModule` per worker (the compiled tile for that worker's
 target, its weights, its input and output rows; ``legoc.passes.tiling.compile_tiles`` makes
@@ -17,205 +25,57 @@ A worker that fails or does not answer within ``timeout`` ends the call with one
 computed by the fallback instead); a partial output is never returned. The worker is then out
 of the cluster until :meth:`Cluster.reconnect`.
 
-:class:`LocalWorkers` starts such servers on this machine's loopback, each pinned to its own core
-with ``taskset`` when available, and :class:`ShapedLoopback` makes a network namespace whose own
-loopback is a 100 Mbit/s link (``tc``): for trying a plan here, and for tests and benchmarks.
+:class:`LocalWorkers`, :class:`LocalTracker` and :class:`ShapedLoopback` (from
+:mod:`legoc.runtime.cluster_local`) start such servers and a tracker on this machine's loopback and
+make a slow link, for trying a plan here, and for tests and benchmarks.
 :class:`Probe` opens sessions for measuring (``legoc.runtime.cluster_plan``).
 
 Torch-free: numpy and the TVM runtime only.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
-import hashlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from legoc.errors import UserError, first_line
+from legoc.errors import UserError
+from legoc.runtime import rpc_session
+from legoc.runtime.cluster_local import LocalTracker, LocalWorkers, ShapedLoopback
+from legoc.runtime.cluster_worker import TileModule, _Lane, _reason, _Worker
 
-__all__ = ["Cluster", "LocalWorkers", "Probe", "ShapedLoopback", "TileModule", "parse_workers"]
-
-
-@dataclass(frozen=True)
-class TileModule:
-    """What one worker runs: a compiled tile (.so for the worker's target) and its weights
-    (trailing inputs, in order), reading input rows ``rows_in`` and writing output rows
-    ``rows_out`` of the block."""
-
-    path: Path
-    weights: tuple[np.ndarray, ...]
-    rows_in: tuple[int, int]
-    rows_out: tuple[int, int]
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+__all__ = ["Cluster", "LocalTracker", "LocalWorkers", "Probe", "ShapedLoopback", "TileModule", "parse_workers"]
 
 
 def parse_workers(text: str | Sequence[str]) -> list[tuple[str, int]]:
     """``"HOST:PORT,HOST:PORT"`` (or a list of ``HOST:PORT``) -> [(host, port), ...]."""
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    out = []
-    for item in items:
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UserError(f"a cluster worker is HOST:PORT of a TVM RPC server (e.g. 127.0.0.1:9090), got {item!r}")
-        out.append((host, int(port)))
+    out = [rpc_session.parse_address(item, "a cluster worker is HOST:PORT of a TVM RPC server (e.g. 127.0.0.1:9090)")
+           for item in items]
     if not out:
         raise UserError("a cluster needs at least one worker HOST:PORT")
     return out
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _reason(exc: BaseException) -> str:
-    """The informative line of a TVM RPC error (it wraps the remote error in boilerplate)."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line and "Error caught from RPC call" not in line and not line.startswith("Traceback"):
-            return line if len(line) <= 200 else line[:197] + "..."
-    return type(exc).__name__
-
-
-def _in_thread(fn: Callable):
-    """``fn()`` started in a daemon thread: (thread, box); the box gets (True, result) or
-    (False, exception) when it ends. A thread that never ends is abandoned (a daemon never
-    blocks exit)."""
-    box: list = []
-
-    def run():
-        try:
-            box.append((True, fn()))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box.append((False, exc))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, box
-
-
-class _Worker:
-    """One RPC session to one server, with its tiles (one per step, or None where it sits a step
-    out) loaded and their weights on the device."""
-
-    def __init__(self, host: str, port: int, tiles: Sequence[TileModule | None], device: str):
-        self.host, self.port, self.tiles, self.device = host, port, list(tiles), device
-        self.address = f"{host}:{port}"
-        self.remote = self.dev = None
-        self.vms: list = []  # per step (its module's VM, its main function), or None
-        self.params: list[list] = []
-        self.lost: str | None = None
-        self.seconds = 0.0  # the last call's round trip: send, run, receive
-        self.step = 0  # the step of the last call (error messages name its rows)
-
-    @property
-    def tile(self) -> TileModule | None:
-        return self.tiles[self.step] if self.tiles else None
-
-    @property
-    def rows(self) -> str:
-        t = self.tile
-        return f"rows {t.rows_out[0]}-{t.rows_out[1]}" if t is not None else "no rows"
-
-    def connect(self, connect_timeout: float) -> None:
-        import tvm  # noqa: PLC0415 - the TVM runtime, loaded on first use
-        import tvm.runtime.vm  # noqa: F401, PLC0415
-        from tvm import rpc  # noqa: PLC0415
-
-        try:  # TVM's own connect retries a refused connection for a long time: check first
-            socket.create_connection((self.host, self.port), timeout=connect_timeout).close()
-        except OSError as exc:
-            why = "connection refused" if isinstance(exc, ConnectionRefusedError) else first_line(exc) or type(exc).__name__
-            raise UserError(f"cannot reach cluster worker {self.address}: {why}; start its server with "
-                            f"`python -m tvm.exec.rpc_server --host {self.host} --port {self.port}`") from exc
-        current = None
-        try:
-            self.remote = rpc.connect(self.host, self.port)
-            self.dev = self.remote.cuda(0) if self.device == "cuda" else self.remote.cpu(0)
-            loaded: dict[str, tuple] = {}  # sha256 -> (VM, main): a module used by several steps loads once
-            self.vms, self.params = [], []
-            for tile in self.tiles:
-                current = tile
-                if tile is None:
-                    self.vms.append(None)
-                    self.params.append([])
-                    continue
-                data = Path(tile.path).read_bytes()
-                want = hashlib.sha256(data).hexdigest()
-                if want not in loaded:
-                    name = f"legoc-tile-{want[:16]}.so"
-                    self.remote.upload(bytearray(data), target=name)
-                    back = hashlib.sha256(bytes(self.remote.download(name))).hexdigest()
-                    if back != want:
-                        raise UserError(f"cluster worker {self.address} holds a different copy of {Path(tile.path).name} "
-                                        f"than was sent (sha256 {back[:12]} != {want[:12]}); check its disk and network")
-                    vm = tvm.runtime.vm.VirtualMachine(self.remote.load_module(name), self.dev)
-                    loaded[want] = (vm, vm["main"])  # looked up once: a lookup is a round trip
-                self.vms.append(loaded[want])
-                params = [tvm.runtime.tensor(np.ascontiguousarray(w), self.dev) for w in tile.weights]
-                for i, (p, w) in enumerate(zip(params, tile.weights)):
-                    if _digest(p.numpy()) != _digest(w):
-                        raise UserError(f"cluster worker {self.address} holds different values for weight {i} than "
-                                        "were sent; check its memory and network")
-                self.params.append(params)
-        except UserError:
-            self.close()
-            raise
-        except Exception as exc:  # noqa: BLE001 - TVM's RPC errors come in many types
-            self.close()
-            what = f"its tile {Path(current.path).name}" if current is not None else "a session"
-            raise UserError(f"cluster worker {self.address} cannot load {what}: {_reason(exc)}") from exc
-        self.lost = None
-
-    def run(self, band: np.ndarray, step: int = 0) -> np.ndarray:
-        import tvm  # noqa: PLC0415
-
-        self.step = step
-        t0 = time.perf_counter()
-        out = self.vms[step][1](tvm.runtime.tensor(band, self.dev), *self.params[step])
-        result = out.numpy() if hasattr(out, "numpy") else out[0].numpy()
-        self.seconds = time.perf_counter() - t0
-        return result
-
-    def compute_seconds(self, band: np.ndarray, step: int, number: int, repeat: int) -> list[float]:
-        """Seconds of the step's tile alone on the device (TVM's time evaluator runs it there:
-        no transfer in the time), one per repeat."""
-        import tvm  # noqa: PLC0415
-
-        self.step = step
-        args = [tvm.runtime.tensor(band, self.dev), *self.params[step]]
-        timer = self.vms[step][0].time_evaluator("main", self.dev, number=number, repeat=repeat)
-        return [float(r) for r in timer(*args).results]
-
-    def echo_seconds(self, nbytes: int, repeat: int) -> list[float]:
-        """Round trips of ``nbytes`` bytes to the device and back (one array up, the same back)."""
-        import tvm  # noqa: PLC0415
-
-        data = np.zeros(max(1, nbytes // 4), dtype=np.float32)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            tvm.runtime.tensor(data, self.dev).numpy()
-            times.append(time.perf_counter() - t0)
-        return times
-
-    def close(self) -> None:
-        self.vms, self.dev, self.remote = [], None, None
-        self.params = []
+def _openers(workers, tracker: str | None, device_key: str | None) -> list[tuple[str, Callable]]:
+    """Per worker, (its name in messages, ``open(timeout)`` -> a new RPC session): to the plain
+    servers ``workers`` (``HOST:PORT,...``), or, with ``tracker``, ``workers`` (a count) sessions
+    requested from that tracker for devices registered as ``device_key``."""
+    if tracker is None:
+        if device_key is not None:
+            raise UserError("a cluster device key needs the tracker it is registered with (tracker=HOST:PORT)")
+        return [(f"{h}:{p}", lambda t, h=h, p=p: rpc_session.connect_server(h, p, t, f"cluster worker {h}:{p}"))
+                for h, p in parse_workers(workers)]
+    host, port = rpc_session.parse_address(tracker, "a cluster tracker is HOST:PORT of a TVM RPC tracker "
+                                                    "(e.g. 127.0.0.1:9190)")
+    if not device_key:
+        raise UserError(f"a cluster through the tracker {tracker} needs the device key its workers registered with")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"a cluster through a tracker takes the number of workers to request, got {workers!r}")
+    return [(f"'{device_key}' device {i + 1} of tracker {host}:{port}",
+             lambda t: rpc_session.request(host, port, device_key, t))
+            for i in range(workers)]
 
 
 @dataclass
@@ -238,15 +98,33 @@ def _check_step(tiles: Sequence[TileModule | None], step: int) -> None:
                         "from row 0 in worker order")
 
 
+def _check_cores(cores: Sequence[int | None] | None, n: int) -> list[int | None]:
+    if cores is None:
+        return [None] * n
+    cores = list(cores)
+    if len(cores) != n:
+        raise UserError(f"{len(cores)} cores for {n} cluster workers: give one core (or None) per worker")
+    return cores
+
+
 class Cluster:
     """Tiled blocks over TVM RPC workers: one tile per worker, in row order (``tiles``), or
     several steps (``steps``: per step one tile or None per worker; ``cluster(x, step=i)`` runs
-    step i). One session per worker holds every step's modules."""
+    step i). One session per worker holds every step's modules.
 
-    def __init__(self, workers: str | Sequence[str], tiles: Sequence[TileModule] | None = None, *,
+    ``workers``: ``"HOST:PORT,..."`` of plain servers, or, with ``tracker="HOST:PORT"`` and
+    ``device_key``, how many devices to request from that tracker. ``cores``: per worker, the
+    core this process talks to it from (None: any). TVM RPC copies a tensor byte by byte on both
+    ends (CPU-bound, about 50 MB/s on this machine), and a worker waits while this process copies
+    its band, so for workers on this machine, giving each worker's copying its own core keeps it
+    from taking another worker's core (``LocalWorkers.worker_cores``)."""
+
+    def __init__(self, workers: str | Sequence[str] | int, tiles: Sequence[TileModule] | None = None, *,
                  steps: Sequence[Sequence[TileModule | None]] | None = None, device: str = "cpu",
-                 timeout: float = 30.0, connect_timeout: float = 10.0):
-        addresses = parse_workers(workers)
+                 timeout: float = 30.0, connect_timeout: float = 10.0, tracker: str | None = None,
+                 device_key: str | None = None, cores: Sequence[int | None] | None = None):
+        addresses = _openers(workers, tracker, device_key)
+        cores = _check_cores(cores, len(addresses))
         if (tiles is None) == (steps is None):
             raise UserError("a cluster takes either tiles (one step) or steps, not both or neither")
         steps = [list(tiles)] if steps is None else [list(s) for s in steps]
@@ -259,20 +137,31 @@ class Cluster:
             raise UserError(f"the cluster timeout must be positive, got {timeout}")
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self.steps = steps
-        self.workers = [_Worker(h, p, [s[i] for s in steps], device) for i, (h, p) in enumerate(addresses)]
+        self.workers = [_Worker(name, opener, [s[i] for s in steps], device, cores[i])
+                        for i, (name, opener) in enumerate(addresses)]
+        self._connect()
+
+    def _connect(self) -> None:
+        """Every worker's session, modules and weights; on any failure every session ends."""
         self.stats = CallStats()
-        self._each(self.workers, lambda w: w.connect(self.connect_timeout), self.connect_timeout + 120.0, "connecting")
+        try:
+            self._each(self.workers, lambda w: w.connect(self.connect_timeout), self.connect_timeout + 120.0,
+                       "connecting")
+        except BaseException:
+            self.close()
+            raise
 
     def _each(self, workers: Sequence[_Worker], fn: Callable, timeout: float, doing: str) -> list:
         """``fn(worker)`` for the workers concurrently; the results in order, or the first
         failure as one UserError (failed workers are marked lost)."""
-        started = [(w, *_in_thread(lambda w=w: fn(w))) for w in workers]
+        started = [(w, *w.lane.submit(lambda w=w: fn(w))) for w in workers]
         deadline = time.monotonic() + timeout
         results, errors = [], []
-        for w, thread, box in started:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if not box:
+        for w, done, box in started:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
                 w.lost = f"did not answer within {timeout:g} s"
+                w.lane.stop()  # stuck in the call: it ends after it, if ever
+                w.lane = _Lane(w.lane.core)
                 errors.append((w, None))
                 continue
             ok, value = box[0]
@@ -333,20 +222,27 @@ class Cluster:
                                [o.nbytes for o in outs], time.perf_counter() - t0)
         return out
 
-    def compute_seconds(self, x: np.ndarray, step: int = 0, number: int = 3, repeat: int = 3) -> list[float]:
+    def compute_seconds(self, x: np.ndarray, step: int = 0, number: int = 3, repeat: int = 3,
+                        cold: bool = False) -> list[float]:
         """Per worker of step ``step`` (in worker order), the median seconds of its tile alone on
-        its device for input ``x``, all workers measured at once (as they run in a call)."""
+        its device for input ``x``, all workers measured at once (as they run in a call);
+        ``cold``: weights flushed from the caches before each repeat."""
         x = np.asarray(x)
         active = self._active(step)
         bands = {id(w): np.ascontiguousarray(x[:, :, w.tiles[step].rows_in[0]:w.tiles[step].rows_in[1]])
                  for w in active}
-        runs = self._each(active, lambda w: w.compute_seconds(bands[id(w)], step, number, repeat),
+        runs = self._each(active, lambda w: w.compute_seconds(bands[id(w)], step, number, repeat, cold),
                           self.timeout * (number * repeat + 1), "timing its tile")
         return [float(np.median(r)) for r in runs]
 
-    def echo_seconds(self, nbytes: int, repeat: int = 5) -> list[list[float]]:
-        """Per worker, ``repeat`` round trips of ``nbytes`` bytes to its device and back, the
-        workers one after another (each link measured alone)."""
+    def echo_seconds(self, nbytes: int, repeat: int = 5, together: bool = False) -> list[list[float]]:
+        """Per worker, ``repeat`` round trips of ``nbytes`` bytes to its device and back: the
+        workers one after another (each link measured alone), or ``together`` (every round trip
+        to all workers at once)."""
+        if together:
+            rounds = [self._each(self.workers, lambda w: w.echo_seconds(nbytes, 1)[0], self.timeout, "echoing data")
+                      for _ in range(repeat)]
+            return [list(times) for times in zip(*rounds)]
         return [self._each([w], lambda w: w.echo_seconds(nbytes, repeat), self.timeout * repeat, "echoing data")[0]
                 for w in self.workers]
 
@@ -355,14 +251,14 @@ class Cluster:
         for w in self.workers:
             if w.lost is not None or not w.vms:
                 w.close()
-                gc.collect()
+                rpc_session.release()
                 w.connect(self.connect_timeout)
 
     def close(self) -> None:
         """End every session (TVM's RPC server serves one session at a time)."""
         for w in self.workers:
             w.close()
-        gc.collect()  # a session closes when its last reference goes: now
+        rpc_session.release()
 
     def __enter__(self) -> "Cluster":
         return self
@@ -376,166 +272,14 @@ class Probe(Cluster):
     ``modules`` (step i runs module i whole on every worker), so that :meth:`compute_seconds`
     times each worker on the same work and :meth:`echo_seconds` times each link."""
 
-    def __init__(self, workers: str | Sequence[str], modules: Sequence[TileModule] = (), *, device: str = "cpu",
-                 timeout: float = 60.0, connect_timeout: float = 10.0):
-        addresses = parse_workers(workers)
+    def __init__(self, workers: str | Sequence[str] | int, modules: Sequence[TileModule] = (), *, device: str = "cpu",
+                 timeout: float = 60.0, connect_timeout: float = 10.0, tracker: str | None = None,
+                 device_key: str | None = None, cores: Sequence[int | None] | None = None):
+        addresses = _openers(workers, tracker, device_key)
+        cores = _check_cores(cores, len(addresses))
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self.steps = [[m] * len(addresses) for m in modules]
-        self.workers = [_Worker(h, p, list(modules), device) for h, p in addresses]
-        self.stats = CallStats()
-        self._each(self.workers, lambda w: w.connect(self.connect_timeout), self.connect_timeout + 120.0, "connecting")
+        self.workers = [_Worker(name, opener, list(modules), device, c) for (name, opener), c in zip(addresses, cores)]
+        self._connect()
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class LocalWorkers:
-    """``n`` TVM RPC servers on this machine's loopback, worker ``i`` pinned to core
-    ``cores[i % len(cores)]`` with ``taskset`` (when installed) and using ``threads`` threads.
-    Each server runs in its own process group, stopped by its id on exit."""
-
-    HOST = "127.0.0.1"
-
-    def __init__(self, n: int, cores: Sequence[int] | None = None, threads: int = 1, log_dir: Path | None = None,
-                 python: Sequence[str] | None = None, env: dict | None = None):
-        self.n, self.threads = n, threads
-        self.cores = list(cores) if cores is not None else sorted(os.sched_getaffinity(0))
-        self.log_dir, self.python = log_dir, list(python or [sys.executable])
-        self.env = env
-        self.procs: list[subprocess.Popen] = []
-        self.ports: list[int] = []
-        self.pinned = shutil.which("taskset") is not None
-
-    @property
-    def addresses(self) -> list[str]:
-        return [f"{self.HOST}:{p}" for p in self.ports]
-
-    def start(self, timeout: float = 120.0) -> "LocalWorkers":
-        env = dict(self.env if self.env is not None else os.environ)
-        env["TVM_NUM_THREADS"] = str(self.threads)
-        for i in range(self.n):
-            port = _free_port(self.HOST)
-            cmd = [*self.python, "-m", "tvm.exec.rpc_server", "--host", self.HOST, "--port", str(port),
-                   "--port-end", str(port + 1)]
-            if self.pinned:
-                cmd = ["taskset", "-c", str(self.cores[i % len(self.cores)]), *cmd]
-            out = open(self.log_dir / f"worker{i}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
-            self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                               env=env, start_new_session=True))
-            if out is not subprocess.DEVNULL:
-                out.close()
-            self.ports.append(port)
-        deadline = time.monotonic() + timeout
-        for proc, port in zip(self.procs, self.ports):
-            while True:
-                with contextlib.suppress(OSError):
-                    socket.create_connection((self.HOST, port), timeout=1).close()
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise UserError(f"the local TVM RPC server on port {port} did not start "
-                                    f"(exit code {proc.returncode})")
-                time.sleep(0.2)
-        return self
-
-    def kill(self, i: int) -> None:
-        """SIGKILL worker ``i`` and its session process (a board that loses power)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.procs[i].pid, signal.SIGKILL)
-        self.procs[i].wait(10)
-
-    def pause(self, i: int) -> None:
-        """SIGSTOP worker ``i`` (a board that hangs: connected, never answering)."""
-        os.killpg(self.procs[i].pid, signal.SIGSTOP)
-
-    def resume(self, i: int) -> None:
-        os.killpg(self.procs[i].pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(10)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-
-    def __enter__(self) -> "LocalWorkers":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class ShapedLoopback:
-    """A network namespace of its own whose loopback is shaped by ``tc`` to ``rate`` (a token
-    bucket: ``tbf rate RATE burst 32kbit latency 400ms``), for trying a plan behind a slow link:
-    master and workers inside it talk over that loopback only. Needs root and iproute2 (``ip``,
-    ``tc``). The loopback's MTU is set to 1500 as on Ethernet: tbf drops any packet larger than
-    its bucket, and a 64 KB loopback segment is. ``with link.inside():`` puts the calling thread
-    (and the threads and processes it starts) in the namespace."""
-
-    def __init__(self, rate: str = "100mbit", name: str | None = None):
-        self.rate = rate
-        self.name = name or f"legoc-link-{os.getpid()}"
-        self.made = False
-
-    @staticmethod
-    def unavailable() -> str | None:
-        """Why a shaped loopback cannot be made here (None: it can)."""
-        if os.geteuid() != 0:
-            return "making a network namespace and shaping it needs root"
-        missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
-        if missing:
-            return f"{' and '.join(missing)} not installed (apt-get install iproute2)"
-        return None
-
-    def _run(self, *cmd: str) -> None:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise UserError(f"`{' '.join(cmd)}` failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-
-    def __enter__(self) -> "ShapedLoopback":
-        why = self.unavailable()
-        if why:
-            raise UserError(f"cannot make a shaped loopback: {why}")
-        self._run("ip", "netns", "add", self.name)
-        self.made = True
-        try:
-            self._run("ip", "-n", self.name, "link", "set", "lo", "mtu", "1500", "up")
-            self._run("ip", "netns", "exec", self.name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
-                      self.rate, "burst", "32kbit", "latency", "400ms")
-        except UserError:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.made:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
-            self.made = False
-
-    @contextlib.contextmanager
-    def inside(self):
-        import ctypes  # noqa: PLC0415
-
-        clone_newnet = 0x40000000
-        libc = ctypes.CDLL(None, use_errno=True)
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            if libc.setns(target, clone_newnet) != 0:
-                raise UserError(f"cannot enter network namespace {self.name}: {os.strerror(ctypes.get_errno())}")
-            yield self
-        finally:
-            try:
-                if libc.setns(home, clone_newnet) != 0:
-                    raise UserError(f"cannot leave network namespace {self.name}: {os.strerror(ctypes.get_errno())}")
-            finally:
-                os.close(home)
-                os.close(target)

@@ -18,10 +18,8 @@ is rewritten only after every variant was measured, atomically.
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from legoc.errors import InternalError, UserError, first_line
+from legoc.runtime import rpc_session
 from legoc.runtime.artifact import MANIFEST, read_manifest, verified_path
 
 
@@ -52,10 +51,7 @@ class RpcConfig:
 
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` -> (host, port), or a UserError."""
-    host, sep, port = (text or "").rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--rpc takes HOST:PORT of a TVM RPC tracker (e.g. 127.0.0.1:9190), got {text!r}")
-    return host, int(port)
+    return rpc_session.parse_address(text, "--rpc takes HOST:PORT of a TVM RPC tracker (e.g. 127.0.0.1:9190)")
 
 
 def make_config(address: str | None, key: str | None, **options) -> RpcConfig | None:
@@ -79,22 +75,7 @@ def make_config(address: str | None, key: str | None, **options) -> RpcConfig | 
 
 def _tracker(cfg: RpcConfig):
     """A connected TrackerSession, or a UserError saying what is wrong."""
-    from tvm import rpc  # noqa: PLC0415
-
-    try:  # TVM's own connect retries a refused connection for 60 s: check first, quickly
-        socket.create_connection((cfg.host, cfg.port), timeout=min(cfg.timeout, 10)).close()
-    except OSError as exc:
-        why = "connection refused" if isinstance(exc, ConnectionRefusedError) else first_line(exc) or type(exc).__name__
-        raise UserError(
-            f"cannot reach the RPC tracker at {cfg.address}: {why}; start one with "
-            f"`python -m tvm.exec.rpc_tracker --host {cfg.host} --port {cfg.port}`"
-        ) from exc
-    try:
-        tracker = rpc.connect_tracker(cfg.host, cfg.port)
-        tracker._sock.settimeout(cfg.timeout)
-        return tracker
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"{cfg.address} is not a TVM RPC tracker: {first_line(exc)}") from exc
+    return rpc_session.connect_tracker(cfg.host, cfg.port, cfg.timeout)
 
 
 def check_device(cfg: RpcConfig) -> dict:
@@ -120,21 +101,8 @@ def check_device(cfg: RpcConfig) -> dict:
 
 
 def _request(cfg: RpcConfig):
-    tracker = _tracker(cfg)
-    try:
-        return tracker.request(cfg.key, priority=1, session_timeout=cfg.session_timeout, max_retry=1)
-    except (OSError, RuntimeError) as exc:
-        text = str(exc)
-        if "timed out" in text:
-            raise UserError(
-                f"no free device with key '{cfg.key}' at the RPC tracker {cfg.address} within "
-                f"{cfg.timeout:g} s (another session may hold it, or its RPC server stopped; --rpc-timeout waits "
-                f"longer)"
-            ) from exc
-        raise UserError(f"could not get a '{cfg.key}' device from the RPC tracker at "
-                        f"{cfg.address}: {first_line(exc)}") from exc
-    finally:
-        tracker.close()
+    return rpc_session.request(cfg.host, cfg.port, cfg.key, cfg.timeout, cfg.session_timeout,
+                               longer="--rpc-timeout waits longer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,12 +145,7 @@ def jobs_of(root: Path, manifest: dict) -> list[Job]:
 
 
 def _reason(exc: BaseException) -> str:
-    """The informative line of a TVM RPC error (it wraps the remote error in boilerplate)."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line and "Error caught from RPC call" not in line:
-            return line if len(line) <= 300 else line[:297] + "..."
-    return type(exc).__name__
+    return rpc_session.reason(exc, limit=300)
 
 
 def _session_lost(remote) -> bool:
@@ -253,7 +216,7 @@ def measure(jobs: list[Job], cfg: RpcConfig, device: str = "cpu", log=None,
                 log(f"{job.label}: {results[job.label]:.3f} ms")
     finally:
         dev = remote = None
-        gc.collect()  # the session closes when its last reference goes: now
+        rpc_session.release()
     return results
 
 

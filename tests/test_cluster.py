@@ -1,6 +1,7 @@
 """legoc.runtime.cluster: a tiled block run on 2 loopback TVM RPC servers (each pinned to its own
-core with taskset when installed, started and stopped by these tests) equals the whole block;
-a worker killed mid-run or hanging gives one clear error and never a partial output."""
+core with taskset when installed, started and stopped by these tests) equals the whole block,
+reached directly or as devices of a TVM RPC tracker (started here too); a worker killed mid-run
+or hanging gives one clear error and never a partial output."""
 from __future__ import annotations
 
 import threading
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 from legoc.errors import UserError
 from legoc.passes.tiling import compile_tiles, tile_plan
-from legoc.runtime.cluster import Cluster, LocalWorkers, parse_workers
+from legoc.runtime.cluster import Cluster, LocalTracker, LocalWorkers, parse_workers
 from legoc.targets.table import TARGETS
 
 
@@ -44,7 +45,8 @@ def workers(tmp_path):
 
 def test_cluster_equals_the_whole_block(block, workers):
     ref, x, tiles = block
-    with Cluster(workers.addresses, tiles, timeout=60) as cluster:
+    # the master's thread for each worker on that worker's core (workers on this machine)
+    with Cluster(workers.addresses, tiles, timeout=60, cores=workers.worker_cores) as cluster:
         for _ in range(2):  # modules and weights were uploaded once, at connect
             out = cluster(x)
             assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-4
@@ -102,3 +104,34 @@ def test_bad_addresses_and_unreachable_worker(block):
         Cluster("127.0.0.1:9,127.0.0.1:10", tiles[:1])
     with pytest.raises(UserError, match=r"^cannot reach cluster worker 127\.0\.0\.1:9: connection refused"):
         Cluster(["127.0.0.1:9", "127.0.0.1:10"], tiles, connect_timeout=2)
+
+
+def test_workers_from_a_tracker_by_device_key(block, tmp_path):
+    """Two servers registered with a tracker under one key: the cluster requests two sessions by
+    that key, and the tiled block equals the whole; asking for more devices than are free, or
+    for a key nobody registered, is one clear error; so is a tracker that is not there."""
+    ref, x, tiles = block
+    key = "legoc-test-cpu"
+    with LocalTracker(log_dir=tmp_path) as tracker, LocalWorkers(2, log_dir=tmp_path, tracker=tracker, key=key):
+        with Cluster(2, tiles, tracker=tracker.address, device_key=key, timeout=60) as cluster:
+            assert np.abs(cluster(x) - ref).max() <= 1e-4
+            assert [w.address for w in cluster.workers] == [
+                f"'{key}' device {i} of tracker {tracker.address}" for i in (1, 2)]
+            # both devices are held by this cluster: a third request waits, then says why
+            with pytest.raises(UserError, match=rf"^no free device with key '{key}' at the RPC tracker "
+                                                rf"{tracker.address} within 2 s \(another session may hold it"):
+                Cluster(1, tiles[:1], tracker=tracker.address, device_key=key, connect_timeout=2)
+        # the sessions were released on close: the devices are free again
+        deadline = time.monotonic() + 20
+        while tracker.free(key) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tracker.free(key) == 2
+        with pytest.raises(UserError, match=r"^no free device with key 'jetson' .* within 1 s"):
+            Cluster(1, tiles[:1], tracker=tracker.address, device_key="jetson", connect_timeout=1)
+        dead = tracker.address.rsplit(":", 1)[0] + ":9"
+        with pytest.raises(UserError, match=rf"^cannot reach the RPC tracker at {dead}: connection refused; start one"):
+            Cluster(2, tiles, tracker=dead, device_key=key)
+    with pytest.raises(UserError, match="needs the device key"):
+        Cluster(2, tiles, tracker="127.0.0.1:9190")
+    with pytest.raises(UserError, match="takes the number of workers to request"):
+        Cluster("127.0.0.1:9090", tiles, tracker="127.0.0.1:9190", device_key=key)

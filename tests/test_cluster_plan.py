@@ -7,6 +7,7 @@ namespace made here, the measured link is slower and the plan moves work back to
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 
@@ -14,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from legoc.errors import UserError
-from legoc.passes.tiling import compile_plan, row_profile, tile_plan
+from legoc.passes.tiling import compile_plan, compile_tiles, row_profile, tile_plan
 from legoc.runtime.cluster import Cluster, LocalWorkers, ShapedLoopback, TileModule
-from legoc.runtime.cluster_plan import (Candidate, Link, LocalModule, Plan, PlanRunner, RunProfile, Step, best_rows,
-                                        chain_candidates, equal_rows, measure_links, measure_local, measure_workers,
-                                        plan_chain, step_seconds)
+from legoc.runtime.cluster_plan import (MASTER, BlockVariant, Candidate, Link, LocalModule, MasterBand, Plan,
+                                        PlanRunner, RunProfile, Step, best_rows, chain_candidates, equal_rows, measure_links, measure_local,
+                                        measure_workers, plan_chain, step_seconds, variant_candidates)
 from legoc.targets.table import TARGETS
 
 
@@ -43,12 +46,14 @@ def _compositions(h: int, k: int):
         yield list(zip(c[:-1], c[1:]))
 
 
-def _brute_rows(cand: Candidate, links) -> float:
+def _brute_rows(cand: Candidate, links, master: bool = False) -> float:
     best = float("inf")
     usable = [w for w, s in enumerate(cand.worker_seconds) if s is not None]
+    if master and cand.local_seconds is not None:
+        usable.append(MASTER)  # last: the master's band is the bottom one
     for k in range(1, len(usable) + 1):
         for subset in itertools.combinations(usable, k):
-            if k > cand.profile.height:
+            if k > cand.profile.height or subset == (MASTER,):
                 continue
             for rows in _compositions(cand.profile.height, k):
                 tiles = [(w, a, b) for w, (a, b) in zip(subset, rows)]
@@ -60,6 +65,24 @@ def _random_case(rng: random.Random, height: int, workers: int) -> tuple[Candida
     links = [Link(rtt=rng.uniform(0, 0.02), bandwidth=rng.choice([1e4, 1e5, 1e6, 1e8])) for _ in range(workers)]
     seconds = tuple(None if rng.random() < 0.15 else rng.uniform(0.01, 0.2) for _ in range(workers))
     return Candidate(0, 1, rng.uniform(0.01, 0.3), seconds, _profile(rng, height, halo=rng.randint(0, 2))), links
+
+
+def test_rows_with_a_master_band_are_the_exact_optimum():
+    """The master may take the bottom band itself (no transfer): still the brute-force optimum,
+    never the master alone (that is the local step), and it is used when workers are far."""
+    rng = random.Random(5)
+    for _ in range(200):
+        cand, links = _random_case(rng, rng.randint(1, 6), rng.randint(1, 2))
+        step = best_rows(cand, links, master=True)
+        want = _brute_rows(cand, links, master=True)
+        if step is None:
+            assert want == float("inf")
+            continue
+        assert step.seconds == pytest.approx(want, rel=1e-12, abs=1e-15)
+        assert any(w != MASTER for w, _, _ in step.tiles)
+        assert step_seconds(cand, links, step.tiles).seconds == pytest.approx(step.seconds)
+    far = best_rows(_synthetic(), [Link(1e-4, 20e6)] * 2, master=True)
+    assert far.tiles[-1][0] == MASTER and far.seconds < best_rows(_synthetic(), [Link(1e-4, 20e6)] * 2).seconds
 
 
 def test_rows_are_the_exact_optimum_of_the_model():
@@ -117,6 +140,103 @@ def test_chain_plan_is_the_exact_optimum_of_the_model():
             assert plan.seconds == pytest.approx(want, rel=1e-9)
             assert [s.first for s in plan.steps][0] == 0 and plan.steps[-1].last == n
             assert all(p.last == q.first for p, q in zip(plan.steps, plan.steps[1:]))
+
+
+def _covers(n: int, cands, i: int = 0):
+    """Every way to cover blocks [i, n) with consecutive candidates."""
+    if i == n:
+        yield ()
+        return
+    for c in cands:
+        if c.first == i:
+            for rest in _covers(n, cands, c.last):
+                yield (c, *rest)
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), with_budget=st.booleans())
+def test_variants_with_placement_are_the_exact_optimum(seed, with_budget):
+    """Blocks with 1-3 variants each (a pruned one faster, moving fewer bytes, with an accuracy
+    drop), links with own and shared parts: the plan equals brute force over every cover of the
+    chain by candidates (each run its fastest way): the fastest, or with a budget the smallest
+    drop within it (then the fastest)."""
+    rng = random.Random(seed)
+    n, workers = rng.randint(1, 3), rng.randint(1, 2)
+    links = [Link(rng.uniform(0, 0.01), rng.choice([1e5, 1e7, math.inf]), rng.choice([1e5, 1e6, math.inf]))
+             for _ in range(workers)]
+    variants, profiles = [], {}
+    for b in range(n):
+        vs = []
+        for k in range(rng.randint(1, 3)):
+            keep = 1.0 if k == 0 else rng.uniform(0.3, 0.9)  # variant k > 0 is pruned
+            base = rng.uniform(0.01, 0.1)
+            vs.append(BlockVariant(f"b{b}v{k}", 0.0 if k == 0 else round(rng.uniform(0.1, 3.0), 2),
+                                   None if rng.random() < 0.1 else base * keep,
+                                   tuple(rng.uniform(0.5, 2) * base * keep for _ in range(workers))))
+        variants.append(vs)
+
+    def profile(i, j, names):
+        if (i, j, names) not in profiles:
+            keep = 1.0 - 0.1 * sum(name[-1] != "0" for name in names)  # pruned: fewer bytes
+            profiles[i, j, names] = (None if rng.random() < 0.2 else
+                                     _profile(rng, rng.randint(1, 4), rng.randint(0, 1), int(4000 * keep), int(2000 * keep)))
+        return profiles[i, j, names]
+
+    cands = variant_candidates(variants, profile, max_run=2)
+
+    def fastest_way(c):
+        options = [c.local_seconds] if c.local_seconds is not None else []
+        if c.profile is not None:
+            options.append(_brute_rows(c, links))
+        return min(options, default=float("inf"))
+
+    plans = [(sum(fastest_way(c) for c in cover), sum(c.drop for c in cover)) for cover in _covers(n, cands)]
+    plans = [p for p in plans if p[0] < float("inf")]
+    budget = None
+    if with_budget and plans:
+        times = sorted(t for t, _ in plans)
+        budget = rng.choice([times[0] * 0.9, *times, times[-1] * 1.1])
+    feasible = [p for p in plans if budget is None or p[0] <= budget * (1 + 1e-9)]
+    if not feasible:
+        with pytest.raises(UserError, match="no plan meets the latency budget|no candidate runs cover"):
+            plan_chain(n, cands, links, budget=budget)
+        return
+    plan = plan_chain(n, cands, links, budget=budget)
+    if budget is None:
+        want_t = min(t for t, _ in feasible)
+        want_d = min(d for t, d in feasible if t <= want_t * (1 + 1e-9))
+    else:
+        want_d = min(d for _, d in feasible)
+        want_t = min(t for t, d in feasible if d <= want_d + 1e-12)
+    assert plan.drop == pytest.approx(want_d, abs=1e-9)
+    assert plan.seconds == pytest.approx(want_t, rel=1e-9)
+    assert budget is None or plan.seconds <= budget * (1 + 1e-9)
+    assert plan.steps[0].first == 0 and plan.steps[-1].last == n
+    assert all(p.last == q.first for p, q in zip(plan.steps, plan.steps[1:]))
+
+
+def test_a_pruned_variant_moves_fewer_bytes_and_wins_behind_a_slow_link():
+    """One block, 16 rows moving 64 KB a row in and out; its pruned variant halves the output
+    channels (half the output bytes) and the compute. The fastest plan is the pruned one, tiled;
+    a budget only that meets keeps it; a budget the full block also meets takes the full one
+    (no accuracy drop); a budget nothing meets is one clear error."""
+    full = _profile(random.Random(3), 16, 1, 64 << 10, 64 << 10, 0)
+    pruned = RunProfile("pruned", 16, 16, 64 << 10, 32 << 10, full.rows_in, full.work)
+    variants = [[BlockVariant("r0.00", 0.0, 0.4, (0.4, 0.4)), BlockVariant("r0.50", 1.5, 0.2, (0.2, 0.2))]]
+    cands = variant_candidates(variants, lambda i, j, names: full if names == ("r0.00",) else pruned)
+    link = [Link(1e-4, 40e6, 100e6)] * 2
+    fastest = plan_chain(1, cands, link)
+    assert fastest.steps[0].variant == "r0.50" and fastest.drop == 1.5
+    tight = plan_chain(1, cands, link, budget=fastest.seconds * 1.01)
+    assert tight.steps[0].variant == "r0.50" and not tight.steps[0].local
+    full_step = plan_chain(1, [c for c in cands if c.variant == "r0.00"], link)
+    loose = plan_chain(1, cands, link, budget=full_step.seconds * 1.01)
+    assert loose.steps[0].variant == "r0.00" and loose.drop == 0.0
+    # the pruned tiles moved fewer bytes: their shared transfer seconds are less
+    assert tight.steps[0].transfer < best_rows(cands[0], link).transfer
+    with pytest.raises(UserError, match=r"^no plan meets the latency budget of 1\.0 ms: the fastest takes"):
+        plan_chain(1, cands, link, budget=1e-3)
+    assert "accuracy drop 1.5" in fastest.describe() and "(r0.50)" in fastest.describe()
 
 
 def _block() -> tuple[nn.Module, torch.Tensor]:
@@ -222,6 +342,17 @@ def test_measured_plan_compiles_and_runs_equal_to_torch(chain, tmp_path):
             finally:
                 if cluster is not None:
                     cluster.close()
+        # the master computing the bottom band of block 1 while the two workers compute theirs
+        rows = [(0, 5), (5, 11), (11, 16)]
+        tiles = compile_tiles(tile_plan(blocks[1], torch.from_numpy(inputs[1]), rows=rows),
+                              torch.from_numpy(inputs[1]), TARGETS["host"], tmp_path, name="mb")
+        plan = Plan((Step(0, 1, (), 0.0), Step(1, 2, ((0, 0, 5), (1, 5, 11), (MASTER, 11, 16)), 0.0)))
+        assert "master rows 11-16" in plan.describe()
+        with Cluster(workers.addresses, steps=[tiles[:2]], timeout=60, cores=workers.worker_cores) as cluster:
+            runner = PlanRunner(plan, cluster, {0: LocalModule(modules[0]), 1: MasterBand(tiles[2])})
+            out = runner(x.numpy())
+            assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-4
+            assert sum(cluster.stats.received) == ref[:, :, :11].nbytes  # the workers sent rows 0-10 only
 
 
 # --- the shaped link ---------------------------------------------------------------------------
