@@ -27,6 +27,14 @@ def _ratios(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"--ratios takes comma-separated numbers like 0,0.2,0.4, got {text!r}")
 
 
+def _link(text: str) -> tuple[float, float]:
+    try:
+        rtt, mbit = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile-link takes MS,MBIT like 0.5,1000, got {text!r}")
+    return rtt, mbit
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -72,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="also keep every variant as ONNX in the artifact (about +50%% size), for `legoc export`")
     _onnx_input_options(c)
     _rpc_options(c, required=False)
+    t = c.add_argument_group("several devices (spatial tiles over TVM RPC workers)")
+    t.add_argument("--tiles", type=int, metavar="K",
+                   help="also plan running the blocks across K workers (tiled rows, the rest here) and compile the "
+                        "tiles; the plan is measured with --cluster/--tracker, else estimated from this machine's "
+                        "timings and --tile-link")
+    t.add_argument("--cluster", metavar="HOST:PORT,...",
+                   help="with --tiles: measure these TVM RPC servers (in worker order; K defaults to their number)")
+    t.add_argument("--tracker", metavar="HOST:PORT",
+                   help="with --tiles: measure K boards of --device-key from this TVM RPC tracker")
+    t.add_argument("--tile-link", type=_link, default=(0.5, 400.0), metavar="MS,MBIT",
+                   help="estimated plans: the workers' assumed round trip (ms) and bandwidth (Mbit/s) "
+                        "(default 0.5,400: TVM RPC over this machine's loopback)")
+    t.add_argument("--cluster-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a worker may take to answer while measuring (default 60)")
 
     i = sub.add_parser("inspect", help="print an artifact's blocks and variants")
     i.add_argument("artifact")
@@ -94,6 +116,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --variants: one device per block (cpu or gpu), comma-separated, or one for all "
                         "(artifacts compiled with --devices; default: the target's own device)")
     _budget_args(r)
+    g = r.add_argument_group("several devices (an artifact compiled with --tiles)")
+    g.add_argument("--cluster", metavar="HOST:PORT,...",
+                   help="run the tiling plan: tiled steps on these TVM RPC servers (in the plan's worker order)")
+    g.add_argument("--tracker", metavar="HOST:PORT", help="... or on boards of --device-key from this TVM RPC tracker")
+    g.add_argument("--device-key", metavar="KEY", help="with --tracker: the workers' key")
+    g.add_argument("--cluster-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a worker may take per call before the call fails (default 30)")
+    g.add_argument("--cluster-fallback", choices=("local",),
+                   help="local: a tiled step whose worker is lost runs here for that call instead of failing")
+    g.add_argument("--calls", type=int, default=1, metavar="N",
+                   help="with --cluster/--tracker: N timed calls after one warm-up, medians reported (default 1: "
+                        "one call)")
+    g.add_argument("--record", action="store_true",
+                   help="with --cluster/--tracker: keep the measured times in ART/tiling-measured.json (beside the "
+                        "manifest, which stays untouched) for `legoc inspect`")
 
     e = sub.add_parser("evaluate", help="accuracy of an artifact's configurations on model.py's test_data() "
                                         "(never used by compile), run by the runtime")

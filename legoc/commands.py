@@ -73,13 +73,17 @@ def cmd_run(args) -> int:
 
     from legoc.runtime.model import Model
 
-    m = Model(args.artifact, public_key=args.public_key)
     xs = []
     for path in args.input:
         try:
             xs.append(np.load(path))
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read it as a .npy array ({exc}); save the input with numpy.save") from exc
+    if args.cluster or args.tracker:
+        return _run_tiled(args, xs)
+    if args.device_key or args.cluster_fallback or args.record or args.calls != 1:
+        raise UserError("--device-key, --cluster-fallback, --calls and --record go with --cluster or --tracker")
+    m = Model(args.artifact, public_key=args.public_key)
     devices = (args.devices[0] if len(args.devices) == 1 else args.devices) if args.devices else None
     if args.variants:
         try:
@@ -101,6 +105,12 @@ def cmd_run(args) -> int:
     ms = (time.perf_counter() - t0) * 1e3
     on = f" on {','.join(m.devices)}" if len(m.profiles.devices) > 1 else ""
     print(f"variants {','.join(map(str, m.choice))}{on}: ran in {ms:.2f} ms")
+    return _write_output(args, out)
+
+
+def _write_output(args, out) -> int:
+    import numpy as np
+
     if args.output:
         if isinstance(out, np.ndarray):
             np.save(args.output, out)
@@ -112,6 +122,54 @@ def cmd_run(args) -> int:
         print(np.array2string(np.asarray(out) if isinstance(out, np.ndarray) else np.asarray(out[0]), precision=4,
                               threshold=20))
     return 0
+
+
+def _run_tiled(args, xs) -> int:
+    """`legoc run --cluster/--tracker`: the artifact's tiling plan, what ran where, measured
+    against estimated times."""
+    import time
+
+    from legoc.runtime.tiled import TiledModel, Workers, record_measured
+    from legoc.show import cell
+
+    if (args.latency_ms is not None or args.memory_mb is not None or args.min_accuracy is not None
+            or args.energy_mj is not None or args.objective != "accuracy" or args.dvfs or args.devices):
+        raise UserError("--cluster/--tracker run the configuration the tiling plan was made for: budgets and "
+                        "--devices do not apply (--variants may change the blocks that run here)")
+    if args.calls < 1:
+        raise UserError(f"--calls must be at least 1, got {args.calls}")
+    workers = Workers.of(args.cluster, args.tracker, args.device_key, None)
+    variants = None
+    if args.variants:
+        try:
+            variants = [int(v) for v in args.variants.split(",")]
+        except ValueError:
+            raise UserError(f"--variants takes comma-separated integers like 0,2,1,4, got {args.variants!r}")
+    with TiledModel(args.artifact, workers, timeout=args.cluster_timeout, fallback=args.cluster_fallback == "local",
+                    public_key=args.public_key, variants=variants) as m:
+        if args.calls > 1:
+            m(*xs)   # warm-up: first calls allocate on every worker
+            m.reset_times()
+        times = []
+        for _ in range(args.calls):
+            t0 = time.perf_counter()
+            out = m(*xs)
+            times.append((time.perf_counter() - t0) * 1e3)
+        total = sorted(times)[len(times) // 2]
+        rows = m.report()
+        how = "one call" if args.calls == 1 else f"median of {args.calls} calls after a warm-up"
+        print(f"{args.artifact} over {m.workers.describe()} (plan: {m.tiling['source']}, "
+              f"estimate {m.tiling['estimate_ms']:.2f} ms for the blocks): ran in {total:.2f} ms ({how})")
+        width = max(len(r["step"]) for r in rows)
+        print(f"  {'step':<{width}}  {'est. ms':>8}  {'meas. ms':>8}  where")
+        for r in rows:
+            fell = f" (worker lost: ran here {r['fallbacks']}x)" if r["fallbacks"] else ""
+            per = "; per worker " + " ".join(f"{x:.2f}" for x in r["tiles_ms"]) + " ms" if r.get("tiles_ms") else ""
+            print(f"  {r['step']:<{width}}  {cell(r['estimate_ms'], '.2f'):>8}  {cell(r['measured_ms'], '.2f'):>8}  "
+                  f"{r['where']}{per}{fell}")
+        if args.record:
+            print(f"recorded in {record_measured(args.artifact, m.workers, rows, args.calls, total)}")
+    return _write_output(args, out)
 
 
 def _rpc_config(args):
@@ -181,19 +239,31 @@ def cmd_evaluate(args) -> int:
 def cmd_compile(args) -> int:
     from legoc.passes.prune import DEFAULT_RATIOS
     from legoc.pipeline import CompileConfig, compile_model
+    from legoc.runtime.tiled import Workers
 
+    # --device-key names the boards of --rpc; with --tracker alone, the tiling workers'
+    workers = Workers.of(args.cluster, args.tracker, args.device_key, args.tiles)
+    tiles = args.tiles if args.tiles is not None or workers is None or args.tracker else workers.count
     cfg = CompileConfig(target=args.target, output=args.output, blocks=args.blocks,
                         ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
                         round_to=args.round_to, progress=not args.no_progress,
                         retrain_epochs=args.retrain_epochs, retrain_minutes=args.retrain_minutes,
-                        nested=args.nested, tune_trials=args.tune_trials, rpc=_rpc_config(args),
+                        nested=args.nested, tune_trials=args.tune_trials,
+                        rpc=_rpc_config(args) if args.rpc or not args.tracker else None,
                         devices=args.devices, sign_key=args.sign, export_onnx=args.onnx,
-                        input_shapes=tuple(args.input_shape), data=args.data)
+                        input_shapes=tuple(args.input_shape), data=args.data, tiles=tiles, tile_workers=workers,
+                        tile_link=args.tile_link, cluster_timeout=args.cluster_timeout)
     report = compile_model(args.model, cfg)
     part = report.partition
     print(f"wrote {report.artifact}: {len(part.blocks)} blocks × {len(cfg.ratios)} variants, "
           f"{len(part.segments) - len(part.blocks)} frame segments, {part.scalable_share:.1%} of "
           f"{part.total_macs / 1e6:.1f} M MACs scalable")
+    tiling = report.manifest.get("tiling")
+    if tiling:
+        from legoc.show import tiling_lines
+
+        for line in tiling_lines(tiling):
+            print(line)
     print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()))
     return 0
 

@@ -57,6 +57,11 @@ class CompileConfig:
     validate: bool = True           # measure a few combinations end to end (targets that run here)
     # measure-rpc
     rpc: object = None              # legoc.targets.rpc.RpcConfig: measure every variant on a board over RPC
+    # tile (issue 19): a plan for running the blocks across `tiles` workers over TVM RPC
+    tiles: int | None = None        # None: no plan
+    tile_workers: object = None     # legoc.runtime.tiled.Workers to measure now; None: an estimated plan
+    tile_link: tuple[float, float] = (0.5, 400.0)   # estimated plans: assumed round trip (ms), Mbit/s
+    cluster_timeout: float = 60.0   # seconds a worker may take to answer while measuring
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:
@@ -67,6 +72,23 @@ class CompileConfig:
             raise UserError(f"--tune-trials must be 0 (no tuning) or more, got {self.tune_trials}")
         if self.round_to is not None and self.round_to < 1:
             raise UserError(f"--round-to must be at least 1, got {self.round_to}")
+        self._check_tiles()
+
+    def _check_tiles(self) -> None:
+        if self.tiles is None:
+            if self.tile_workers is not None:
+                raise UserError("--cluster/--tracker at compile time measure the workers of a tiling plan; add --tiles K")
+            return
+        if self.tiles < 1:
+            raise UserError(f"--tiles is the number of workers a plan spreads the blocks over: at least 1, got {self.tiles}")
+        count = getattr(self.tile_workers, "count", self.tiles)
+        if count != self.tiles:
+            raise UserError(f"--tiles {self.tiles} but --cluster names {count} workers: give one HOST:PORT per worker")
+        rtt, mbit = self.tile_link
+        if not (rtt >= 0 and mbit > 0):
+            raise UserError(f"--tile-link takes a round trip of 0 ms or more and a positive Mbit/s, got {rtt:g},{mbit:g}")
+        if self.cluster_timeout <= 0:
+            raise UserError(f"--cluster-timeout must be positive, got {self.cluster_timeout:g}")
 
 
 @dataclass
@@ -81,6 +103,7 @@ class CompileReport:
 
 def default_pipeline() -> list:
     """The front end of `legoc compile`, in order: passes on the model's torch.fx graph."""
+    from legoc.passes.backend import CheckTiles
     from legoc.passes.capture import Capture
     from legoc.passes.partition import PartitionPass
     from legoc.passes.profile import ProfileAccuracy
@@ -94,6 +117,7 @@ def default_pipeline() -> list:
         # Phase 1. Cut the graph into blocks and frame; prune every block into its variants
         PartitionPass(),
         Prune(),
+        CheckTiles(),   # with --tiles: fail now, before retraining and building, if no block can be tiled
         # Phase 2. Recover the pruned variants' accuracy: BN statistics, then block distillation
         Recalibrate(),
         Retrain(),
@@ -105,7 +129,8 @@ def default_pipeline() -> list:
 def backend_pipeline() -> list:
     """The back end of `legoc compile`, in order: stages that write the artifact (legoc.passes.backend)."""
     from legoc.export import ExportOnnx
-    from legoc.passes.backend import Build, MeasureEnergy, MeasureLatency, MeasureLoad, MeasureRpc, Validate, Write
+    from legoc.passes.backend import (Build, MeasureEnergy, MeasureLatency, MeasureLoad, MeasureRpc, Tile, Validate,
+                                      Write)
 
     return [
         # Phase 4. Build every variant of every segment with TVM; write modules, weights, manifest
@@ -119,9 +144,11 @@ def backend_pipeline() -> list:
         MeasureRpc(),
         # Phase 8. Energy: measured here where RAPL can (else estimated at load time from the power model)
         MeasureEnergy(),
-        # Phase 9. With --onnx: every variant's module as ONNX too, for `legoc export`
+        # Phase 9. With --tiles: a plan across workers over TVM RPC, its tile modules
+        Tile(),
+        # Phase 10. With --onnx: every variant's module as ONNX too, for `legoc export`
         ExportOnnx(),
-        # Phase 10. Commit: manifest, digest, signature; rename the artifact into place
+        # Phase 11. Commit: manifest, digest, signature; rename the artifact into place
         Write(),
     ]
 
@@ -164,6 +191,11 @@ def _compile_model(model_path: str | Path, config: CompileConfig) -> CompileRepo
         from legoc.targets.rpc import check_device
 
         check_device(config.rpc)
+    if config.tiles is not None and target.device != "cpu":   # ... and on tiles for a GPU
+        raise UserError(f"--tiles: tiles run on the workers' CPUs, and target {target.name} builds for "
+                        f"{target.device}; use a CPU target")
+    if config.tile_workers is not None:         # ... and on a worker that cannot be reached
+        config.tile_workers.check()
     t0 = time.perf_counter()
     spec = load_model_file(model_path, input_shapes=config.input_shapes or None, data=config.data)
     timings = {"load": time.perf_counter() - t0}

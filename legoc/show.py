@@ -41,6 +41,67 @@ def print_artifact(con, path: str | Path, m: dict) -> None:
     con.print("structure: " + "  ".join(
         f"{s['name']}({','.join(s['inputs'])} → {','.join(s['outputs'])})" for s in m["segments"]))
     print_estimates(con, m)
+    if m.get("tiling"):
+        print_tiling(con, path, m["tiling"])
+
+
+def tiling_lines(tiling: dict) -> list[str]:
+    """The tiling plan in a few lines: its source, its steps, the blocks that stay whole."""
+    links = "; ".join(f"worker {w} {k['rtt_ms']:.2f} ms round trip, {cell(k['mbit_s'], '.0f')} Mbit/s"
+                      for w, k in enumerate(tiling["links"]))
+    lines = [f"tiling plan over {tiling['workers']} workers ({tiling['source']}; links: {links}): estimate "
+             f"{tiling['estimate_ms']:.2f} ms for the blocks, {tiling['all_local_ms']:.2f} ms all here"]
+    for s in tiling["steps"]:
+        what = s["blocks"][0] if len(s["blocks"]) == 1 else f"{s['blocks'][0]}-{s['blocks'][-1]}"
+        where = ("here" if not s["tiles"] else ", ".join(f"worker {t['worker']} rows {t['rows_out'][0]}-{t['rows_out'][1]}"
+                                                          for t in s["tiles"]))
+        lines.append(f"  {what}: {where}, {s['estimate_ms']:.2f} ms")
+    lines += [f"  {u['block']} stays whole: {u['reason']}" for u in tiling["untileable"]]
+    if not any(s["tiles"] for s in tiling["steps"]):
+        lines.append("  the plan keeps every block here: tiling would not pay with these workers and links")
+    return lines
+
+
+def print_tiling(con, path: str | Path, tiling: dict) -> None:
+    """The tiling plan (``legoc compile --tiles``): one row per tile (and per local step), its
+    rows, halo, bytes and estimated ms, next to what ``legoc run --cluster --record`` measured."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from legoc.runtime.tiled import MEASURED, read_measured
+
+    measured = read_measured(path) or {}
+    by_step = {tuple(r["blocks"]): r for r in measured.get("steps", []) if r.get("blocks")}
+    t = Table(title=f"tiling plan over {tiling['workers']} workers ({tiling['source']}): "
+                    f"{tiling['estimate_ms']:.2f} ms estimated for the blocks, {tiling['all_local_ms']:.2f} ms all here")
+    for col in ("blocks", "worker", "rows in", "rows out", "halo rows", "bytes in / out (KiB)", "est. ms",
+                "measured ms"):
+        t.add_column(col, justify="left" if col in ("blocks", "worker") else "right")
+    for s in tiling["steps"]:
+        what = s["blocks"][0] if len(s["blocks"]) == 1 else f"{s['blocks'][0]}-{s['blocks'][-1]}"
+        got = by_step.get(tuple(s["blocks"]), {})
+        if not s["tiles"]:
+            t.add_row(what, "here", "-", "-", "-", "-", f"{s['estimate_ms']:.2f}", cell(got.get("measured_ms"), ".2f"))
+            t.add_section()
+            continue
+        tiles_ms = got.get("tiles_ms") or []
+        for k, tile in enumerate(s["tiles"]):
+            t.add_row(what if k == 0 else "", str(tile["worker"]), "{}-{}".format(*tile["rows_in"]),
+                      "{}-{}".format(*tile["rows_out"]), str(tile["halo_rows"]),
+                      f"{tile['bytes_in'] / 1024:.1f} / {tile['bytes_out'] / 1024:.1f}", f"{tile['estimate_ms']:.2f}",
+                      cell(tiles_ms[k] if k < len(tiles_ms) else None, ".2f"))
+        t.add_row("", "step", "", "", "", "", f"{s['estimate_ms']:.2f}", cell(got.get("measured_ms"), ".2f"))
+        t.add_section()
+    con.print(t)
+    for u in tiling["untileable"]:
+        con.print(f"{u['block']} stays whole: {escape(u['reason'])}")
+    con.print(f"plan: {escape(tiling['how'])}")
+    if measured:
+        con.print(f"measured ms: `legoc run --cluster --record` on {measured['created']} over {measured['workers']}, "
+                  f"{measured['calls']} call(s), {measured['total_ms']:.2f} ms end to end; a tile's figure is its "
+                  f"worker's round trip (send, run, receive); kept in {MEASURED}, outside the signed manifest")
+    else:
+        con.print("measured ms: none recorded; run `legoc run ART --cluster HOST:PORT,... --record`")
 
 
 def print_estimates(con, m: dict) -> None:

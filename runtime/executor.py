@@ -43,6 +43,21 @@ def _float_input(name: str, x) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def model_inputs(view: ManifestView, inputs: tuple) -> list[np.ndarray]:
+    """The call's inputs checked against the model's (count, dtype, shape), as contiguous
+    float32 arrays in the model's input order; a UserError saying what is wrong otherwise."""
+    if len(inputs) != len(view.input_names):
+        raise UserError(f"the model takes {len(view.input_names)} inputs ({', '.join(view.input_names)}), "
+                        f"got {len(inputs)}")
+    arrays = []
+    for name, shape, x in zip(view.input_names, view.input_shapes, inputs):
+        x = _float_input(name, x)
+        if tuple(x.shape) != shape:
+            raise UserError(f"input {name} must have shape {shape}, got {tuple(x.shape)}")
+        arrays.append(x)
+    return arrays
+
+
 class Executor:
     """The configuration in use: its plan (``steps``), the variant (``choice``) and device
     (``block_devices``) of every block, and the callables that run it. Tensors are keyed by
@@ -88,15 +103,8 @@ class Executor:
         with self.lock:
             t0 = time.perf_counter()
             steps = self.compiled
-            if len(inputs) != len(view.input_names):
-                raise UserError(f"the model takes {len(view.input_names)} inputs ({', '.join(view.input_names)}), "
-                                f"got {len(inputs)}")
-            env = {}
-            for name, shape, x in zip(view.input_names, view.input_shapes, inputs):
-                x = _float_input(name, x)
-                if tuple(x.shape) != shape:
-                    raise UserError(f"input {name} must have shape {shape}, got {tuple(x.shape)}")
-                env[(name, "cpu")] = self._tensor(x, self._cpu)
+            env = {(name, "cpu"): self._tensor(x, self._cpu)
+                   for name, x in zip(view.input_names, model_inputs(view, inputs))}
             for fn, ins, outs in steps:
                 env.update(zip(outs, fn(*[env[k] for k in ins])))
             out = build_output(view.manifest["output"], {n: env[(n, "cpu")] for n in view.outputs},
