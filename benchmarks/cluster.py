@@ -21,7 +21,8 @@ TVM with one thread. Per link:
    blocks joined into one tiled unit or tiled per block), each compiled by
    legoc.passes.tiling.compile_plan, all held by one cluster and called in turn (so that a
    change of load on the machine hits them alike): median of ``--calls`` calls end to end
-   (warm-up first), the model's estimate for the same steps, bytes moved per call, the largest
+   (warm-up first), the model's estimate for the same steps, bytes moved per call, what the
+   busiest worker holds for its largest tile (weights plus input and output bands), the largest
    difference from torch.
 
 ``shaped``: a network namespace whose loopback is shaped with ``tc ... tbf rate 100mbit``
@@ -93,6 +94,18 @@ def plan_bytes(plan: Plan, profiles) -> int:
     return sum(profiles[s.first, s.last].band_bytes(a, b) for s in plan.steps for _, a, b in s.tiles)
 
 
+def worker_bytes(plan: Plan, steps, profiles) -> int:
+    """The most one worker holds for its largest tile: the tile's weights plus its input band (halo
+    included) and output band; 0 when the plan sends nothing to the workers."""
+    most = 0
+    for s, per_worker in zip((s for s in plan.steps if not s.local), steps):
+        for w, a, b in s.tiles:
+            tile = per_worker[w] if 0 <= w < len(per_worker) else None
+            weights = sum(int(np.asarray(v).nbytes) for v in tile.weights) if tile is not None else 0
+            most = max(most, weights + profiles[s.first, s.last].band_bytes(a, b))
+    return most
+
+
 def describe(plan: Plan) -> str:
     parts = []
     for s in plan.steps:
@@ -127,9 +140,10 @@ def bench_link(link_name, ctx, gms, x, ref, whole, inputs, profiles, args, folde
         plans = {"plan": chosen, **fixed_plans(cands, links, n), "plan, workers only": remote}
         # every plan's steps on one cluster (one session per worker holds them all), so that the
         # plans' calls can alternate: a change of load on the machine hits them all alike
-        all_steps, runners = [], {}
+        all_steps, runners, held = [], {}, {}
         for label, plan in plans.items():
             steps, local_modules = compile_plan(plan, gms, x, TARGETS["host"], folder, 2, cache=cache)
+            held[label] = worker_bytes(plan, steps, profiles)
             runners[label] = PlanRunner(plan, None, {i: LocalModule(m) for i, m in local_modules.items()},
                                         first_step=len(all_steps))
             all_steps += steps
@@ -148,6 +162,7 @@ def bench_link(link_name, ctx, gms, x, ref, whole, inputs, profiles, args, folde
         for label, plan in plans.items():
             rows.append(dict(link=link_name, label=label, steps=describe(plan), estimate=plan.seconds,
                              measured=statistics.median(times[label]), moved=plan_bytes(plan, profiles),
+                             held=held[label],
                              diff=float(np.abs(outs[label] - ref).max())))
             r = rows[-1]
             print(f"[{link_name}] {label}: {describe(plan)}: estimate {r['estimate'] * 1e3:.1f} ms, "
@@ -279,13 +294,14 @@ def main(argv=None) -> None:
           f"0 = stem, 1-{args.layers} = stages; 2 loopback TVM RPC workers (1 thread, taskset-pinned) and the "
           f"master (1 thread); median of {args.calls} calls; speedup over '1 worker' on the same link\n")
     print("| link | plan | steps (block: worker rows) | estimate ms | measured ms | estimate error | speedup | "
-          "bytes moved / call | max abs diff |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "bytes moved / call | largest worker: weights + bands | max abs diff |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = next(q["measured"] for q in rows if q["link"] == r["link"] and q["label"] == "1 worker")
         err = (r["estimate"] - r["measured"]) / r["measured"] * 100
         print(f"| {r['link']} | {r['label']} | {r['steps']} | {r['estimate'] * 1e3:.1f} | {r['measured'] * 1e3:.1f} | "
-              f"{err:+.0f}% | {base / r['measured']:.2f}x | {r['moved'] / 1e6:.2f} MB | {r['diff']:.1e} |")
+              f"{err:+.0f}% | {base / r['measured']:.2f}x | {r['moved'] / 1e6:.2f} MB | "
+              f"{r['held'] / 1e6:.2f} MB | {r['diff']:.1e} |")
 
 
 if __name__ == "__main__":

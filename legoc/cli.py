@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tile-link", type=_link, default=(0.5, 400.0), metavar="MS,MBIT",
                    help="estimated plans: the workers' assumed round trip (ms) and bandwidth (Mbit/s) "
                         "(default 0.5,400: TVM RPC over this machine's loopback)")
+    t.add_argument("--tile-latency-ms", type=float, metavar="MS",
+                   help="with --tiles: choose each block's variant together with where it runs: the smallest "
+                        "estimated accuracy drop whose plan fits MS (default: the fastest plan at full size)")
     t.add_argument("--cluster-timeout", type=float, default=60.0, metavar="S",
                    help="seconds a worker may take to answer while measuring (default 60)")
 

@@ -252,7 +252,8 @@ def cmd_compile(args) -> int:
                         rpc=_rpc_config(args) if args.rpc or not args.tracker else None,
                         devices=args.devices, sign_key=args.sign, export_onnx=args.onnx,
                         input_shapes=tuple(args.input_shape), data=args.data, tiles=tiles, tile_workers=workers,
-                        tile_link=args.tile_link, cluster_timeout=args.cluster_timeout)
+                        tile_link=args.tile_link, tile_latency_ms=args.tile_latency_ms,
+                        cluster_timeout=args.cluster_timeout)
     report = compile_model(args.model, cfg)
     part = report.partition
     print(f"wrote {report.artifact}: {len(part.blocks)} blocks × {len(cfg.ratios)} variants, "

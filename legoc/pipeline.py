@@ -61,6 +61,7 @@ class CompileConfig:
     tiles: int | None = None        # None: no plan
     tile_workers: object = None     # legoc.runtime.tiled.Workers to measure now; None: an estimated plan
     tile_link: tuple[float, float] = (0.5, 400.0)   # estimated plans: assumed round trip (ms), Mbit/s
+    tile_latency_ms: float | None = None   # choose variants with the placement: least drop within this
     cluster_timeout: float = 60.0   # seconds a worker may take to answer while measuring
 
     def __post_init__(self):
@@ -76,6 +77,8 @@ class CompileConfig:
 
     def _check_tiles(self) -> None:
         if self.tiles is None:
+            if self.tile_latency_ms is not None:
+                raise UserError("--tile-latency-ms chooses variants for a tiling plan; add --tiles K")
             if self.tile_workers is not None:
                 raise UserError("--cluster/--tracker at compile time measure the workers of a tiling plan; add --tiles K")
             return
@@ -84,6 +87,8 @@ class CompileConfig:
         count = getattr(self.tile_workers, "count", self.tiles)
         if count != self.tiles:
             raise UserError(f"--tiles {self.tiles} but --cluster names {count} workers: give one HOST:PORT per worker")
+        if self.tile_latency_ms is not None and not self.tile_latency_ms > 0:
+            raise UserError(f"--tile-latency-ms must be a positive budget in ms, got {self.tile_latency_ms:g}")
         rtt, mbit = self.tile_link
         if not (rtt >= 0 and mbit > 0):
             raise UserError(f"--tile-link takes a round trip of 0 ms or more and a positive Mbit/s, got {rtt:g},{mbit:g}")

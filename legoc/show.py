@@ -45,14 +45,25 @@ def print_artifact(con, path: str | Path, m: dict) -> None:
         print_tiling(con, path, m["tiling"])
 
 
+def _step_name(step: dict) -> str:
+    """A plan step's blocks, with their variant indices when the plan chose variants."""
+    blocks = step["blocks"]
+    what = blocks[0] if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
+    variants = step.get("variants") or []
+    return what + (f" (variant {'+'.join(str(v) for v in variants)})" if any(variants) else "")
+
+
 def tiling_lines(tiling: dict) -> list[str]:
     """The tiling plan in a few lines: its source, its steps, the blocks that stay whole."""
     links = "; ".join(f"worker {w} {k['rtt_ms']:.2f} ms round trip, {cell(k['mbit_s'], '.0f')} Mbit/s"
                       for w, k in enumerate(tiling["links"]))
     lines = [f"tiling plan over {tiling['workers']} workers ({tiling['source']}; links: {links}): estimate "
              f"{tiling['estimate_ms']:.2f} ms for the blocks, {tiling['all_local_ms']:.2f} ms all here"]
+    if tiling.get("budget_ms") is not None:
+        lines.append(f"  variants chosen with the placement within {tiling['budget_ms']:g} ms: estimated accuracy "
+                     f"drop {tiling['drop']:.4f}")
     for s in tiling["steps"]:
-        what = s["blocks"][0] if len(s["blocks"]) == 1 else f"{s['blocks'][0]}-{s['blocks'][-1]}"
+        what = _step_name(s)
         where = ("here" if not s["tiles"] else ", ".join(f"worker {t['worker']} rows {t['rows_out'][0]}-{t['rows_out'][1]}"
                                                           for t in s["tiles"]))
         lines.append(f"  {what}: {where}, {s['estimate_ms']:.2f} ms")
@@ -78,7 +89,7 @@ def print_tiling(con, path: str | Path, tiling: dict) -> None:
                 "measured ms"):
         t.add_column(col, justify="left" if col in ("blocks", "worker") else "right")
     for s in tiling["steps"]:
-        what = s["blocks"][0] if len(s["blocks"]) == 1 else f"{s['blocks'][0]}-{s['blocks'][-1]}"
+        what = _step_name(s)
         got = by_step.get(tuple(s["blocks"]), {})
         if not s["tiles"]:
             t.add_row(what, "here", "-", "-", "-", "-", f"{s['estimate_ms']:.2f}", cell(got.get("measured_ms"), ".2f"))
@@ -96,6 +107,9 @@ def print_tiling(con, path: str | Path, tiling: dict) -> None:
     for u in tiling["untileable"]:
         con.print(f"{u['block']} stays whole: {escape(u['reason'])}")
     con.print(f"plan: {escape(tiling['how'])}")
+    if tiling.get("budget_ms") is not None:
+        con.print(f"variants chosen with the placement within {tiling['budget_ms']:g} ms: estimated accuracy drop "
+                  f"{tiling['drop']:.4f}")
     if measured:
         con.print(f"measured ms: `legoc run --cluster --record` on {measured['created']} over {measured['workers']}, "
                   f"{measured['calls']} call(s), {measured['total_ms']:.2f} ms end to end; a tile's figure is its "

@@ -107,6 +107,11 @@ def _check_cores(cores: Sequence[int | None] | None, n: int) -> list[int | None]
     return cores
 
 
+# what a lost worker's error tells the user to do, from the command line or from Python
+RECOVER = ("restart its RPC server and run again, or run with `--cluster-fallback local` (Python: reconnect(), "
+           "or pass fallback=)")
+
+
 class Cluster:
     """Tiled blocks over TVM RPC workers: one tile per worker, in row order (``tiles``), or
     several steps (``steps``: per step one tile or None per worker; ``cluster(x, step=i)`` runs
@@ -177,7 +182,7 @@ class Cluster:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             err = UserError(f"cluster worker {w.address} ({w.rows}) "
                             f"{'' if exc is None else 'failed '}while {doing}: {w.lost}{more}; no output was "
-                            f"produced; restart its RPC server and call reconnect(), or pass fallback=")
+                            f"produced; {RECOVER}")
             if exc is not None:
                 raise err from exc
             raise err
@@ -201,7 +206,7 @@ class Cluster:
             if lost:
                 w = lost[0]
                 raise UserError(f"cluster worker {w.address} was lost ({w.lost or 'not connected'}); no output was "
-                                "produced; restart its RPC server and call reconnect(), or pass fallback=")
+                                f"produced; {RECOVER}")
             for w in active:
                 w.step = step
             bands = [np.ascontiguousarray(x[:, :, w.tiles[step].rows_in[0]:w.tiles[step].rows_in[1]]) for w in active]

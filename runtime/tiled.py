@@ -133,8 +133,8 @@ class _Item:
 
 class TiledModel:
     """The artifact at ``path`` run with its tiling plan over ``workers`` (a :class:`Workers`).
-    ``variants``: one index per block (default: the plan's, full size); a tiled block must run
-    the variant the plan tiled. ``fallback``: a tiled step whose worker is lost runs here for
+    ``variants``: one index per block (default: the plan's: full size, or the variants chosen
+    with ``--tile-latency-ms``); a tiled block must run the variant the plan tiled. ``fallback``: a tiled step whose worker is lost runs here for
     that call instead of failing."""
 
     def __init__(self, path: str | os.PathLike, workers: Workers, *, timeout: float = 30.0, fallback: bool = False,
@@ -155,15 +155,16 @@ class TiledModel:
             raise UserError(f"{self.path}'s plan tiles over {k} workers, in order; {workers.count} given "
                             f"({workers.describe()}): give exactly {k}")
         self.workers, self.fallback = workers, fallback
-        planned = int(self.tiling.get("variant", 0))
         names = [b.name for b in view.blocks]
-        self.variants = view.check_variants([planned] * len(names) if variants is None else variants)
+        # the plan's variant per block (compiled with --tile-latency-ms: chosen with the placement)
+        planned = list(self.tiling.get("variants") or [int(self.tiling.get("variant") or 0)] * len(names))
+        self.variants = view.check_variants(planned if variants is None else variants)
         for step in self.tiling["steps"]:
             for name in step["blocks"] if step["tiles"] else ():
-                v = self.variants[names.index(name)]
-                if v != planned:
-                    raise UserError(f"{name} is tiled by the plan with variant {planned}, not {v}: give variant "
-                                    f"{planned} for it, or run without --cluster")
+                v, want = self.variants[names.index(name)], planned[names.index(name)]
+                if v != want:
+                    raise UserError(f"{name} is tiled by the plan with variant {want}, not {v}: give variant "
+                                    f"{want} for it, or run without --cluster")
         self._devices = Devices(self.path, view)
         self._dev = self._devices.get(view.profiles.default_device)   # this machine can run the artifact
         self._modules = ModuleCache(self.path, view, self._devices)

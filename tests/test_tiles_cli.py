@@ -223,3 +223,49 @@ def test_measured_plan_and_runs_through_a_tracker(tiled, tmp_path, capsys):
             assert code == 0, err
             assert f"over 2 x 'tiles' via tracker {tracker.address}" in stdout
             assert np.abs(np.load(out) - ref).max() <= 1e-4
+
+
+def test_variants_chosen_with_the_placement_under_a_budget(tmp_path, workers, capsys):
+    """--tile-latency-ms: each block's variant is chosen with where it runs (the smallest
+    estimated accuracy drop within the budget); the plan records them, the cluster run uses them
+    and equals the single-device run of the same variants; a budget nothing meets is one line."""
+    val = textwrap.dedent("""
+        def val_data():
+            g = torch.Generator().manual_seed(2)
+            x = torch.randn(64, 3, 32, 32, generator=g)
+            with torch.no_grad():
+                y = build_model()(x).argmax(1)
+            return [(x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)]
+    """)
+    (tmp_path / "chain.py").write_text(CHAIN + val)
+    art = tmp_path / "budget.lego"
+    options = ["--ratios", "0,0.5", "--retrain-epochs", "0", "--no-progress", "--tiles", "2", "--tile-link", "0,1e6"]
+    code, _, err = _legoc(capsys, "compile", tmp_path / "chain.py", *options, "--tile-latency-ms", "1000", "-o", art)
+    assert code == 0, err
+    m = read_manifest(art)
+    tiling = m["tiling"]
+    blocks = [s for s in m["segments"] if s["kind"] == "block"]
+    assert tiling["budget_ms"] == 1000 and tiling["estimate_ms"] <= 1000
+    assert len(tiling["variants"]) == len(blocks) and all(v in (0, 1) for v in tiling["variants"])
+    assert [v for s in tiling["steps"] for v in s["variants"]] == tiling["variants"]
+    drops = [max(0.0, b["variants"][v]["profile"]["accuracy_drop"]["value"]) for b, v in zip(blocks, tiling["variants"])]
+    assert tiling["drop"] == pytest.approx(sum(drops))
+    # the cluster run uses the plan's variants: equal to the single-device run of the same ones
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    chosen = ",".join(str(v) for v in tiling["variants"])
+    assert main(["run", str(art), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "ref.npy"), "--variants", chosen]) == 0
+    code, _, err = _legoc(capsys, "run", art, "-i", tmp_path / "x.npy", "-o", tmp_path / "out.npy",
+                          "--cluster", ",".join(workers.addresses))
+    assert code == 0, err
+    assert np.abs(np.load(tmp_path / "out.npy") - np.load(tmp_path / "ref.npy")).max() <= 1e-4
+    code, stdout, _ = _legoc(capsys, "inspect", art)
+    assert code == 0 and "variants chosen with the placement within 1000 ms" in stdout
+    # a budget no plan meets, and a budget without --tiles: one line each, nothing written
+    for args, expected in ((["--tile-latency-ms", "0.0001"], "no plan meets the latency budget of 0.0 ms"),
+                           (["--tile-latency-ms", "-1"], "--tile-latency-ms must be a positive budget")):
+        code, _, err = _legoc(capsys, "compile", tmp_path / "chain.py", *options, *args, "-o", tmp_path / "no.lego")
+        assert code == 2 and expected in err and "\n" not in err, err
+    code, _, err = _legoc(capsys, "compile", tmp_path / "chain.py", "--tile-latency-ms", "5", *FAST)
+    assert code == 2 and "add --tiles K" in err
+    assert not (tmp_path / "no.lego").exists()

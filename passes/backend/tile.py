@@ -3,7 +3,9 @@ and its tile modules, written into the artifact (issue 19).
 
 1. **Runs.** Every block alone, and every run of consecutive blocks that can be joined (each
    block's output is the next block's only input, nothing else reads it, no frame segment
-   between them), on the blocks' full-size variants (variant 0). Each run's row profile
+   between them), on the blocks' full-size variants (variant 0); with ``--tile-latency-ms``, in
+   every combination of the blocks' variants (runs of at most TILE_VARIANT_RUN blocks), each
+   with its accuracy drop from the manifest. Each run's row profile
    (legoc.passes.tiling.row_profile) says what a tile of any output rows reads and computes; a
    block that mixes rows stays whole, and the manifest says why.
 2. **Seconds.** A block on the master: its latency figure in the manifest (with that figure's
@@ -11,7 +13,9 @@ and its tile modules, written into the artifact (issue 19).
    worker's link and each block's module on each worker; source ``measured-rpc``); otherwise the
    master's figure for every worker and the assumed link ``--tile-link`` (source ``estimated``).
 3. **Plan.** legoc.runtime.cluster_plan.plan_chain (exact) over the runs: each local, or tiled
-   with the rows it gives each worker.
+   with the rows it gives each worker; the fastest plan, or with ``--tile-latency-ms`` the
+   smallest accuracy drop whose estimate is within the budget (variants chosen with placement:
+   a pruned variant computes less and moves fewer bytes).
 4. **Modules.** Each tiled step's tiles compiled for the target (one module per distinct tile,
    legoc.passes.tiling.compile_tiles), written under ``tiles/`` with their weights, sha256 in
    the manifest like every module, so loading, verification and signing cover them.
@@ -34,7 +38,8 @@ from legoc.passes.infra import Pass, PassResult, ProgramState, progress_bar
 if TYPE_CHECKING:
     from legoc.pipeline import CompileConfig
 
-PLANNED_VARIANT = 0   # the tiles are cut from every block's first variant (full size by default)
+PLANNED_VARIANT = 0   # without a budget the tiles are cut from every block's first variant (full size by default)
+TILE_VARIANT_RUN = 2  # with --tile-latency-ms, runs of at most this many blocks (variants^run candidates each)
 
 
 class CheckTiles(Pass):
@@ -93,7 +98,7 @@ def _chain(state: ProgramState):
     part = state.partition
     env = part.trace_env(*state.example_inputs)
     blocks = part.blocks
-    gms = [state.variants[b.name][PLANNED_VARIANT].gm for b in blocks]
+    gms = [[v.gm for v in state.variants[b.name]] for b in blocks]   # per block, per variant
     inputs = [env[b.inputs[0]] for b in blocks]
     position = {s.name: i for i, s in enumerate(part.segments)}
     readers: dict[str, int] = {}
@@ -110,6 +115,8 @@ def _chain(state: ProgramState):
 
 
 def _plan(state: ProgramState, config: CompileConfig, manifest: dict) -> dict:
+    import itertools
+
     import torch
 
     from legoc.passes.tiling import Untileable, join, row_profile
@@ -118,64 +125,79 @@ def _plan(state: ProgramState, config: CompileConfig, manifest: dict) -> dict:
     blocks, gms, inputs, joins = _chain(state)
     n, k = len(blocks), config.tiles
     entries = {s["name"]: s for s in manifest["segments"]}
+    budget = config.tile_latency_ms
+    choices = [range(len(g)) if budget is not None else [PLANNED_VARIANT] for g in gms]
+    max_run = TILE_VARIANT_RUN if budget is not None else n
 
-    # 1. which runs tile, and how
-    profiles, untileable = {}, {}
+    # 1. which runs tile (in which variants), and how
+    untileable = {}
     with torch.no_grad():
-        for i in range(n):
-            for j in range(i + 1, n + 1):
-                if j - i > 1 and not joins[j - 1]:
-                    break
-                if any(b.name in untileable for b in blocks[i:j]):
-                    profiles[i, j] = None
-                    continue
-                run = gms[i] if j - i == 1 else join(gms[i:j], inputs[i])
-                found = row_profile(run, inputs[i], blocks[i].name if j - i == 1 else f"{blocks[i].name}-{blocks[j - 1].name}")
-                if isinstance(found, Untileable):
-                    if j - i == 1:
-                        untileable[blocks[i].name] = found.reason
-                    found = None
-                profiles[i, j] = found
+        for i, b in enumerate(blocks):
+            found = row_profile(gms[i][PLANNED_VARIANT], inputs[i], b.name)
+            if isinstance(found, Untileable):
+                untileable[b.name] = found.reason
     if len(untileable) == n:
         why = "; ".join(f"{b}: {r}" for b, r in untileable.items())
         raise UserError(f"--tiles {k}: no block of {state.source} can be tiled ({why}); compile without --tiles")
+    runs = []   # (i, j, variants of blocks i..j-1, profile or None)
+    with torch.no_grad():
+        for i in range(n):
+            for j in range(i + 1, min(n, i + max_run) + 1):
+                if j - i > 1 and not joins[j - 1]:
+                    break
+                tileable = not any(b.name in untileable for b in blocks[i:j])
+                for combo in itertools.product(*choices[i:j]):
+                    prof = None
+                    if tileable:
+                        parts = [gms[b][v] for b, v in zip(range(i, j), combo)]
+                        run = parts[0] if j - i == 1 else join(parts, inputs[i])
+                        name = blocks[i].name if j - i == 1 else f"{blocks[i].name}-{blocks[j - 1].name}"
+                        found = row_profile(run, inputs[i], name)
+                        prof = None if isinstance(found, Untileable) else found
+                    runs.append((i, j, combo, prof))
 
-    # 2. seconds: the master's from the manifest; the workers' measured, or the master's
-    local, local_sources = [], []
-    for b in blocks:
-        fig = entries[b.name]["variants"][PLANNED_VARIANT]["profile"].get("latency_ms") or {}
-        if fig.get("value") is None:
-            raise UserError(f"--tiles: {b.name} has no latency figure to plan with; compile with measurements on")
-        local.append(fig["value"] / 1e3)
-        local_sources.append(fig.get("source"))
+    # 2. seconds (and drops): the master's from the manifest; the workers' measured, or the master's
+    # per block, per variant (None for variants the plan does not consider)
+    local = [[_figure(entries[b.name], v, "latency_ms", b.name) / 1e3 if v in choices[i] else None
+              for v in range(len(gms[i]))] for i, b in enumerate(blocks)]
+    local_sources = [entries[b.name]["variants"][PLANNED_VARIANT]["profile"]["latency_ms"].get("source")
+                     for b in blocks]
+    # drops below zero (an estimate inside its noise) count as none: the plan adds drops up
+    drops = [[max(0.0, _figure(entries[b.name], v, "accuracy_drop", b.name)) if budget is not None else 0.0
+              for v in range(len(gms[i]))] for i, b in enumerate(blocks)]
     workers = config.tile_workers
+    per_block = [[[None] * k for _ in g] for g in gms]   # [block][variant][worker]
     if workers is not None:
-        rowwise = [i for i, x in enumerate(inputs) if x.dim() == 4]   # what a worker can be given
-        modules, arrays = _whole_modules(state, [blocks[i] for i in rowwise], entries, [inputs[i] for i in rowwise])
+        todo = [(i, v) for i, x in enumerate(inputs) if x.dim() == 4 for v in choices[i]]   # what a worker can take
+        modules, arrays = _whole_modules(state, [(blocks[i], v) for i, v in todo], entries, [inputs[i] for i, _ in todo])
         links, measured = workers.measure(modules, arrays, config.cluster_timeout)
-        per_block = [[None] * k for _ in blocks]
-        for i, seconds in zip(rowwise, measured):
-            per_block[i] = list(seconds)
+        for (i, v), seconds in zip(todo, measured):
+            per_block[i][v] = list(seconds)
         source = "measured-rpc"
     else:
         rtt_ms, mbit = config.tile_link
         links = [Link(rtt=rtt_ms / 1e3, bandwidth=mbit * 1e6 / 8)] * k
-        per_block = [[s] * k for s in local]
+        per_block = [[[s] * k for s in row] for row in local]
         source = "estimated"
 
     # 3. the plan
-    def on_worker(i: int, j: int, w: int) -> float | None:
-        seconds = [per_block[b][w] for b in range(i, j)]
+    def on_worker(i: int, combo, w: int) -> float | None:
+        seconds = [per_block[b][v][w] for b, v in zip(range(i, i + len(combo)), combo)]
         return None if None in seconds else sum(seconds)
 
-    cands = [Candidate(i, j, sum(local[i:j]), tuple(on_worker(i, j, w) for w in range(k)), prof)
-             for (i, j), prof in profiles.items()]
-    plan = plan_chain(n, cands, links)
+    cands = [Candidate(i, j, sum(local[b][v] for b, v in zip(range(i, j), combo)),
+                       tuple(on_worker(i, combo, w) for w in range(k)), prof, _label(combo),
+                       sum(drops[b][v] for b, v in zip(range(i, j), combo)))
+             for i, j, combo, prof in runs]
+    plan = plan_chain(n, cands, links, budget=None if budget is None else budget / 1e3)
+    profiles = {(i, j, _label(combo)): prof for i, j, combo, prof in runs}
 
     # 4. the tiled steps' modules, into the artifact
-    steps = [_step(state, config, blocks, gms, inputs, profiles, links, cands, s) for s in plan.steps]
+    steps = [_step(state, blocks, gms, inputs, profiles, links, cands, s) for s in plan.steps]
+    chosen = [v for s in steps for v in s["variants"]]
     return {
-        "workers": k, "variant": PLANNED_VARIANT, "source": source,
+        "workers": k, "variant": PLANNED_VARIANT if budget is None else None, "variants": chosen,
+        "budget_ms": budget, "drop": plan.drop if budget is not None else None, "source": source,
         "how": _how(source, config),
         "addresses": list(workers.addresses) if workers is not None and workers.tracker is None else None,
         "tracker": None if workers is None or workers.tracker is None else {"address": workers.tracker,
@@ -183,15 +205,30 @@ def _plan(state: ProgramState, config: CompileConfig, manifest: dict) -> dict:
         "links": [{"rtt_ms": link.rtt * 1e3, "mbit_s": _mbit(link.bandwidth),
                    "own_mbit_s": _mbit(getattr(link, "own_bandwidth", math.inf)),
                    "source": source if workers is not None else "assumed (--tile-link)"} for link in links],
-        "blocks": [{"name": b.name, "local_ms": local[i] * 1e3, "local_source": local_sources[i],
-                    "worker_ms": [None if s is None else s * 1e3 for s in per_block[i]],
+        "blocks": [{"name": b.name, "local_ms": local[i][chosen[i]] * 1e3, "local_source": local_sources[i],
+                    "worker_ms": [None if s is None else s * 1e3 for s in per_block[i][chosen[i]]],
                     "worker_source": source if workers is not None else "estimated (the master's figure)"}
                    for i, b in enumerate(blocks)],
         "steps": steps,
         "estimate_ms": plan.seconds * 1e3,
-        "all_local_ms": sum(local) * 1e3,
+        "all_local_ms": sum(row[PLANNED_VARIANT] for row in local) * 1e3,
         "untileable": [{"block": b, "reason": r} for b, r in untileable.items()],
     }
+
+
+def _label(combo) -> str:
+    """A run's variants as the plan names them: the variant indices, "+"-joined."""
+    return "+".join(str(v) for v in combo)
+
+
+def _figure(entry: dict, variant: int, what: str, block: str) -> float:
+    """A variant's profile figure (latency_ms or accuracy_drop), or a UserError saying it is missing."""
+    fig = (entry["variants"][variant].get("profile") or {}).get(what) or {}
+    if fig.get("value") is None:
+        need = ("compile with measurements on" if what == "latency_ms"
+                else "give the model file val_data() so that compile measures each variant's accuracy drop")
+        raise UserError(f"--tiles: {block} variant {variant} has no {what.replace('_', ' ')} figure to plan with; {need}")
+    return float(fig["value"])
 
 
 def _mbit(bytes_per_second: float) -> float | None:
@@ -202,6 +239,9 @@ def _mbit(bytes_per_second: float) -> float | None:
 def _how(source: str, config) -> str:
     model = ("step = max over its workers of (rtt + worker seconds x the tile's share of the work) + the bands' "
              "bytes over each link's bandwidth; the plan is the exact optimum (legoc.runtime.cluster_plan)")
+    if config.tile_latency_ms is not None:
+        model += (f": the smallest accuracy drop (variants chosen with placement) within "
+                  f"{config.tile_latency_ms:g} ms (--tile-latency-ms)")
     if source == "measured-rpc":
         return f"links and workers measured over TVM RPC at compile time; {model}"
     rtt, mbit = config.tile_link
@@ -209,43 +249,48 @@ def _how(source: str, config) -> str:
             f"trip and {mbit:g} Mbit/s (--tile-link); {model}")
 
 
-def _whole_modules(state: ProgramState, blocks, entries: dict, inputs):
-    """Each block's full-size module as the build stage wrote it (a TileModule run whole), and
+def _whole_modules(state: ProgramState, block_variants, entries: dict, inputs):
+    """Each (block, variant)'s module as the build stage wrote it (a TileModule run whole), and
     its input, for timing on the workers."""
     from safetensors.numpy import load_file
 
     from legoc.runtime.cluster import TileModule
+    from legoc.runtime.nesting import leading
 
     tmp = state.artifact.tmp
     modules, arrays = [], []
-    for b, x in zip(blocks, inputs):
-        v = entries[b.name]["variants"][PLANNED_VARIANT]
+    for (b, index), x in zip(block_variants, inputs):
+        v = entries[b.name]["variants"][index]
         w = v["weights"]
-        if "shared" in w:   # nested: leading sub-tensors of the shared weights; variant 0 is all of them
+        if "shared" in w:   # nested: leading sub-tensors of the block's shared weights
             values = load_file(str(tmp / w["shared"]["file"]))
+            weights = tuple(np.ascontiguousarray(values[nm][leading(shape)]) for nm, shape in zip(w["names"], w["shapes"]))
         else:
             values = load_file(str(tmp / w["file"]))
+            weights = tuple(values[nm] for nm in w["names"])
         out_rows = entries[b.name]["tensors"][b.outputs[0]]["shape"]
-        modules.append(TileModule(tmp / v["module"]["file"], tuple(values[nm] for nm in w["names"]),
+        modules.append(TileModule(tmp / v["module"]["file"], weights,
                                   (0, int(x.shape[2])), (0, int(out_rows[2]) if len(out_rows) == 4 else 1)))
         arrays.append(np.ascontiguousarray(x.numpy()))
     return modules, arrays
 
 
-def _step(state, config, blocks, gms, inputs, profiles, links, cands, step) -> dict:
+def _step(state, blocks, gms, inputs, profiles, links, cands, step) -> dict:
     """The manifest entry of one plan step; a tiled step's modules are compiled and written."""
     from legoc.runtime.cluster_plan import step_seconds
 
     names = [b.name for b in blocks[step.first:step.last]]
-    entry = {"blocks": names, "first": step.first, "last": step.last,
+    variants = [int(v) for v in step.variant.split("+")] if step.variant else [PLANNED_VARIANT] * len(names)
+    entry = {"blocks": names, "variants": variants, "first": step.first, "last": step.last,
              "input": blocks[step.first].inputs[0], "output": blocks[step.last - 1].outputs[0],
-             "estimate_ms": step.seconds * 1e3, "tiles": []}
+             "estimate_ms": step.seconds * 1e3, "drop": step.drop, "tiles": []}
     if step.local:
         return entry
     entry.update(compute_ms=step.compute * 1e3, transfer_ms=step.transfer * 1e3)
-    prof = profiles[step.first, step.last]
-    cand = next(c for c in cands if (c.first, c.last) == (step.first, step.last))
-    files = _compile_step(state, gms, inputs, step, names)
+    prof = profiles[step.first, step.last, step.variant]
+    cand = next(c for c in cands if (c.first, c.last, c.variant) == (step.first, step.last, step.variant))
+    parts = [gms[b][v] for b, v in zip(range(step.first, step.last), variants)]
+    files = _compile_step(state, parts, inputs[step.first], step, names)
     spans = [prof.rows_in[a, b] for _, a, b in step.tiles]
     for t, ((w, a, b), span, (module, weights)) in enumerate(zip(step.tiles, spans, files)):
         others = [s for u, s in enumerate(spans) if u != t]
@@ -258,15 +303,15 @@ def _step(state, config, blocks, gms, inputs, profiles, links, cands, step) -> d
     return entry
 
 
-def _compile_step(state, gms, inputs, step, names) -> list[tuple[dict, dict]]:
-    """Compile the step's tiles (one module per distinct tile) into ``tiles/``: per tile its
-    module and weights entries."""
+def _compile_step(state, parts, x, step, names) -> list[tuple[dict, dict]]:
+    """Compile the step's tiles (one module per distinct tile) of ``parts`` (its blocks' modules
+    in the planned variants; ``x`` their input) into ``tiles/``: per tile its module and weights
+    entries."""
     import torch
 
     from legoc.passes.tiling import Untileable, compile_tiles, join, tile_plan
 
-    x = inputs[step.first]
-    run = gms[step.first] if step.last - step.first == 1 else join(gms[step.first:step.last], x)
+    run = parts[0] if len(parts) == 1 else join(parts, x)
     tiled = tile_plan(run, x, rows=[(a, b) for _, a, b in step.tiles])
     if isinstance(tiled, Untileable):
         raise InternalError(f"the plan tiles {', '.join(names)}, but {tiled.reason}")
