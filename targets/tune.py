@@ -32,7 +32,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from legoc.errors import UserError
 from legoc.paths import cache_dir
-from legoc.targets.schedules import PadConvChannels, cpu_pipeline, vector_lanes
+from legoc.targets.schedules import PadConvChannels, cpu_pipeline, vector_lanes, vector_registers
 from legoc.targets.table import TargetSpec
 
 __all__ = ["TuneReport", "database_dir", "tune_module", "tuned_pipeline"]
@@ -68,7 +68,8 @@ def _fused(mod: tvm.ir.IRModule, tvm_target) -> tvm.ir.IRModule:
     output channels padded first, :func:`legoc.targets.schedules.scheduling_passes`), so the
     workloads tuned are the ones the compile looks up."""
     with tvm_target:
-        return tvm.transform.Sequential([PadConvChannels(vector_lanes(tvm_target))]
+        padding = PadConvChannels(vector_lanes(tvm_target), vector_registers(tvm_target))
+        return tvm.transform.Sequential([padding]
                                         + cpu.library_dispatch_passes(tvm_target)
                                         + cpu.legalize_passes(tvm_target))(mod)
 

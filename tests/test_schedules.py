@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -123,6 +123,58 @@ def test_conv2d_odd_channels(host, cin, cout, k, stride, seed):
     assert rule_of(used, "conv2d") == "Conv2dNCHWPacked"
 
 
+@settings(max_examples=10, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+@example(cin=24, cout=144, hw=(28, 28), act="relu6", seed=1)   # MobileNetV2's expansion
+@example(cin=13, cout=36, hw=(8, 8), act="residual", seed=2)   # odd input channels
+@example(cin=9, cout=37, hw=(4, 16), act="none", seed=3)       # prime filters: packed rule
+@given(cin=st.integers(1, 40), cout=st.integers(1, 72),
+       hw=st.sampled_from([(8, 8), (4, 16), (16, 5), (12, 12), (2, 40), (28, 28), (7, 7), (6, 6)]),
+       act=st.sampled_from(["none", "relu6", "residual", "nobias"]), seed=st.integers(0, 2**16))
+def test_conv2d_pointwise(host, cin, cout, hw, act, seed):
+    """1x1 stride-1 convs, odd channel counts included: the pixel-vector rule takes the convs
+    ``pointwise_tile`` accepts (unpadded: no channel slice) and those it accepts once their
+    channels are padded for the packed rule (1-7 filters); the packed rule takes the rest."""
+    from legoc.targets.schedules import pointwise_tile, vector_lanes, vector_registers
+    from legoc.targets.schedules.isa import padded_channels
+
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, 1, bias=act != "nobias")
+    x = _randn(1, cin, *hw)
+    if act == "relu6":
+        module, inputs = nn.Sequential(conv, nn.ReLU6()), (x,)
+    elif act == "residual":
+        module, inputs = Fn(lambda a, r: conv(a) + r), (x, _randn(1, cout, *hw))
+    else:
+        module, inputs = conv, (x,)
+    used = check(module, inputs, host)
+    lanes, regs = vector_lanes(host), vector_registers(host)
+    takes = pointwise_tile(cout, hw[0] * hw[1], lanes, regs)
+    padded = padded_channels(cout, lanes, hw[1], regs)[0]
+    expected = takes or pointwise_tile(padded, hw[0] * hw[1], lanes, regs)
+    assert rule_of(used, "conv2d") == ("Conv2dPointwise" if expected else "Conv2dNCHWPacked")
+    if takes:
+        assert not any("strided_slice" in name for name in used), used
+
+
+def test_pointwise_tile_fits_the_registers():
+    """Every tile leaves registers for its input vectors and a broadcast, has at least 8
+    accumulators, and divides the channels and the plane's vectors."""
+    from legoc.targets.schedules import pointwise_tile
+
+    for lanes, regs in ((16, 32), (8, 16), (4, 32)):
+        for channels in range(1, 130):
+            for plane in (lanes * 4, 49 * lanes, 196, 784, 3136, 12544):
+                tile = pointwise_tile(channels, plane, lanes, regs)
+                if tile is None:
+                    continue
+                fc, xv = tile
+                assert plane % (lanes * xv) == 0 and channels % fc == 0
+                assert 8 <= fc * xv and fc * xv + xv + 2 <= regs, (lanes, regs, channels, plane, tile)
+    assert pointwise_tile(144, 3136, 16, 32) == (6, 4)
+    assert pointwise_tile(96, 196, 16, 32) is None  # 14x14: not whole 16-lane vectors
+
+
 @CASES
 @given(c=st.integers(1, 40), mult=st.sampled_from([1, 2]), k=st.sampled_from([3, 5]),
        stride=st.sampled_from([1, 2]), hw=st.integers(5, 16), seed=st.integers(0, 2**16))
@@ -208,7 +260,10 @@ def test_dense(host, batch, fin, fout, seed):
     assert rule_of(used, "matmul") == "ReductionVectorized"
 
 
-@CASES
+@settings(max_examples=6, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+@example(kind="max", k=3, stride=2, pad=1, c=5, hw=40, seed=0)   # ResNet's stem pool, smaller
+@example(kind="avg", k=3, stride=2, pad=1, c=3, hw=24, seed=1)
 @given(kind=st.sampled_from(["max", "avg"]), k=st.sampled_from([2, 3]),
        stride=st.sampled_from([1, 2]), pad=st.integers(0, 1), c=st.integers(1, 20),
        hw=st.integers(4, 15), seed=st.integers(0, 2**16))
@@ -216,7 +271,7 @@ def test_pool2d(host, kind, k, stride, pad, c, hw, seed):
     torch.manual_seed(seed)
     pool = nn.MaxPool2d(k, stride, pad) if kind == "max" else nn.AvgPool2d(k, stride, pad)
     used = check(pool, (_randn(1, c, hw, hw),), host)
-    assert rule_of(used, "pool2d") == "ReductionVectorized"
+    assert rule_of(used, "pool2d") == "Pool2d"
 
 
 @CASES
@@ -310,12 +365,18 @@ def test_rules_build_for_aarch64_with_neon():
     """The same rules cross-compile for a Raspberry Pi 4 (cortex-a72) and vectorize with NEON."""
     import tvm
 
-    from legoc.targets.schedules import cpu_pipeline
+    from legoc.targets.schedules import cpu_pipeline, scheduled_by, scheduling_passes
     from legoc.targets.table import get_target
 
     torch.manual_seed(0)
     target = get_target("raspberry-pi-4").tvm_target()
-    mod, _ = _relax(nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU()), (_randn(1, 8, 12, 12),))
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 24, 1),
+                          nn.MaxPool2d(3, 2, 1))
+    mod, _ = _relax(model, (_randn(1, 8, 12, 12),))
+    with target:
+        rules = set(scheduled_by(tvm.transform.Sequential(
+            scheduling_passes(target, strict=True))(mod)).values())
+    assert {"Conv2dNCHWPacked", "Conv2dPointwise", "Pool2d"} <= rules, rules
     executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"

@@ -17,9 +17,12 @@ element (:func:`analysis.same_domain`).
 
 The files, as in ``tvm.s_tir.dlight``:
 
-* rules, one per file, in the order tried: ``conv2d_packed`` (:class:`Conv2dNCHWPacked`,
-  groups=1 conv2d), ``depthwise`` (:class:`DepthwiseConv2d`), ``reduction``
-  (:class:`ReductionVectorized`: grouped conv2d, dense/matmul, pooling, mean), ``injective``
+* rules, one per file, in the order tried: ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
+  1x1 stride-1 conv2d over a plane of whole vectors), ``conv2d_packed``
+  (:class:`Conv2dNCHWPacked`, other groups=1 conv2d), ``depthwise`` (:class:`DepthwiseConv2d`),
+  ``pool2d`` (:class:`Pool2d`: windowed max and average pooling, scheduled as the depthwise
+  conv), ``reduction`` (:class:`ReductionVectorized`: grouped conv2d, dense/matmul, global
+  pooling, mean), ``injective``
   (:class:`Injective`: elementwise, broadcast, pad, reshape, transpose), ``fallback``
   (:class:`Fallback`: outer data-parallel loops in parallel, nothing more);
 * what they share: ``base`` (:class:`CPURule`), ``analysis`` (blocks and loops),
@@ -34,12 +37,14 @@ The files, as in ``tvm.s_tir.dlight``:
 """
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
+from legoc.targets.schedules.conv2d_pointwise import Conv2dPointwise
 from legoc.targets.schedules.depthwise import DepthwiseConv2d
 from legoc.targets.schedules.fallback import Fallback
 from legoc.targets.schedules.injective import Injective
-from legoc.targets.schedules.isa import vector_isa, vector_lanes, vector_registers
+from legoc.targets.schedules.isa import pointwise_tile, vector_isa, vector_lanes, vector_registers
 from legoc.targets.schedules.pack_weights import TRANSFORM_PARAMS, PackConvWeights, prepack_weights
 from legoc.targets.schedules.pad_channels import PadConvChannels
+from legoc.targets.schedules.pool2d import Pool2d
 from legoc.targets.schedules.pipeline import cpu_pipeline, lowering_passes, scheduling_passes
 from legoc.targets.schedules.reduction import ReductionVectorized
 from legoc.targets.schedules.rewrite import match_conv2d
@@ -49,11 +54,13 @@ __all__ = [
     "ApplyCPUSchedules",
     "CPURule",
     "Conv2dNCHWPacked",
+    "Conv2dPointwise",
     "DepthwiseConv2d",
     "Fallback",
     "Injective",
     "PackConvWeights",
     "PadConvChannels",
+    "Pool2d",
     "RULE_ATTR",
     "ReductionVectorized",
     "TRANSFORM_PARAMS",
@@ -61,6 +68,7 @@ __all__ = [
     "default_rules",
     "lowering_passes",
     "match_conv2d",
+    "pointwise_tile",
     "prepack_weights",
     "scheduled_by",
     "scheduling_passes",

@@ -2,7 +2,7 @@
 inlining."""
 from __future__ import annotations
 
-from tvm import s_tir
+from tvm import s_tir, tirx
 
 from legoc.targets.schedules.analysis import extent, same_domain
 
@@ -57,5 +57,21 @@ def inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
         try:
             sch.reverse_compute_inline(block)
         except (RuntimeError, ValueError):
+            left.append(block)
+    return left
+
+
+def inline_copies(sch: s_tir.Schedule, blocks: list) -> list:
+    """Inline each block that only copies a buffer element for element (the pad of a 1x1 conv,
+    zero wide) into its consumer; return the others."""
+    left = []
+    for block in blocks:
+        body = sch.get(block).body
+        value = getattr(body, "value", None)
+        # TVM 0.27 names a buffer read TensorLoad (tirx.BufferLoad is a factory function)
+        if (isinstance(body, tirx.BufferStore) and type(value).__name__ in ("BufferLoad", "TensorLoad")
+                and [str(i) for i in value.indices] == [str(i) for i in body.indices]):
+            sch.compute_inline(block)
+        else:
             left.append(block)
     return left

@@ -7,8 +7,8 @@ from tvm.target import Target
 from legoc.targets.schedules.analysis import (extent, is_block_split, iter_kinds, largest_divisor,
                                               split_around_reduction)
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (inline_epilogue, parallel_fused,
-                                                      schedule_spatial)
+from legoc.targets.schedules.common_schedules import (inline_copies, inline_epilogue,
+                                                      parallel_fused, schedule_spatial)
 from legoc.targets.schedules.isa import acc_registers, register_tile, vector_lanes, vector_registers
 
 
@@ -29,6 +29,7 @@ class Conv2dNCHWPacked(CPURule):
         prologue, conv, epilogue = parts
         if iter_kinds(sch, conv) != "SSSSRRR":
             return False
+        prologue = inline_copies(sch, prologue)  # a zero-wide pad: read the input in place
         stmt = sch.get(conv)
         ivars = [iv.var for iv in stmt.iter_vars]
         v_n, v_f, v_y, v_x, v_rc, v_ry, v_rx = ivars

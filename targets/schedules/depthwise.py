@@ -39,12 +39,16 @@ class DepthwiseConv2d(CPURule):
     outside the vector loop. (ReductionVectorized's generic form reads the padding in place, a
     per-lane select per tap, and parallelizes over vector-wide chunks of a row.)"""
 
+    def matches(self, sch: s_tir.Schedule, block) -> bool:
+        """Whether the reduction ``block`` is one this rule takes."""
+        return _depthwise_reads(sch, block)
+
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         parts = split_around_reduction(sch)
         if parts is None:
             return False
         prologue, conv, epilogue = parts
-        if iter_kinds(sch, conv) not in ("SSSSRR", "SSSSRRR") or not _depthwise_reads(sch, conv):
+        if iter_kinds(sch, conv) not in ("SSSSRR", "SSSSRRR") or not self.matches(sch, conv):
             return False
         if len(prologue) > 1:
             return False

@@ -64,6 +64,24 @@ def register_tile(n_f: int, n_x: int, lanes: int, regs: int) -> tuple[int, int]:
     return best
 
 
+def pointwise_tile(out_channels: int, plane: int, lanes: int, regs: int) -> tuple[int, int] | None:
+    """(output channels FC, pixel vectors XV) of :class:`~legoc.targets.schedules.Conv2dPointwise`'s
+    register tile for a 1x1 stride-1 conv with ``plane`` output pixels, or None when the plane
+    does not split into whole vectors or fewer than 8 accumulators fit (FMA latency x units).
+    FC divides the channels, XV (up to 4) the plane's vectors; the registers left after the
+    accumulators hold the XV input vectors and one broadcast weight."""
+    if plane % lanes:
+        return None
+    best = None
+    for xv in range(1, 5):
+        if (plane // lanes) % xv:
+            continue
+        fc = largest_divisor(out_channels, max(1, (regs - xv - 2) // xv))
+        if best is None or fc * xv >= best[0] * best[1]:
+            best = (fc, xv)
+    return best if best and best[0] * best[1] >= 8 else None
+
+
 def padded_channels(out_channels: int, lanes: int, out_w: int | None = None,
                     regs: int = 32) -> tuple[int, int]:
     """(padded output channels, packing block) for a conv with ``out_channels`` filters and

@@ -7,7 +7,7 @@ from tvm import relax
 from tvm.target import Target
 
 from legoc.targets.schedules.isa import padded_channels, vector_lanes, vector_registers
-from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
+from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions, takes_pointwise
 
 TRANSFORM_PARAMS = "main_transform_params"
 
@@ -59,7 +59,7 @@ class _ConvWeightPacker(relax.PyExprMutator):
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
         call = super().visit_call_(call)
         weight = match_conv2d(call, packable=True)
-        if weight is None:
+        if weight is None or takes_pointwise(call, self.lanes, self.regs):
             return call
         out_channels = int(weight.ty.shape[0])
         self.changed = True
@@ -95,7 +95,8 @@ class _ConvWeightPacker(relax.PyExprMutator):
 class PackConvWeights:
     """Rewrite groups=1 NCHW conv2d into a conv over packed weights ``[O/B, I, KH, KW, B]``
     (B: one or two vector widths; output channels zero-padded to a multiple of the vector
-    width, a slice keeps the real ones). The packing is a Relax ``layout_transform`` of the
+    width, a slice keeps the real ones). Convs that :class:`~legoc.targets.schedules.Conv2dPointwise`
+    takes keep their weights as they are. The packing is a Relax ``layout_transform`` of the
     weight, so ``relax.transform.LiftTransformParams`` moves it out of ``main`` and it runs once
     at build time (:func:`prepack_weights`), not per call."""
 

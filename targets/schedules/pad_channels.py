@@ -5,20 +5,21 @@ import tvm
 from tvm import relax
 
 from legoc.targets.schedules.isa import padded_channels
-from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
+from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions, takes_pointwise
 
 
 @relax.expr_functor.mutator
 class _ConvChannelPadder(relax.PyExprMutator):
-    def __init__(self, mod: tvm.ir.IRModule, lanes: int):
+    def __init__(self, mod: tvm.ir.IRModule, lanes: int, regs: int):
         super().__init__(mod)
         self.lanes = lanes
+        self.regs = regs
         self.changed = False
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
         call = super().visit_call_(call)
         weight = match_conv2d(call)
-        if weight is None:
+        if weight is None or takes_pointwise(call, self.lanes, self.regs):
             return call
         out_channels = int(weight.ty.shape[0])
         padded, _ = padded_channels(out_channels, self.lanes)
@@ -40,10 +41,12 @@ class PadConvChannels:
     zero filters appended (a small pass per call), the conv runs on the
     :class:`~legoc.targets.schedules.Conv2dNCHWPacked` fast path, and a slice keeps the real
     channels. Pruned variants have arbitrary channel counts (37, 51, ...), which the packed conv
-    cannot vectorize."""
+    cannot vectorize. Convs that :class:`~legoc.targets.schedules.Conv2dPointwise` takes are
+    left alone: it vectorizes over pixels, not channels."""
 
-    def __init__(self, lanes: int):
+    def __init__(self, lanes: int, regs: int = 32):
         self.lanes = lanes
+        self.regs = regs
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        return rewrite_functions(mod, _ConvChannelPadder(mod, self.lanes))
+        return rewrite_functions(mod, _ConvChannelPadder(mod, self.lanes, self.regs))

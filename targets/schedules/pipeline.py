@@ -5,7 +5,7 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
-from legoc.targets.schedules.isa import vector_lanes
+from legoc.targets.schedules.isa import vector_lanes, vector_registers
 from legoc.targets.schedules.pad_channels import PadConvChannels
 from legoc.targets.schedules.transform import ApplyCPUSchedules
 
@@ -31,7 +31,7 @@ def scheduling_passes(target: Target, *, schedule: bool = True, before_schedule:
     legalization, ``before_schedule``, then the rules (``rules``: default_rules())."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
 
-    padding = [PadConvChannels(vector_lanes(target))] if schedule else []
+    padding = [PadConvChannels(vector_lanes(target), vector_registers(target))] if schedule else []
     scheduled = [ApplyCPUSchedules(rules, strict=strict)] if schedule else []
     return (padding + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
             + list(before_schedule) + scheduled)

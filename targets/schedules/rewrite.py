@@ -30,6 +30,24 @@ def match_conv2d(call, *, packable: bool = False):
     return call.args[1]
 
 
+def takes_pointwise(call, lanes: int, regs: int) -> bool:
+    """Whether :class:`~legoc.targets.schedules.Conv2dPointwise` will schedule this conv2d (a
+    1x1 stride-1 unpadded conv over a plane of whole vectors): the rewrites then leave it as it
+    is, since that rule needs neither padded output channels nor packed weights."""
+    from legoc.targets.schedules.isa import pointwise_tile  # noqa: PLC0415 - isa imports nothing of ours but analysis
+
+    weight = match_conv2d(call, packable=True)
+    if weight is None:
+        return False
+    attrs = call.attrs
+    out_channels, _, kh, kw = (int(d) for d in weight.ty.shape)
+    if (kh, kw) != (1, 1) or any(int(v) != 1 for v in attrs.strides) \
+            or any(int(v) != 0 for v in attrs.padding):
+        return False
+    _, _, height, width = (int(d) for d in call.args[0].ty.shape)
+    return pointwise_tile(out_channels, height * width, lanes, regs) is not None
+
+
 def rewrite_functions(mod: tvm.ir.IRModule, mutator) -> tvm.ir.IRModule:
     """Every Relax function of ``mod`` through ``mutator`` (a ``PyExprMutator`` on ``mod`` with a
     ``changed`` flag); ``mod`` itself when nothing changed."""
