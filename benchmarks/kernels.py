@@ -3,6 +3,7 @@ its own, with the rule that scheduled it and its GFLOP/s.
 
     .venv/bin/python benchmarks/kernels.py [--model mobilenetv2-224|resnet18-224|path/model.py]
                                            [--threads 1] [--top 25] [--number 20 --repeat 5]
+                                           [--bandwidth] [--cold] [--chain]
 
 The module is prepared as ``legoc.targets.build.build_module(prepack=True)`` prepares it (weights
 packed at build time) and run through legoc's CPU scheduling passes; each resulting PrimFunc is
@@ -13,6 +14,12 @@ as often as ``main`` calls it, approximates the module's latency without the VM'
 Memory bound (``--bandwidth``): the bytes of every argument (inputs, weights, output: each read
 or written at least once) over one thread's measured copy bandwidth (``benchmarks/peak.py``);
 the "x bound" column is a kernel's time over that bound, for memory-bound kernels (depthwise).
+
+In the model (``--chain``): the whole module also runs end to end, its VM instrumented, and each
+kernel's median time per call there (inputs as the previous kernel left them, weights as the
+last inference left them: the caches of a real run) is printed beside its time alone, with the
+module's end-to-end time. The instrument's own cost (a Python call before and after each
+kernel, a few microseconds) is inside the in-model figures.
 
 FLOPs: 2 x the multiply-adds of a kernel's reduction (output elements x reduction extent, read
 from the PrimFunc's loop nest), so elementwise kernels count 0. ``TVM_NUM_THREADS`` is set from
@@ -91,6 +98,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--bandwidth", action="store_true", help="add each kernel's time over its memory-bandwidth bound")
     ap.add_argument("--cold", action="store_true", help="flush the CPU caches before every call (all arguments but the first)")
+    ap.add_argument("--chain", action="store_true", help="also time every kernel inside the whole module's run")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -145,16 +153,62 @@ def main() -> None:
         rows.append((ms * n_calls, ms, n_calls, gv.name_hint, rule, macs.get(gv.name_hint, 0),
                      [list(shape) for shape, _ in args_spec], nbytes))
     rows.sort(reverse=True)
+    chain, end_to_end = _in_chain(mod, target, args.repeat * args.number) if args.chain else ({}, None)
     total = sum(r[0] for r in rows)
     total_macs = sum(r[5] * r[2] for r in rows)
     print(f"{args.model}: {len(rows)} kernels, {total:.3f} ms summed ({args.threads} thread(s)), "
           f"{total_macs / 1e6:.1f} M MACs in reductions, {2 * total_macs / total / 1e6:.1f} GFLOP/s overall")
+    if chain:
+        in_model = sum(chain.get(r[3], 0.0) * r[2] for r in rows)
+        print(f"in the model: {in_model:.3f} ms summed over the same kernels; the module end to end "
+              f"{end_to_end:.3f} ms (median, instrumented)")
     bound_head = f" {'x bound':>7}" if gbps else ""
-    print(f"{'ms total':>9} {'ms':>8} {'×':>2} {'share':>6} {'GFLOP/s':>8}{bound_head}  {'rule':<22} kernel (buffer shapes)")
+    chain_head = f" {'in model':>8}" if chain else ""
+    print(f"{'ms total':>9} {'ms':>8}{chain_head} {'×':>2} {'share':>6} {'GFLOP/s':>8}{bound_head}  {'rule':<22} kernel (buffer shapes)")
     for tot, ms, n, name, rule, macs, shapes, nbytes in rows[:args.top]:
         gflops = f"{2 * macs / ms / 1e6:8.1f}" if macs else " " * 8
         bound = f" {ms / (nbytes / gbps / 1e6):7.2f}" if gbps else ""
-        print(f"{tot:9.3f} {ms:8.3f} {n:2d} {tot / total:6.1%} {gflops}{bound}  {rule:<22} {name} {shapes}")
+        in_chain = f" {chain.get(name, float('nan')):8.3f}" if chain else ""
+        print(f"{tot:9.3f} {ms:8.3f}{in_chain} {n:2d} {tot / total:6.1%} {gflops}{bound}  {rule:<22} {name} {shapes}")
+
+
+def _in_chain(mod, target, calls: int) -> tuple[dict, float]:
+    """Run the scheduled module end to end on random inputs and weights ``calls`` times with its
+    VM instrumented: (kernel -> median ms per call inside the run, median end-to-end ms)."""
+    import statistics  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+
+    from legoc.targets.schedules import lowering_passes  # noqa: PLC0415
+
+    executable = tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lowering_passes(target)))
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(executable, dev)
+    rng = np.random.default_rng(1)
+    args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.ty.shape]).astype(str(p.ty.dtype)), dev)
+            for p in mod["main"].params]
+    per_call: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+
+    def instrument(_func, symbol, before, _ret, *_args):
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            per_call.setdefault(symbol, []).append((time.perf_counter() - started[symbol]) * 1e3)
+        return 0
+
+    for _ in range(5):
+        vm["main"](*args)
+    vm.set_instrument(instrument)
+    runs = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        vm["main"](*args)
+        runs.append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(times) for name, times in per_call.items()}, statistics.median(runs)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Block-by-block overhead in one process: a legoc artifact at full size, called as the runtime
 calls it, against the monolithic TVM module of the same model, and each of the artifact's steps
-timed alone (hot). CPU time per call, medians; TVM_NUM_THREADS from --threads.
+timed alone (hot). CPU time per call (``--clock cpu``, the default; with 2 threads it sums
+both threads, spinning included) or wall time (``--clock wall``), medians; TVM_NUM_THREADS from
+--threads.
 
     .venv/bin/python benchmarks/overhead.py [--model mobilenetv2-224] [--threads 1] [--calls 40]
+                                            [--clock cpu|wall]
 
-The artifact (ratios 0 and 0.5, no retraining) and the monolithic module are built into --work
+The artifact (--ratios, default 0 and 0.5; no retraining) and the monolithic module are built into --work
 (reused when present).
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from pathlib import Path
 
 
-def _build(name: str, work: Path) -> None:
+def _build(name: str, work: Path, ratios: tuple[float, ...]) -> None:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,21 +35,24 @@ def _build(name: str, work: Path) -> None:
     spec = load_model_file(path)
     inputs = tuple(spec.example_inputs)
     np.save(work / f"{name}-x.npy", inputs[0].numpy())
-    compile_model(path, CompileConfig(target="host", output=work / f"{name}.lego", ratios=(0.0, 0.5),
+    compile_model(path, CompileConfig(target="host", output=work / f"{name}.lego", ratios=ratios,
                                       retrain_epochs=0, progress=False))
     built = build_module(spec.model.eval(), inputs, get_target("host"), work / f"{name}-mono.so", name=name,
                          prepack=True)
     np.savez(work / f"{name}-mono-params.npz", *[np.asarray(p) for p in built.params])
 
 
-def _median_ms(fn, calls: int) -> float:
+CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _median_ms(fn, calls: int, clock=time.process_time) -> float:
     for _ in range(5):
         fn()
     times = []
     for _ in range(calls):
-        t0 = time.process_time()
+        t0 = clock()
         fn()
-        times.append((time.process_time() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -56,12 +62,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--work", default="/tmp/legoc-overhead")
+    ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu")
+    ap.add_argument("--ratios", default="0,0.5", help="the artifact's ratios (when --work has none yet)")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if not (work / f"{args.model}.lego").exists():
-        _build(args.model, work)
+        _build(args.model, work, tuple(float(r) for r in args.ratios.split(",")))
 
     import numpy as np
     import tvm
@@ -78,8 +86,8 @@ def main() -> None:
     model = load(work / f"{args.model}.lego")
     model.configure([0] * len(model.blocks))
     for _ in range(2):   # two passes: the spread between them is the noise
-        mono = _median_ms(lambda: main_fn(xt, *params).numpy(), args.calls)
-        legoc = _median_ms(lambda: model(x), args.calls)
+        mono = _median_ms(lambda: main_fn(xt, *params).numpy(), args.calls, CLOCK[args.clock])
+        legoc = _median_ms(lambda: model(x), args.calls, CLOCK[args.clock])
         print(f"monolithic {mono:.3f} ms, legoc full {legoc:.3f} ms: {legoc / mono - 1:+.1%}")
     env = {(model.input_names[0], "cpu"): tvm.runtime.tensor(x, dev)}
     total = 0.0
@@ -87,7 +95,7 @@ def main() -> None:
     for (fn, ins, outs), step in zip(model._executor.compiled, model.steps):
         step_args = [env[k] for k in ins]
         env.update(zip(outs, fn(*step_args)))
-        ms = _median_ms(lambda: fn(*step_args), args.calls)
+        ms = _median_ms(lambda: fn(*step_args), args.calls, CLOCK[args.clock])
         total += ms
         print(f"  {getattr(step, 'segment', type(step).__name__)}: {ms:.3f} ms")
     print(f"  steps alone, summed: {total:.3f} ms")
