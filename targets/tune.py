@@ -32,7 +32,8 @@ from tvm.s_tir import meta_schedule as ms
 
 from legoc.errors import UserError
 from legoc.paths import cache_dir
-from legoc.targets.schedules import PadConvChannels, cpu_pipeline, vector_lanes, vector_registers
+from legoc.targets.schedules import cpu_pipeline
+from legoc.targets.schedules.pipeline import relax_rewrites
 from legoc.targets.table import TargetSpec
 
 __all__ = ["TuneReport", "database_dir", "tune_module", "tuned_pipeline"]
@@ -68,8 +69,7 @@ def _fused(mod: tvm.ir.IRModule, tvm_target) -> tvm.ir.IRModule:
     output channels padded first, :func:`legoc.targets.schedules.scheduling_passes`), so the
     workloads tuned are the ones the compile looks up."""
     with tvm_target:
-        padding = PadConvChannels(vector_lanes(tvm_target), vector_registers(tvm_target))
-        return tvm.transform.Sequential([padding]
+        return tvm.transform.Sequential(relax_rewrites(tvm_target)
                                         + cpu.library_dispatch_passes(tvm_target)
                                         + cpu.legalize_passes(tvm_target))(mod)
 

@@ -157,6 +157,56 @@ def test_conv2d_pointwise(host, cin, cout, hw, act, seed):
         assert not any("strided_slice" in name for name in used), used
 
 
+@pytest.mark.parametrize("stride,act", [(2, "relu6"), (2, "relu"), (1, "relu6")])
+def test_expansion_runs_in_l2_sized_channel_groups(host, monkeypatch, tmp_path, stride, act):
+    """An expansion (1x1 conv + BN + activation) feeding a strided depthwise conv, whose
+    activations exceed GROUP_BYTES, runs as channel groups joined by a concat (at stride 1 it
+    stays whole); outputs equal PyTorch, in the scheduling pipeline and in a prepacked build."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.schedules import split_expand
+    from legoc.targets.table import get_target
+
+    monkeypatch.setattr(split_expand, "SPLIT_BYTES", 48 * 16 * 16 * 4)   # 48 channels at 16x16
+    monkeypatch.setattr(split_expand, "GROUP_BYTES", 24 * 16 * 16 * 4)
+    torch.manual_seed(stride)
+    layer = nn.ReLU6 if act == "relu6" else nn.ReLU
+    model = nn.Sequential(nn.Conv2d(12, 72, 1), nn.BatchNorm2d(72), layer(),
+                          nn.Conv2d(72, 72, 3, stride, 1, groups=72), nn.BatchNorm2d(72), layer()).eval()
+    for bn in (model[1], model[4]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    x = _randn(1, 12, 16, 16)
+    from legoc.passes.fold import fold_batchnorm
+
+    used = check(fold_batchnorm(model), (x,), host)
+    assert any("concatenate" in name for name in used) == (stride > 1), used
+    assert any(rule == "Conv2dPointwise" for rule in used.values()), used
+    built = build_module(model, (x,), get_target("host"), tmp_path / "m.so", prepack=True)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert float(np.abs(out - ref).max()) <= RTOL * float(np.abs(ref).max())
+
+
+def test_group_channels_divide_and_fit():
+    from legoc.targets.schedules.split_expand import (GROUP_BYTES, GROUP_CHANNELS, SPLIT_BYTES,
+                                                      group_channels)
+
+    assert group_channels(96, 112 * 112) == 24    # MobileNetV2's first expansion: 4 groups
+    assert group_channels(144, 56 * 56) == 0      # 1.8 MB: whole
+    for channels in range(8, 400, 8):
+        for plane in (49, 196, 784, 3136, 12544, 50176):
+            g = group_channels(channels, plane)
+            if channels * plane * 4 <= SPLIT_BYTES:
+                assert g == 0
+            elif g:
+                assert channels % g == 0 and g % GROUP_CHANNELS == 0 and g < channels
+                assert g * plane * 4 <= GROUP_BYTES or g == GROUP_CHANNELS
+
+
 def test_pointwise_tile_fits_the_registers():
     """Every tile leaves registers for its input vectors and a broadcast, has at least 8
     accumulators, and divides the channels and the plane's vectors."""
@@ -173,6 +223,8 @@ def test_pointwise_tile_fits_the_registers():
                 assert 8 <= fc * xv and fc * xv + xv + 2 <= regs, (lanes, regs, channels, plane, tile)
     assert pointwise_tile(144, 3136, 16, 32) == (6, 4)
     assert pointwise_tile(96, 196, 16, 32) is None  # 14x14: not whole 16-lane vectors
+    assert pointwise_tile(192, 784, 16, 32) == (24, 1)   # x86: weights are broadcast operands
+    assert pointwise_tile(576, 196, 4, 32) == (3, 7)     # NEON: a load per weight, fewest loads
 
 
 @CASES

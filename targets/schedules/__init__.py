@@ -29,6 +29,8 @@ The files, as in ``tvm.s_tir.dlight``:
   ``isa`` (vector lanes and registers, the register tile), ``common_schedules``;
 * ``transform``: the :class:`ApplyCPUSchedules` pass;
 * Relax rewrites before legalization, sharing ``rewrite`` (:func:`match_conv2d`):
+  ``split_expand`` (:class:`SplitExpandDepthwise`: a large expansion and the strided depthwise
+  conv it feeds, run as L2-sized channel groups),
   ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
   ``[O/B, I, KH, KW, B]`` once, at build time, kernel taps that only meet padding dropped) and
   ``pad_channels`` (:class:`PadConvChannels`, otherwise: output channels padded to the vector
@@ -48,6 +50,7 @@ from legoc.targets.schedules.pool2d import Pool2d
 from legoc.targets.schedules.pipeline import cpu_pipeline, lowering_passes, scheduling_passes
 from legoc.targets.schedules.reduction import ReductionVectorized
 from legoc.targets.schedules.rewrite import match_conv2d
+from legoc.targets.schedules.split_expand import SplitExpandDepthwise
 from legoc.targets.schedules.transform import RULE_ATTR, ApplyCPUSchedules, default_rules, scheduled_by
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "Pool2d",
     "RULE_ATTR",
     "ReductionVectorized",
+    "SplitExpandDepthwise",
     "TRANSFORM_PARAMS",
     "cpu_pipeline",
     "default_rules",

@@ -68,18 +68,28 @@ def pointwise_tile(out_channels: int, plane: int, lanes: int, regs: int) -> tupl
     """(output channels FC, pixel vectors XV) of :class:`~legoc.targets.schedules.Conv2dPointwise`'s
     register tile for a 1x1 stride-1 conv with ``plane`` output pixels, or None when the plane
     does not split into whole vectors or fewer than 8 accumulators fit (FMA latency x units).
-    FC divides the channels, XV (up to 4) the plane's vectors; the registers left after the
-    accumulators hold the XV input vectors and one broadcast weight."""
+
+    FC divides the channels and XV the plane's vectors; the registers left after the FC x XV
+    accumulators hold the XV input vectors and one broadcast weight. On x86 a weight is a
+    broadcast memory operand of the FMA itself ({1toN}), so the most accumulators win (XV up to
+    4; on 28x28 planes, 49 vectors, that is 24 x 1, measured faster than 3 x 7). NEON (4 lanes,
+    32 registers, ``vector_isa``'s aarch64 answer) loads each weight with an instruction of its
+    own, so there the most FMAs per load win (XV up to 8): 3 x 7 on 14x14 planes rather than
+    24 x 1, which loads a weight for every FMA."""
     if plane % lanes:
         return None
-    best = None
-    for xv in range(1, 5):
-        if (plane // lanes) % xv:
+    neon = (lanes, regs) == (4, 32)
+    best, best_key = None, None
+    for xv in range(1, 9 if neon else 5):
+        if (plane // lanes) % xv or regs - xv - 2 < xv:
             continue
-        fc = largest_divisor(out_channels, max(1, (regs - xv - 2) // xv))
-        if best is None or fc * xv >= best[0] * best[1]:
-            best = (fc, xv)
-    return best if best and best[0] * best[1] >= 8 else None
+        fc = largest_divisor(out_channels, (regs - xv - 2) // xv)
+        if fc * xv < 8:
+            continue
+        key = (fc * xv / (fc + xv), fc * xv) if neon else (fc * xv, xv)
+        if best_key is None or key > best_key:
+            best, best_key = (fc, xv), key
+    return best
 
 
 def padded_channels(out_channels: int, lanes: int, out_w: int | None = None,

@@ -113,6 +113,10 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
     weights alone (packing, FC weight transposes, bias reshapes) lifted out of ``main`` into
     ``main_transform_params``: run that once on the weights (at build time) and pass its outputs
     to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
+    from legoc.targets.schedules.split_expand import SplitExpandDepthwise  # noqa: PLC0415
+
     with target:
+        # split first, so that the groups' convs are the ones packed (or left to Conv2dPointwise)
+        mod = SplitExpandDepthwise()(mod)
         mod = PackConvWeights(vector_lanes(target), vector_registers(target))(mod)
         return relax.transform.LiftTransformParams()(mod)

@@ -7,6 +7,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.isa import vector_lanes, vector_registers
 from legoc.targets.schedules.pad_channels import PadConvChannels
+from legoc.targets.schedules.split_expand import SplitExpandDepthwise
 from legoc.targets.schedules.transform import ApplyCPUSchedules
 
 
@@ -27,14 +28,21 @@ def cpu_pipeline(target: Target, *, schedule: bool = True,
 
 def scheduling_passes(target: Target, *, schedule: bool = True, before_schedule: tuple = (),
                       rules: list | None = None, strict: bool | None = None) -> list:
-    """cpu_generic's passes up to fused PrimFuncs, then legoc's: conv channel padding before
-    legalization, ``before_schedule``, then the rules (``rules``: default_rules())."""
+    """cpu_generic's passes up to fused PrimFuncs, then legoc's: the Relax rewrites before
+    legalization (:func:`relax_rewrites`), ``before_schedule``, then the rules (``rules``: default_rules())."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
 
-    padding = [PadConvChannels(vector_lanes(target), vector_registers(target))] if schedule else []
+    padding = relax_rewrites(target) if schedule else []
     scheduled = [ApplyCPUSchedules(rules, strict=strict)] if schedule else []
     return (padding + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
             + list(before_schedule) + scheduled)
+
+
+def relax_rewrites(target: Target) -> list:
+    """legoc's Relax rewrites before legalization (also run by the tuner, so that it tunes the
+    workloads the compile looks up): expansions split into L2-sized channel groups, then conv
+    output channels padded for the packed rule."""
+    return [SplitExpandDepthwise(), PadConvChannels(vector_lanes(target), vector_registers(target))]
 
 
 def lowering_passes(target: Target) -> list:
