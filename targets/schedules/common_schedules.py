@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from legoc.targets.schedules.analysis import extent, same_domain
+from legoc.targets.schedules.analysis import extent, iter_kinds, same_domain, split_around_reduction
 
 MIN_PARALLEL = 2048  # elements below which a parallel loop costs more than it saves
 
@@ -75,3 +75,13 @@ def inline_copies(sch: s_tir.Schedule, blocks: list) -> list:
         else:
             left.append(block)
     return left
+
+
+def conv2d_parts(sch: s_tir.Schedule):
+    """(prologue, conv block, epilogue) of a PrimFunc whose one reduction is an NCHW conv2d's
+    (n, f, y, x, rc, ry, rx), zero-wide pads already inlined (:func:`inline_copies`); else None."""
+    parts = split_around_reduction(sch)
+    if parts is None or iter_kinds(sch, parts[1]) != "SSSSRRR":
+        return None
+    prologue, conv, epilogue = parts
+    return inline_copies(sch, prologue), conv, epilogue

@@ -4,10 +4,9 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from legoc.targets.schedules.analysis import (extent, is_block_split, iter_kinds, largest_divisor,
-                                              split_around_reduction)
+from legoc.targets.schedules.analysis import extent, is_block_split, largest_divisor
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (inline_copies, inline_epilogue,
+from legoc.targets.schedules.common_schedules import (conv2d_parts, inline_epilogue,
                                                       parallel_fused, schedule_spatial)
 from legoc.targets.schedules.isa import acc_registers, register_tile, vector_lanes, vector_registers
 
@@ -23,13 +22,10 @@ class Conv2dNCHWPacked(CPURule):
     inlined into the accumulator write-back; (batch, channel block, row) run in parallel."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
-        parts = split_around_reduction(sch)
+        parts = conv2d_parts(sch)   # a zero-wide pad is inlined: the input is read in place
         if parts is None:
             return False
         prologue, conv, epilogue = parts
-        if iter_kinds(sch, conv) != "SSSSRRR":
-            return False
-        prologue = inline_copies(sch, prologue)  # a zero-wide pad: read the input in place
         stmt = sch.get(conv)
         ivars = [iv.var for iv in stmt.iter_vars]
         v_n, v_f, v_y, v_x, v_rc, v_ry, v_rx = ivars

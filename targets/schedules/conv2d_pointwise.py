@@ -5,9 +5,9 @@ from tvm import s_tir, tirx
 from tvm.sym import Analyzer
 from tvm.target import Target
 
-from legoc.targets.schedules.analysis import extent, iter_kinds, split_around_reduction
+from legoc.targets.schedules.analysis import extent
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (inline_copies, inline_epilogue,
+from legoc.targets.schedules.common_schedules import (conv2d_parts, inline_epilogue,
                                                       parallel_fused, schedule_spatial)
 from legoc.targets.schedules.isa import pointwise_tile, vector_lanes, vector_registers
 
@@ -27,13 +27,11 @@ class Conv2dPointwise(CPURule):
     nor pack the convs this rule takes (:func:`~legoc.targets.schedules.isa.pointwise_tile`)."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
-        parts = split_around_reduction(sch)
+        parts = conv2d_parts(sch)   # a zero-wide pad is inlined: the input is read in place
         if parts is None:
             return False
         prologue, conv, epilogue = parts
-        if iter_kinds(sch, conv) != "SSSSRRR":
-            return False
-        if inline_copies(sch, prologue) or not is_pointwise(sch.get(conv)):
+        if prologue or not is_pointwise(sch.get(conv)):
             return False
         n, f, y, x, _rc, _ry, _rx = sch.get_loops(conv)
         n_f, n_x = extent(sch, f), extent(sch, x)
