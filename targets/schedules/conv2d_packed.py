@@ -78,7 +78,7 @@ class Conv2dNCHWPacked(CPURule):
         xo, xi = sch.split(x, [None, xb])
         fi_o, fi_i = sch.split(fi, [fb, lanes])
         sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi_o, fi_i)
-        acc_out = sch.cache_write(conv, 0, "local")
+        acc_out = sch.cache_write(conv, 0, "global")  # stack when under 1 KB (see DepthwiseConv2d)
         # channels innermost in the accumulator tile, so each channel vector is one register
         sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
         left = inline_epilogue(sch, acc_out, epilogue)

@@ -50,7 +50,7 @@ class Conv2dPointwise(CPURule):
         vo, vm, vi = sch.split(v, [None, xv, lanes])
         # pixel blocks outside channel blocks: an input tile stays in L1 across the channels
         sch.reorder(n, vo, fo, rc, ry, rx, fi, vm, vi)
-        acc_out = sch.cache_write(conv, 0, "local")
+        acc_out = sch.cache_write(conv, 0, "global")  # stack when under 1 KB (see DepthwiseConv2d)
         sch.transform_layout(conv, ("write", 0), flat)
         left = inline_epilogue(sch, acc_out, epilogue)
         sch.transform_block_layout(acc_out, flat)

@@ -79,7 +79,9 @@ class DepthwiseConv2d(CPURule):
         if split_vec:
             xm, xi = sch.split(xi, [None, vec])
             sch.unroll(xm)
-        acc_out = sch.cache_write(conv, 0, "local")
+        # "global", not "local": TVM 0.27 puts an allocation under 1 KB on the stack only in the
+        # global scope; any other goes through TVMBackendAllocWorkspace, here once per channel
+        acc_out = sch.cache_write(conv, 0, "global")
         left = inline_epilogue(sch, acc_out, epilogue)
         sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
         nf = sch.fuse(n, f)
