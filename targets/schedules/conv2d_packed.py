@@ -8,7 +8,7 @@ from legoc.targets.schedules.analysis import extent, is_block_split, largest_div
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.common_schedules import (conv2d_parts, inline_epilogue,
                                                       parallel_fused, schedule_spatial)
-from legoc.targets.schedules.isa import acc_registers, register_tile, vector_lanes, vector_registers
+from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_lanes, vector_registers
 
 
 class Conv2dNCHWPacked(CPURule):
@@ -65,7 +65,7 @@ class Conv2dNCHWPacked(CPURule):
             if prepacked % lanes or n_f % prepacked:
                 return False
             fb = prepacked // lanes
-            xb = largest_divisor(n_x, max(1, acc_registers(regs) // fb))
+            xb = largest_divisor(n_x, max(1, acc_vectors(lanes, regs) // fb))
         block_f = fb * lanes
 
         wpack = None

@@ -44,6 +44,25 @@ def vector_registers(target: Target) -> int:
     return vector_isa(target)[1]
 
 
+# TVM 0.27 (LowerTVMBuiltin) keeps a constant-size allocation in the global scope on the stack
+# only when it is under this many bytes; a larger one is taken from TVM's workspace pool, a call
+# in and a call out around every register tile. MobileNetV2's 16- to 32-channel 1x1 convs ran
+# 1.3-1.5x slower with 24 accumulators of 64 bytes (1536 B, from the pool) than with 12 or 15.
+STACK_BYTES = 1024
+
+
+def stack_vectors(lanes: int) -> int:
+    """Accumulator vectors (fp32, ``lanes`` wide) of a register tile whose cache stays on the
+    stack: 15 with AVX-512, 31 with AVX2, 63 with NEON."""
+    return (STACK_BYTES - 1) // (4 * lanes)
+
+
+def acc_vectors(lanes: int, regs: int) -> int:
+    """Accumulator vectors of a conv register tile: :func:`acc_registers`, within
+    :func:`stack_vectors`."""
+    return min(acc_registers(regs), stack_vectors(lanes))
+
+
 def acc_registers(regs: int) -> int:
     """Vector registers the conv micro-kernel gives to accumulators: half of 32 (2 x 8 tiles);
     12 of 16 on AVX2 (the rest: two weight vectors, one broadcast input, one spare), as in the
@@ -55,7 +74,7 @@ def register_tile(n_f: int, n_x: int, lanes: int, regs: int) -> tuple[int, int]:
     """(channel vectors FB, output columns XB) of the packed conv's register tile: XB divides the
     row width, FB x XB accumulators fit; two channel vectors unless one vector holds a wider
     tile (7- and 14-wide maps: 1 x 7, not 2 x 1 or 2 x 2)."""
-    acc = acc_registers(regs)
+    acc = acc_vectors(lanes, regs)
     best = (1, largest_divisor(n_x, acc))
     if n_f % (2 * lanes) == 0:
         xb = largest_divisor(n_x, max(1, acc // 2))
@@ -70,7 +89,8 @@ def pointwise_tile(out_channels: int, plane: int, lanes: int, regs: int) -> tupl
     does not split into whole vectors or fewer than 8 accumulators fit (FMA latency x units).
 
     FC divides the channels and XV the plane's vectors; the registers left after the FC x XV
-    accumulators hold the XV input vectors and one broadcast weight. On x86 a weight is a
+    accumulators hold the XV input vectors and one broadcast weight, and the accumulators' cache
+    stays on the stack (:func:`stack_vectors`: at most 15 on AVX-512). On x86 a weight is a
     broadcast memory operand of the FMA itself ({1toN}), so the most accumulators win (XV up to
     4; on 28x28 planes, 49 vectors, that is 24 x 1, measured faster than 3 x 7). NEON (4 lanes,
     32 registers, ``vector_isa``'s aarch64 answer) loads each weight with an instruction of its
@@ -83,7 +103,7 @@ def pointwise_tile(out_channels: int, plane: int, lanes: int, regs: int) -> tupl
     for xv in range(1, 9 if neon else 5):
         if (plane // lanes) % xv or regs - xv - 2 < xv:
             continue
-        fc = largest_divisor(out_channels, (regs - xv - 2) // xv)
+        fc = largest_divisor(out_channels, min(regs - xv - 2, stack_vectors(lanes)) // xv)
         if fc * xv < 8:
             continue
         key = (fc * xv / (fc + xv), fc * xv) if neon else (fc * xv, xv)
