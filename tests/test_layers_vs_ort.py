@@ -1,0 +1,42 @@
+"""benchmarks/layers_vs_ort.py: both workers on a small zoo model (mobilenetv2 at 32x32), their
+layer classes, and the conv classification (depthwise, 1x1 widening/narrowing, k x k, prepacked)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("layers_vs_ort", ROOT / "benchmarks" / "layers_vs_ort.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conv_classes():
+    kind = _bench()._kind
+    assert kind([1, 96, 56, 56], [96, 1, 3, 3]) == "dw"
+    assert kind([1, 24, 56, 56], [144, 24, 1, 1]) == "pw-exp"
+    assert kind([1, 144, 56, 56], [24, 144, 1, 1]) == "pw-proj"
+    assert kind([1, 96, 14, 14], [18, 96, 1, 1, 32]) == "pw-exp"     # prepacked [O/B, I, 1, 1, B]
+    assert kind([1, 3, 224, 224], [64, 3, 7, 7]) == "conv7"
+    assert kind([1, 1, 28, 28], [8, 1, 3, 3]) == "conv3"             # one input channel: not depthwise
+    assert kind([1, 1280], None) == "other"
+
+
+def test_both_workers_time_the_same_layer_classes(tmp_path):
+    bench = _bench()
+    (tmp_path / "ort").mkdir()
+    (tmp_path / "legoc").mkdir()
+    ort = bench._ort("mobilenetv2-32", tmp_path / "ort")
+    legoc = bench._legoc("mobilenetv2-32", tmp_path / "legoc")
+    for result in (ort, legoc):
+        assert result["e2e"] > 0
+        assert all(ms >= 0 for ms in result["classes"].values())
+        kinds = {key.split("|")[0] for key in result["classes"]}
+        assert {"dw", "pw-exp", "pw-proj"} <= kinds, kinds
+    # the depthwise layers of both, at the same output widths
+    widths = lambda r: {k for k in r["classes"] if k.startswith("dw|")}  # noqa: E731
+    assert widths(ort) == widths(legoc)
