@@ -8,7 +8,8 @@ both threads, spinning included) or wall time (``--clock wall``), medians; TVM_N
                                             [--clock cpu|wall]
 
 The artifact (--ratios, default 0 and 0.5; no retraining) and the monolithic module are built into --work
-(reused when present).
+(reused when present; the default folder is named after a digest of legoc's compiler sources, so
+builds by older code are not reused).
 """
 from __future__ import annotations
 
@@ -61,11 +62,16 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenetv2-224")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=40)
-    ap.add_argument("--work", default="/tmp/legoc-overhead")
+    ap.add_argument("--work", help="where the builds go (default: /tmp/legoc-overhead-<digest of "
+                                   "legoc's compiler sources>, so a changed compiler never reuses old builds)")
     ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu")
     ap.add_argument("--ratios", default="0,0.5", help="the artifact's ratios (when --work has none yet)")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if args.work is None:
+        from legoc.targets.build import build_signature  # noqa: PLC0415
+
+        args.work = f"/tmp/legoc-overhead-{build_signature()['compiler']}"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if not (work / f"{args.model}.lego").exists():
