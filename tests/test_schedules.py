@@ -302,6 +302,27 @@ def test_small_scratch_buffers_live_on_the_stack(target_name, layer):
     assert not loads, loads
 
 
+def test_stride2_plane_split_is_vectorized_by_shuffles(host):
+    """At stride 2 the depthwise and pool rules store a padded plane's even and odd columns apart;
+    that copy is whole-vector loads and shuffles, not one insert per element (TVM's vectorizer
+    loads a stride-2 ramp lane by lane: a max pool's copy then took most of its time)."""
+    import platform
+
+    import tvm
+
+    from legoc.targets.schedules import cpu_pipeline
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction names")
+    for module in (nn.Sequential(nn.Conv2d(24, 24, 3, 2, 1, groups=24), nn.ReLU6()), nn.MaxPool2d(3, 2, 1)):
+        mod, _ = _relax(module, (_randn(1, 24, 56, 56),))
+        with host:
+            executable = tvm.compile(mod, target=host, relax_pipeline=cpu_pipeline(host))
+        asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
+        assert "vinsertps" not in asm and "vscatter" not in asm
+        assert any(op in asm for op in ("vpermt2ps", "vpermi2ps", "vshufps", "vpermps"))
+
+
 def test_vector_width_from_cpu_features():
     """Lanes and registers from the CPU's features, not TVM 0.27's llvm_get_vector_width (512 for
     every x86 CPU): AVX2-only CPUs get 8 lanes and 16 registers."""

@@ -119,10 +119,17 @@ def _pad_per_channel(sch: s_tir.Schedule, pad, nf, out_w: int, kernel_x) -> None
         for block in (fill, pad):
             last = sch.get_loops(block)[-1]
             if deinterleave and extent(sch, last) % 2 == 0:
-                # one column parity at a time: contiguous vector stores
                 wo, wi = sch.split(last, [None, 2])
-                sch.reorder(wi, wo)
                 sch.unroll(wi)
+                if block == pad:
+                    # the copy: a plain loop over column pairs, each storing its even and odd
+                    # column. LLVM's loop vectorizer turns that into whole-vector loads and
+                    # shuffles (vpermt2ps with AVX-512); TVM's vectorizer loads each lane of a
+                    # stride-2 ramp by itself (a vinsertps per element on x86), which made the
+                    # copy most of a stride-2 layer's time
+                    continue
+                # the fill: one column parity at a time, contiguous vector stores
+                sch.reorder(wi, wo)
                 last = wo
             sch.vectorize(last)
     except (RuntimeError, ValueError):
