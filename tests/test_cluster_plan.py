@@ -373,9 +373,16 @@ def test_shaped_link_is_slower_and_the_plan_keeps_work_local(shaped, tmp_path):
     with shaped.inside():
         with LocalWorkers(2, log_dir=tmp_path) as workers:
             shaped = measure_links(workers.addresses, nbytes=1 << 20, repeat=3)
-    # tbf passes at most 100 Mbit/s (12.5 MB/s) through the namespace's loopback
-    assert all(s.bandwidth < 1.5 * 12.5e6 for s in shaped)
-    assert all(s.bandwidth < p.bandwidth for s, p in zip(shaped, plain))
+    # tbf passes at most 100 Mbit/s (12.5 MB/s) through the namespace's loopback: a transfer to
+    # one worker alone (its shared and its own part in series) runs no faster. The split into
+    # shared and own parts is a difference of two timings and moves with the machine's noise
+    # (one run measured a shared 19.1 MB/s with an own 19.0 MB/s, 9.5 MB/s alone), so the
+    # bound is on the whole
+    def alone(link):
+        return 1.0 / (1.0 / link.bandwidth + 1.0 / link.own_bandwidth)
+
+    assert all(alone(s) < 1.5 * 12.5e6 for s in shaped), shaped
+    assert all(alone(s) < alone(p) for s, p in zip(shaped, plain)), (shaped, plain)
     # a run that is worth tiling over the machine's loopback (0.2 s whole, 2 MB moved) stays
     # local behind the shaped link: moving its bands costs more than computing them here
     cands = chain_candidates(2, lambda i, j: _profile(random.Random(i * 3 + j), 16 * (j - i), 1, 64 << 10, 64 << 10),
