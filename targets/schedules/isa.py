@@ -92,7 +92,8 @@ def pointwise_tile(out_channels: int, plane: int, lanes: int, regs: int) -> tupl
     accumulators hold the XV input vectors and one broadcast weight, and the accumulators' cache
     stays on the stack (:func:`stack_vectors`: at most 15 on AVX-512). On x86 a weight is a
     broadcast memory operand of the FMA itself ({1toN}), so the most accumulators win (XV up to
-    4; on 28x28 planes, 49 vectors, that is 24 x 1, measured faster than 3 x 7). NEON (4 lanes,
+    4; on 28x28 planes, 49 vectors, that is 12 x 1 under the stack cap: 24 x 1 before it, measured
+    faster than 3 x 7). NEON (4 lanes,
     32 registers, ``vector_isa``'s aarch64 answer) loads each weight with an instruction of its
     own, so there the most FMAs per load win (XV up to 8): 3 x 7 on 14x14 planes rather than
     24 x 1, which loads a weight for every FMA."""
