@@ -225,3 +225,19 @@ def _board_manifest(blocks, copy_ms, *, frame_ms=0.25, overhead=0.0, power=None,
 def board_manifest():
     """Builds synthetic board manifests (see _board_manifest) for the estimator and solver tests."""
     return _board_manifest
+
+
+@pytest.fixture
+def load_benchmark():
+    """A loader of benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    return _load_benchmark
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,10 @@
 layer classes, and the conv classification (depthwise, 1x1 widening/narrowing, k x k, prepacked)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("layers_vs_ort", ROOT / "benchmarks" / "layers_vs_ort.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_conv_classes():
-    kind = _bench()._kind
+def test_conv_classes(load_benchmark):
+    kind = load_benchmark("layers_vs_ort")._kind
     assert kind([1, 96, 56, 56], [96, 1, 3, 3]) == "dw"
     assert kind([1, 24, 56, 56], [144, 24, 1, 1]) == "pw-exp"
     assert kind([1, 144, 56, 56], [24, 144, 1, 1]) == "pw-proj"
@@ -26,8 +15,8 @@ def test_conv_classes():
     assert kind([1, 1280], None) == "other"
 
 
-def test_both_workers_time_the_same_layer_classes(tmp_path):
-    bench = _bench()
+def test_both_workers_time_the_same_layer_classes(tmp_path, load_benchmark):
+    bench = load_benchmark("layers_vs_ort")
     (tmp_path / "ort").mkdir()
     (tmp_path / "legoc").mkdir()
     ort = bench._ort("mobilenetv2-32", tmp_path / "ort")

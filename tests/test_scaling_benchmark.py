@@ -2,24 +2,14 @@
 worker steps the budget, picks by CP-SAT, and scores every configuration on the test split."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _scaling():
-    spec = importlib.util.spec_from_file_location("scaling_benchmark", ROOT / "benchmarks" / "scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_budget_sweep_reports_test_split_accuracy(artifact, load_example, tmp_path):
-    scaling = _scaling()
+def test_budget_sweep_reports_test_split_accuracy(artifact, load_example, load_benchmark, tmp_path):
+    scaling = load_benchmark("scaling")
     example = load_example("mnist_resnet")
     art = artifact("mnist_resnet", "host", ratios=(0.0, 0.4, 0.8)).artifact
     test = list(example.test_data())

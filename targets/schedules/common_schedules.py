@@ -85,3 +85,11 @@ def conv2d_parts(sch: s_tir.Schedule):
         return None
     prologue, conv, epilogue = parts
     return inline_copies(sch, prologue), conv, epilogue
+
+
+def accumulator_cache(sch: s_tir.Schedule, block):
+    """``block``'s write cached in the "global" scope: TVM 0.27 keeps an allocation on the stack
+    only when it is "global" and under 1 KB (the tiles are sized for that:
+    :func:`~legoc.targets.schedules.isa.stack_vectors`); any other comes from TVM's workspace
+    pool, a call in and one out, here inside the parallel loop once per tile or channel."""
+    return sch.cache_write(block, 0, "global")

@@ -6,7 +6,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent, is_block_split, largest_divisor
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (conv2d_parts, inline_epilogue,
+from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_parts, inline_epilogue,
                                                       parallel_fused, schedule_spatial)
 from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_lanes, vector_registers
 
@@ -78,7 +78,7 @@ class Conv2dNCHWPacked(CPURule):
         xo, xi = sch.split(x, [None, xb])
         fi_o, fi_i = sch.split(fi, [fb, lanes])
         sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi_o, fi_i)
-        acc_out = sch.cache_write(conv, 0, "global")  # stack when under 1 KB (see DepthwiseConv2d)
+        acc_out = accumulator_cache(sch, conv)
         # channels innermost in the accumulator tile, so each channel vector is one register
         sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
         left = inline_epilogue(sch, acc_out, epilogue)

@@ -7,7 +7,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (conv2d_parts, inline_epilogue,
+from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_parts, inline_epilogue,
                                                       parallel_fused, schedule_spatial)
 from legoc.targets.schedules.isa import pointwise_tile, vector_lanes, vector_registers
 
@@ -50,7 +50,7 @@ class Conv2dPointwise(CPURule):
         vo, vm, vi = sch.split(v, [None, xv, lanes])
         # pixel blocks outside channel blocks: an input tile stays in L1 across the channels
         sch.reorder(n, vo, fo, rc, ry, rx, fi, vm, vi)
-        acc_out = sch.cache_write(conv, 0, "global")  # stack when under 1 KB (see DepthwiseConv2d)
+        acc_out = accumulator_cache(sch, conv)
         sch.transform_layout(conv, ("write", 0), flat)
         left = inline_epilogue(sch, acc_out, epilogue)
         sch.transform_block_layout(acc_out, flat)

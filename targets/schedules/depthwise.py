@@ -7,7 +7,8 @@ from tvm.target import Target
 from legoc.targets.schedules.analysis import (extent, iter_kinds, largest_divisor, product,
                                               split_around_reduction)
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import MIN_PARALLEL, inline_epilogue, schedule_spatial
+from legoc.targets.schedules.common_schedules import (MIN_PARALLEL, accumulator_cache, inline_epilogue,
+                                                      schedule_spatial)
 from legoc.targets.schedules.isa import vector_isa
 
 
@@ -79,9 +80,7 @@ class DepthwiseConv2d(CPURule):
         if split_vec:
             xm, xi = sch.split(xi, [None, vec])
             sch.unroll(xm)
-        # "global", not "local": TVM 0.27 puts an allocation under 1 KB on the stack only in the
-        # global scope; any other goes through TVMBackendAllocWorkspace, here once per channel
-        acc_out = sch.cache_write(conv, 0, "global")
+        acc_out = accumulator_cache(sch, conv)
         left = inline_epilogue(sch, acc_out, epilogue)
         sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
         nf = sch.fuse(n, f)
