@@ -1,8 +1,9 @@
 """Where legoc's time goes against ONNX Runtime's, layer class by layer class, inside the real run.
 
-    .venv/bin/python benchmarks/layers_vs_ort.py [--model mobilenetv2-224|resnet18-224] [--runs 2]
+    .venv/bin/python benchmarks/layers_vs_ort.py [--model mobilenetv2-224|resnet18-224] [--runs 2] [--threads 1]
 
-Each side runs in processes of its own (alternating, ``--runs`` each), on 1 thread:
+Each side runs in processes of its own (alternating, ``--runs`` each), on ``--threads`` threads
+(end to end is CPU time on 1 thread, wall-clock time on more):
 
 * ONNX Runtime 1.30 (all graph optimizations) on the model's ONNX export, profiled with
   ``enable_profiling``: every node's kernel time, median over 60 calls.
@@ -64,7 +65,8 @@ def _ort(name: str, work: Path) -> dict:
     path = work / "m.onnx"
     torch.onnx.export(model, inputs, str(path), input_names=["x"], dynamo=False)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.intra_op_num_threads = _threads()
+    options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     x = {"x": inputs[0].numpy()}
     plain = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -138,14 +140,20 @@ def _legoc(name: str, work: Path) -> dict:
     return {"e2e": e2e, "classes": per_class}
 
 
+def _threads() -> int:
+    return int(os.environ.get("TVM_NUM_THREADS", "1"))
+
+
 def _cpu_median(call, *, warm: int, calls: int) -> float:
+    """Median ms per call: CPU time on 1 thread (steadier on this VM), wall clock on more."""
+    clock = time.process_time if _threads() == 1 else time.perf_counter
     for _ in range(warm):
         call()
     times = []
     for _ in range(calls):
-        t0 = time.process_time()
+        t0 = clock()
         call()
-        times.append((time.process_time() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -153,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenetv2-224")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", choices=["ort", "legoc"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -160,7 +169,7 @@ def main() -> None:
             result = (_ort if args.worker == "ort" else _legoc)(args.model, Path(work))
         print(json.dumps(result))
         return
-    env = dict(os.environ, TVM_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TVM_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     runs: dict[str, list[dict]] = {"ort": [], "legoc": []}
     for i in range(args.runs):
         for side in runs:
@@ -173,7 +182,7 @@ def main() -> None:
             print(f"run {i + 1}/{args.runs} {side}: end to end {runs[side][-1]['e2e']:.3f} ms", flush=True)
     keys = sorted({k for side in runs.values() for r in side for k in r["classes"]},
                   key=lambda k: (k.split("|")[0], -int(k.split("|")[1])))
-    print(f"\n{args.model}, 1 thread, ms per inference (smallest of {args.runs} runs)")
+    print(f"\n{args.model}, {args.threads} thread(s), ms per inference (smallest of {args.runs} runs)")
     print(f"{'class|width':<20}{'ORT':>8}{'legoc':>8}{'legoc-ORT':>11}")
     totals = [0.0, 0.0]
     for key in keys:
