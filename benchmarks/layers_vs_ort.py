@@ -10,7 +10,9 @@ Each side runs in processes of its own (alternating, ``--runs`` each), on ``--th
 * legoc's monolithic module (``build_module(prepack=True)``, as ``benchmarks/inference.py``
   builds it), its Relax VM instrumented: every kernel's time inside the run, median over 40 calls.
   The instrument's own cost (a Python call before and after each kernel) is not in the kernel
-  times but is in nothing else either: end to end is timed without it (CPU time, median of 100).
+  times but is in nothing else either: end to end is timed without it (median of 100). On more
+  than 1 thread the kernel times run high: TVM's worker waits through each Python call, and
+  legoc's sum of kernels came out above its end to end (ResNet-18, 2 threads: 21.4 vs 18.5 ms).
 
 Both are grouped into classes by op and output width: a conv by its weight (``dw``: depthwise,
 ``pw-exp``/``pw-proj``: 1x1 that widens or narrows, ``conv3`` etc.: k x k), others by op name.

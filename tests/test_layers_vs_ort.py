@@ -29,3 +29,16 @@ def test_both_workers_time_the_same_layer_classes(tmp_path, load_benchmark):
     # the depthwise layers of both, at the same output widths
     widths = lambda r: {k for k in r["classes"] if k.startswith("dw|")}  # noqa: E731
     assert widths(ort) == widths(legoc)
+
+
+def test_end_to_end_clock_follows_the_thread_count(monkeypatch, load_benchmark):
+    """CPU time on 1 thread (a sleep costs nothing), wall clock on more (the sleep counts):
+    CPU time would add up both threads' work."""
+    import time
+
+    bench = load_benchmark("layers_vs_ort")
+    nap = lambda: time.sleep(0.02)  # noqa: E731
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert bench._cpu_median(nap, warm=0, calls=3) < 5
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    assert bench._cpu_median(nap, warm=0, calls=3) >= 19
