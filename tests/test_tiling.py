@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from legoc.errors import UserError
@@ -159,6 +159,9 @@ class _Stack(nn.Module):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layers=st.lists(_layer, min_size=1, max_size=4), height=st.integers(8, 40),
        width=st.integers(6, 12), shares=st.lists(st.integers(1, 5), min_size=2, max_size=4))
+# a dilated max pool whose windows lie wholly in the padding: -inf in both outputs (found in CI)
+@example(layers=[("conv", 1, 1, 1, 0), ("conv", 1, 1, 1, 0), ("conv", 5, 1, 2, 0), ("max", 2, 1, 2, 1)],
+         height=10, width=9, shares=[1, 1])
 def test_random_conv_stacks_tile_exactly(layers, height, width, shares):
     torch.manual_seed(0)
     model = _Stack(layers).eval()
@@ -178,7 +181,8 @@ def test_random_conv_stacks_tile_exactly(layers, height, width, shares):
     event("tiled")
     plan = tile_plan(gm, x, shares)
     assert plan, plan
-    assert float((plan.run(x) - ref).abs().max()) <= 1e-4
+    # assert_close: equal infinities match (a difference of two -inf is nan)
+    torch.testing.assert_close(plan.run(x), ref, rtol=0, atol=1e-4)
 
 
 def test_tvm_tile_equals_torch(tmp_path):
