@@ -72,7 +72,7 @@ def _ort(name: str, work: Path) -> dict:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     x = {"x": inputs[0].numpy()}
     plain = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    e2e = _cpu_median(lambda: plain.run(None, x), warm=30, calls=100)
+    e2e = _median_ms(lambda: plain.run(None, x), warm=30, calls=100)
     options.enable_profiling = True
     options.profile_file_prefix = str(work / "profile")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -110,7 +110,7 @@ def _legoc(name: str, work: Path) -> dict:
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), dev)
     args = [tvm.runtime.tensor(inputs[0].numpy(), dev), *(tvm.runtime.tensor(np.asarray(p), dev) for p in built.params)]
     main = vm["main"]
-    e2e = _cpu_median(lambda: main(*args).numpy(), warm=20, calls=100)
+    e2e = _median_ms(lambda: main(*args).numpy(), warm=20, calls=100)
     per_call, started, shapes = collections.defaultdict(list), {}, {}
 
     def instrument(_func, symbol, before, _ret, *call_args):
@@ -146,7 +146,7 @@ def _threads() -> int:
     return int(os.environ.get("TVM_NUM_THREADS", "1"))
 
 
-def _cpu_median(call, *, warm: int, calls: int) -> float:
+def _median_ms(call, *, warm: int, calls: int) -> float:
     """Median ms per call: CPU time on 1 thread (steadier on this VM), wall clock on more."""
     clock = time.process_time if _threads() == 1 else time.perf_counter
     for _ in range(warm):

@@ -51,6 +51,6 @@ def test_end_to_end_clock_follows_the_thread_count(monkeypatch, load_benchmark):
 
     monkeypatch.setattr(bench, "time", Clocks())
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
-    assert bench._cpu_median(lambda: None, warm=0, calls=3) == pytest.approx(1.0)
+    assert bench._median_ms(lambda: None, warm=0, calls=3) == pytest.approx(1.0)
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
-    assert bench._cpu_median(lambda: None, warm=0, calls=3) == pytest.approx(10.0)
+    assert bench._median_ms(lambda: None, warm=0, calls=3) == pytest.approx(10.0)

@@ -2,10 +2,8 @@
 worker steps the budget, picks by CP-SAT, and scores every configuration on the test split."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
-
 
 
 def test_budget_sweep_reports_test_split_accuracy(artifact, load_example, load_benchmark, tmp_path):
