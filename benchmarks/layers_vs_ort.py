@@ -16,8 +16,9 @@ Each side runs in processes of its own (alternating, ``--runs`` each), on ``--th
 
 Both are grouped into classes by op and output width: a conv by its weight (``dw``: depthwise,
 ``pw-exp``/``pw-proj``: 1x1 that widens or narrows, ``conv3`` etc.: k x k), others by op name.
-legoc's split expansions (``SplitExpandDepthwise``) count in their classes; the concat that joins
-them is a class of its own. Each cell is the smallest of the runs.
+legoc's split expansions (``SplitExpandDepthwise``) and channel-blocked inverted residuals
+(``BlockInvertedResidual``) count in their classes; the concat that joins split groups is a
+class of its own. Each cell is the smallest of the runs.
 """
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ def _kind(inp, weight) -> str:
     if weight[2] == 1:
         return "pw-exp" if weight[0] > inp[1] else "pw-proj"
     return f"conv{weight[2]}"
+
+
+def _blocked_kind(symbol: str, dims: list) -> tuple[str, int]:
+    """(class, output width) of a kernel of a channel-blocked inverted residual: its blocked
+    tensors are [N, C/B, H, W, B], so the width is the second last dimension there."""
+    first, out = dims[0], dims[-1]
+    width = out[3] if len(out) == 5 else out[-1]
+    if "depthwise_blocked" in symbol:
+        return "dw", width
+    return ("pw-exp" if len(first) == 4 else "pw-proj"), width
 
 
 def _spec(name: str, work: Path):
@@ -131,14 +142,17 @@ def _legoc(name: str, work: Path) -> dict:
         if not dims:   # VM builtins (storage allocation) pass no tensors
             continue
         weight = dims[1] if len(dims) > 2 and len(dims[1]) in (4, 5) and "conv" in symbol else None
+        out = dims[-1]
+        width = out[-1] if len(out) == 4 else 0
         if "matmul" in symbol:
             kind = "fc"
+        elif "_blocked" in symbol:   # a channel-blocked inverted residual (block_layout.py)
+            kind, width = _blocked_kind(symbol, dims)
         elif "conv" in symbol:
             kind = _kind(dims[0], weight)
         else:
             kind = symbol.split("_")[1] if symbol.startswith("fused_") else symbol
-        out = dims[-1]
-        per_class[f"{kind}|{out[-1] if len(out) == 4 else 0}"] += statistics.median(durations) * (len(durations) // calls)
+        per_class[f"{kind}|{width}"] += statistics.median(durations) * (len(durations) // calls)
     return {"e2e": e2e, "classes": per_class}
 
 

@@ -14,6 +14,10 @@ def test_conv_classes(load_benchmark):
     assert kind([1, 3, 224, 224], [64, 3, 7, 7]) == "conv7"
     assert kind([1, 1, 28, 28], [8, 1, 3, 3]) == "conv3"             # one input channel: not depthwise
     assert kind([1, 1280], None) == "other"
+    blocked = load_benchmark("layers_vs_ort")._blocked_kind    # [N, C/B, H, W, B] tensors
+    assert blocked("fused_conv2d_blocked3_add9_tir_clip5", [[1, 32, 28, 28], [24, 32, 8], [1, 24, 28, 28, 8]]) == ("pw-exp", 28)
+    assert blocked("fused_depthwise_blocked1_add7", [[1, 18, 56, 56, 8], [18, 3, 3, 8], [1, 18, 28, 28, 8]]) == ("dw", 28)
+    assert blocked("fused_conv2d_blocked4_add8_add10", [[1, 24, 28, 28, 8], [4, 24, 8, 8], [1, 32, 28, 28]]) == ("pw-proj", 28)
 
 
 def test_both_workers_time_the_same_layer_classes(tmp_path, load_benchmark):

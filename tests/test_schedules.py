@@ -319,8 +319,11 @@ def test_stride2_plane_split_is_vectorized_by_shuffles(host):
         with host:
             executable = tvm.compile(mod, target=host, relax_pipeline=cpu_pipeline(host))
         asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
-        assert "vinsertps" not in asm and "vscatter" not in asm
-        assert any(op in asm for op in ("vpermt2ps", "vpermi2ps", "vshufps", "vpermps"))
+        shuffles = sum(asm.count(op) for op in ("vpermt2ps", "vpermi2ps", "vshufps", "vpermps", "vpermpd"))
+        # AVX-512: none; AVX2 (znver3): one vinsertps per 8-float vector, for the last element
+        # of a 7-element tail load, beside a shuffle and a permute (the lane-by-lane form had 7+)
+        assert "vscatter" not in asm and shuffles
+        assert asm.count("vinsertps") <= shuffles, (asm.count("vinsertps"), shuffles)
 
 
 def test_vector_width_from_cpu_features():

@@ -17,7 +17,9 @@ element (:func:`analysis.same_domain`).
 
 The files, as in ``tvm.s_tir.dlight``:
 
-* rules, one per file, in the order tried: ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
+* rules, one per file, in the order tried: ``conv2d_blocked`` (:class:`Conv2dBlocked`) and
+  ``depthwise_blocked`` (:class:`DepthwiseBlocked`), the three convs of a channel-blocked
+  inverted residual (``block_layout`` below); ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
   1x1 stride-1 conv2d over a plane of whole vectors), ``conv2d_packed``
   (:class:`Conv2dNCHWPacked`, other groups=1 conv2d), ``depthwise`` (:class:`DepthwiseConv2d`),
   ``pool2d`` (:class:`Pool2d`: windowed max and average pooling, scheduled as the depthwise
@@ -29,6 +31,9 @@ The files, as in ``tvm.s_tir.dlight``:
   ``isa`` (vector lanes and registers, the register tile), ``common_schedules``;
 * ``transform``: the :class:`ApplyCPUSchedules` pass;
 * Relax rewrites before legalization, sharing ``rewrite`` (:func:`match_conv2d`):
+  ``block_layout`` (:class:`BlockInvertedResidual`, ``build_module(prepack=True)``: an
+  expansion, depthwise conv and projection run with the expanded activations channel-blocked,
+  ``[N, C/B, H, W, B]``, B the vector width),
   ``split_expand`` (:class:`SplitExpandDepthwise`: a large expansion and the strided depthwise
   conv it feeds, run as L2-sized channel groups),
   ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
@@ -38,9 +43,12 @@ The files, as in ``tvm.s_tir.dlight``:
 * ``pipeline``: TVM's CPU pipeline with all of the above in place.
 """
 from legoc.targets.schedules.base import CPURule
+from legoc.targets.schedules.block_layout import BlockInvertedResidual
+from legoc.targets.schedules.conv2d_blocked import Conv2dBlocked
 from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
 from legoc.targets.schedules.conv2d_pointwise import Conv2dPointwise
 from legoc.targets.schedules.depthwise import DepthwiseConv2d
+from legoc.targets.schedules.depthwise_blocked import DepthwiseBlocked
 from legoc.targets.schedules.fallback import Fallback
 from legoc.targets.schedules.injective import Injective
 from legoc.targets.schedules.isa import pointwise_tile, vector_isa, vector_lanes, vector_registers
@@ -55,9 +63,12 @@ from legoc.targets.schedules.transform import RULE_ATTR, ApplyCPUSchedules, defa
 
 __all__ = [
     "ApplyCPUSchedules",
+    "BlockInvertedResidual",
     "CPURule",
+    "Conv2dBlocked",
     "Conv2dNCHWPacked",
     "Conv2dPointwise",
+    "DepthwiseBlocked",
     "DepthwiseConv2d",
     "Fallback",
     "Injective",

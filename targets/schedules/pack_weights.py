@@ -113,10 +113,13 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
     weights alone (packing, FC weight transposes, bias reshapes) lifted out of ``main`` into
     ``main_transform_params``: run that once on the weights (at build time) and pass its outputs
     to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
+    from legoc.targets.schedules.block_layout import BlockInvertedResidual  # noqa: PLC0415
     from legoc.targets.schedules.split_expand import SplitExpandDepthwise  # noqa: PLC0415
 
     with target:
-        # split first, so that the groups' convs are the ones packed (or left to Conv2dPointwise)
+        # split first, so that the groups' convs are the ones packed (or left to Conv2dPointwise);
+        # then the inverted residuals left whole go channel-blocked (their convs are not packed here)
         mod = SplitExpandDepthwise()(mod)
+        mod = BlockInvertedResidual(vector_lanes(target))(mod)
         mod = PackConvWeights(vector_lanes(target), vector_registers(target))(mod)
         return relax.transform.LiftTransformParams()(mod)

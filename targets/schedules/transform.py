@@ -8,9 +8,11 @@ from tvm import tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
 
+from legoc.targets.schedules.conv2d_blocked import Conv2dBlocked
 from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
 from legoc.targets.schedules.conv2d_pointwise import Conv2dPointwise
 from legoc.targets.schedules.depthwise import DepthwiseConv2d
+from legoc.targets.schedules.depthwise_blocked import DepthwiseBlocked
 from legoc.targets.schedules.fallback import Fallback
 from legoc.targets.schedules.injective import Injective
 from legoc.targets.schedules.pool2d import Pool2d
@@ -21,7 +23,7 @@ RULE_ATTR = "legoc.schedule_rule"  # PrimFunc attribute naming the rule that sch
 
 def default_rules() -> list[dlight.ScheduleRule]:
     """The CPU rules in the order they are tried."""
-    return [Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
+    return [Conv2dBlocked(), DepthwiseBlocked(), Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocApplyCPUSchedules")

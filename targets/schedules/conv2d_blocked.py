@@ -1,0 +1,108 @@
+"""Conv2dBlocked: the 1x1 convs at either end of a channel-blocked inverted residual
+(:mod:`~legoc.targets.schedules.block_layout`)."""
+from __future__ import annotations
+
+from tvm import s_tir
+from tvm.target import Target
+
+from legoc.targets.schedules.analysis import extent, iter_kinds, largest_divisor, split_around_reduction
+from legoc.targets.schedules.base import CPURule
+from legoc.targets.schedules.block_layout import EXPAND, PROJECT
+from legoc.targets.schedules.common_schedules import (accumulator_cache, inline_epilogue, parallel_fused,
+                                                      schedule_spatial)
+from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_isa
+
+
+def reduction_named(sch: s_tir.Schedule, prefix: str, kinds: str):
+    """(prologue, reduction block, epilogue) when the PrimFunc's one reduction block is a TE
+    compute named ``prefix`` (FuseTIR may add a suffix) with iterator kinds ``kinds``."""
+    parts = split_around_reduction(sch)
+    if parts is None or not sch.get(parts[1]).name_hint.startswith(prefix) \
+            or iter_kinds(sch, parts[1]) != kinds:
+        return None
+    return parts
+
+
+class Conv2dBlocked(CPURule):
+    """The expansion (NCHW in, NCHW[B]c out: loops n, co, y, x, ci, rc) and the projection
+    (NCHW[B]c in, NCHW out: n, f, y, x, rb, ri) of a blocked inverted residual, with their fused
+    epilogues. Both are the packed conv's micro-kernel: ``FB`` vectors of output channels times
+    ``XB`` output columns of accumulators, one broadcast input scalar per column and reduction
+    step. The expansion's accumulators are its output blocks, so the write-back is whole-vector
+    stores; the projection's go back to NCHW through a pixel-major tile, as in
+    :class:`~legoc.targets.schedules.Conv2dNCHWPacked`."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
+        lanes, regs = vector_isa(target)
+        parts = reduction_named(sch, EXPAND, "SSSSSR")
+        if parts is not None:
+            return _expand(sch, parts, lanes, regs)
+        parts = reduction_named(sch, PROJECT, "SSSSRR")
+        if parts is not None:
+            return _project(sch, parts, lanes, regs)
+        return False
+
+
+def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
+    prologue, conv, epilogue = parts
+    if prologue:
+        return False
+    n, co, y, x, ci, rc = sch.get_loops(conv)
+    block, n_x = extent(sch, ci), extent(sch, x)
+    if block != lanes:
+        return False
+    fb, xb = register_tile(extent(sch, co) * block, n_x, lanes, regs)
+    coo, coi = sch.split(co, [None, fb])
+    xo, xi = sch.split(x, [None, xb])
+    sch.reorder(n, coo, y, xo, rc, xi, coi, ci)
+    acc_out = accumulator_cache(sch, conv)
+    left = inline_epilogue(sch, acc_out, epilogue)
+    sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+    sch.vectorize(ci)
+    sch.unroll(coi)
+    sch.unroll(xi)
+    parallel_fused(sch, [n, coo, y], 1 << 30)
+    sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
+    sch.vectorize(sch.get_loops(acc_out)[-1])
+    for blk in left:
+        schedule_spatial(sch, blk, lanes)
+    return True
+
+
+def _project(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
+    prologue, conv, epilogue = parts
+    if prologue:
+        return False
+    stmt = sch.get(conv)
+    out = stmt.writes[0].source
+    # the weight [F/L, CB, B, L]: the reduction's other reads are the blocked input (5-D) and its own output
+    weight = next((r.source for r in stmt.reads if len(r.source.shape) == 4 and not r.source.same_as(out)), None)
+    if weight is None:
+        return False
+    block = int(weight.shape[3])   # the weight's output channel block: the vector width used
+    n, f, y, x, rb, ri = sch.get_loops(conv)
+    n_f, n_x = extent(sch, f), extent(sch, x)
+    if n_f % block or block > lanes:
+        return False
+    fb, xb = register_tile(n_f, n_x, block, regs)
+    if block < lanes:   # a short channel block: one vector, the most columns that fit
+        fb, xb = 1, largest_divisor(n_x, acc_vectors(lanes, regs))
+    fo, fi = sch.split(f, [None, fb * block])
+    fio, fii = sch.split(fi, [fb, block])
+    xo, xi = sch.split(x, [None, xb])
+    sch.reorder(n, fo, y, xo, rb, ri, xi, fio, fii)
+    acc_out = accumulator_cache(sch, conv)
+    # channels innermost in the accumulator tile, so each channel vector is one register
+    sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
+    left = inline_epilogue(sch, acc_out, epilogue)
+    sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+    sch.vectorize(fii)
+    sch.unroll(fio)
+    sch.unroll(xi)
+    parallel_fused(sch, [n, fo, y], 1 << 30)
+    sch.decompose_reduction(conv, rb)
+    if xb >= 4:
+        sch.vectorize(sch.get_loops(acc_out)[-1])
+    for blk in left:
+        schedule_spatial(sch, blk, lanes)
+    return True

@@ -1,0 +1,163 @@
+"""Channel-blocked inverted residuals (legoc.targets.schedules.block_layout): the rewrite, its two
+rules, and modules built with them equal to PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+RTOL = 1e-4
+
+
+def _block(cin: int, hidden: int, cout: int, k: int, stride: int, act, residual: bool, seed: int):
+    """expand 1x1 + BN + act -> depthwise kxk + BN + act -> project 1x1 + BN (+ input)."""
+    torch.manual_seed(seed)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act(),
+                nn.Conv2d(hidden, hidden, k, stride, k // 2, groups=hidden, bias=False),
+                nn.BatchNorm2d(hidden), act(),
+                nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.residual = residual
+
+        def forward(self, x):
+            y = self.body(x)
+            return x + y if self.residual else y
+
+    model = Block().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _prepacked(model: nn.Module, x: torch.Tensor, target):
+    """The Relax module build_module(prepack=True) schedules: weights transforms lifted out."""
+    import tvm.relax.frontend.torch as relax_torch
+
+    from legoc.passes.fold import fold_batchnorm
+    from legoc.targets.schedules import prepack_weights
+
+    with torch.no_grad():
+        exported = torch.export.export(fold_batchnorm(model), (x,))
+    mod = relax_torch.from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+    mod["main"] = mod["main"].with_attr("num_input", 1)
+    return prepack_weights(mod, target)
+
+
+def _rules(model: nn.Module, x: torch.Tensor, target) -> dict[str, str]:
+    """PrimFunc -> rule after prepack_weights and legoc's scheduling passes (strict: a rule that
+    raises fails the test)."""
+    import tvm
+
+    from legoc.targets.schedules import scheduled_by, scheduling_passes
+
+    mod = _prepacked(model, x, target)
+    with target:
+        mod = tvm.transform.Sequential(scheduling_passes(target, strict=True))(mod)
+    return scheduled_by(mod)
+
+
+def _run(model: nn.Module, x: torch.Tensor, folder, name: str = "m") -> float:
+    """build_module(prepack=True) for the host, run; relative error against PyTorch. (Each
+    module needs a path of its own: a second library loaded from the same path in one process
+    is the first one again.)"""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    built = build_module(model, (x,), get_target("host"), folder / f"{name}.so", prepack=True)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert out.shape == ref.shape
+    return float(np.abs(out - ref).max()) / max(float(np.abs(ref).max()), 1e-6)
+
+
+@pytest.fixture(scope="module")
+def host():
+    from legoc.targets.table import get_target
+
+    return get_target("host").tvm_target()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@example(cin=24, hidden=144, cout=24, k=3, stride=1, hw=(14, 14), relu6=True, batch=1, seed=0)   # MobileNetV2
+@example(cin=16, hidden=37, cout=24, k=3, stride=2, hw=(9, 13), relu6=False, batch=2, seed=1)   # odd hidden
+@example(cin=3, hidden=5, cout=12, k=5, stride=1, hw=(1, 1), relu6=True, batch=1, seed=2)       # all padding
+@given(cin=st.integers(1, 40), hidden=st.integers(2, 70), cout=st.sampled_from([4, 8, 12, 16, 24, 32, 40]),
+       k=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]),
+       hw=st.tuples(st.integers(1, 17), st.integers(1, 17)), relu6=st.booleans(),
+       batch=st.integers(1, 2), seed=st.integers(0, 99))
+def test_blocked_inverted_residual_matches_pytorch(host, tmp_path_factory, cin, hidden, cout, k, stride, hw,
+                                                   relu6, batch, seed):
+    """Any channel counts (hidden ones padded to the vector width), strides, kernels and maps:
+    the blocked chain equals PyTorch, and the blocked rules schedule its three convs. (One hidden
+    channel is not a depthwise conv but a plain one: not drawn.)"""
+    act = nn.ReLU6 if relu6 else nn.ReLU
+    residual = stride == 1 and cin == cout
+    model = _block(cin, hidden, cout, k, stride, act, residual, seed)
+    torch.manual_seed(seed + 1000)
+    x = torch.randn(batch, cin, *hw)
+    used = _rules(model, x, host)
+    blocked = sorted(rule for rule in used.values() if rule in ("Conv2dBlocked", "DepthwiseBlocked"))
+    assert blocked == ["Conv2dBlocked", "Conv2dBlocked", "DepthwiseBlocked"], used
+    assert _run(model, x, tmp_path_factory.mktemp("block")) <= RTOL
+
+
+def test_chains_the_rewrite_must_not_take_stay_nchw(host, tmp_path):
+    """Projections to a channel count that is not a multiple of 4, and expansions whose output
+    is read twice, stay in NCHW (and still equal PyTorch)."""
+    model = _block(8, 24, 6, 3, 1, nn.ReLU6, False, 0)
+    x = torch.randn(1, 8, 10, 10)
+    used = _rules(model, x, host)
+    assert not {"Conv2dBlocked", "DepthwiseBlocked"} & set(used.values()), used
+    assert _run(model, x, tmp_path) <= RTOL
+
+    class TwoReaders(nn.Module):   # the expansion's activation also feeds the output
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU())
+            self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.ReLU())
+            self.project = nn.Conv2d(16, 16, 1)
+
+        def forward(self, x):
+            e = self.expand(x)
+            return self.project(self.dw(e)) + e
+
+    model = TwoReaders().eval()
+    used = _rules(model, x, host)
+    assert not {"Conv2dBlocked", "DepthwiseBlocked"} & set(used.values()), used
+    assert _run(model, x, tmp_path, "two_readers") <= RTOL
+
+
+def test_blocked_rules_build_for_aarch64():
+    """NEON (4 lanes): the chain is blocked by 4, its rules apply, and it compiles to NEON FMAs."""
+    import tvm
+
+    from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pipeline
+    from legoc.targets.table import get_target
+
+    target = get_target("raspberry-pi-4").tvm_target()
+    model = _block(16, 40, 16, 3, 1, nn.ReLU6, True, 3)
+    x = torch.randn(1, 16, 12, 12)
+    used = _rules(model, x, target)
+    assert sorted(r for r in used.values() if "Blocked" in r) == ["Conv2dBlocked", "Conv2dBlocked", "DepthwiseBlocked"]
+    mod = _prepacked(model, x, target)
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != TRANSFORM_PARAMS})
+    executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
+    assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
