@@ -161,3 +161,23 @@ def test_blocked_rules_build_for_aarch64():
     executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
+
+
+def test_blocked_tile_fits_the_registers():
+    """Every tile divides the channel blocks and the row, fits its accumulators, weight vectors
+    and broadcast in the registers, and takes XB = 1 only on rows of 1; the tiles measured best
+    on AVX2 (16 registers) are the ones chosen."""
+    from legoc.targets.schedules.conv2d_blocked import blocked_tile
+    from legoc.targets.schedules.isa import acc_vectors
+
+    for lanes, regs in ((16, 32), (8, 16), (4, 32)):
+        acc = acc_vectors(lanes, regs)
+        for blocks in range(1, 130):
+            for n_x in (1, 2, 3, 5, 7, 14, 28, 56, 112):
+                fb, xb = blocked_tile(blocks, n_x, acc, regs)
+                assert blocks % fb == 0 and n_x % xb == 0, (blocks, n_x, fb, xb)
+                assert fb * xb <= acc and fb * xb + fb + 1 <= regs, (lanes, blocks, n_x, fb, xb)
+                assert xb > 1 or n_x == 1, (lanes, blocks, n_x, fb, xb)
+    assert blocked_tile(3, 56, 12, 16) == (3, 4)    # 144->24 at 56: 0.26 ms against 0.33 at 1 x 8
+    assert blocked_tile(72, 14, 12, 16) == (4, 2)   # 96->576 at 14: 0.23 ms against 0.29 at 1 x 7
+    assert blocked_tile(20, 7, 12, 16) == (1, 7)    # 960->160 at 7: not 4 x 1 (1.8x slower)
