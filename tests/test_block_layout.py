@@ -181,3 +181,17 @@ def test_blocked_tile_fits_the_registers():
     assert blocked_tile(3, 56, 12, 16) == (3, 4)    # 144->24 at 56: 0.26 ms against 0.33 at 1 x 8
     assert blocked_tile(72, 14, 12, 16) == (4, 2)   # 96->576 at 14: 0.23 ms against 0.29 at 1 x 7
     assert blocked_tile(20, 7, 12, 16) == (1, 7)    # 960->160 at 7: not 4 x 1 (1.8x slower)
+
+
+@pytest.mark.parametrize("cout,batch", [(32, 1), (37, 2)])
+def test_blocked_head_before_global_pooling_matches_pytorch(host, tmp_path, cout, batch):
+    """A 1x1 conv + bias + ReLU6 feeding global average pooling (a network's head) runs blocked:
+    pooled per channel block, then back to [N, C, 1, 1] (channels that are not a multiple of the
+    vector width: the padding sliced off), and equals PyTorch."""
+    torch.manual_seed(cout)
+    model = nn.Sequential(nn.Conv2d(8, cout, 1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(cout, 10)).eval()
+    x = torch.randn(batch, 8, 7, 7)
+    used = _rules(model, x, host)
+    assert "Conv2dBlocked" in used.values(), used
+    assert _run(model, x, tmp_path) <= RTOL

@@ -18,6 +18,10 @@ that way (NCHWc); legoc keeps NCHW at block boundaries and blocks only what lies
 * the projection reads one input channel of a pixel as a broadcast scalar, as the packed conv
   does from NCHW, and writes NCHW.
 
+A network's head, a 1x1 conv + bias + activation feeding global average pooling, is blocked the
+same way: the conv writes blocks and the pooling reads them, so its NCHW write-back (a transpose
+at 7x7) goes too.
+
 Expanded channels that are not a multiple of B are padded with zero weights and biases; the
 projection's weights for them are zero, so they add nothing. Weights are re-laid out by Relax
 ``layout_transform`` calls, which ``LiftTransformParams`` moves to build time
@@ -121,27 +125,37 @@ class _Blocker(relax.PyExprMutator):
             return None
         return conv, bias, act
 
-    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
-        call = super().visit_call_(call)
-        chain = self._match(call)
-        if chain is None:
-            return call
-        self.changed = True
-        (expand, b1, act1), (dw, b2, act2), lanes_out = chain
-        emit = self.builder_.emit
+    def _blocked_bias(self, bias):
+        """[1, C, 1, 1] -> [1, CB, 1, 1, B], zero-padded."""
         lanes = self.lanes
+        return self.builder_.emit(relax.op.layout_transform(
+            bias, lambda n, c, h, w: (n, c // lanes, h, w, c % lanes), pad_value=0.0))
 
-        def blocked(bias):   # [1, C, 1, 1] -> [1, CB, 1, 1, B], zero-padded
-            return emit(relax.op.layout_transform(
-                bias, lambda n, c, h, w: (n, c // lanes, h, w, c % lanes), pad_value=0.0))
-
+    def _expansion(self, expand, bias, act):
+        """activation(expansion + bias), blocked: [N, CB, H, W, B]."""
+        emit, lanes = self.builder_.emit, self.lanes
         x, w1 = expand.args
         out1, in1 = (int(w1.ty.shape[i]) for i in (0, 1))
         w1p = emit(relax.op.layout_transform(emit(relax.op.reshape(w1, [out1, in1])),
                                              lambda o, i: (o // lanes, i, o % lanes), pad_value=0.0))
         e = emit(self.builder_.call_te(_expand_te, x, w1p, primfunc_name_hint="conv2d_blocked",
                                        primfunc_attrs={"op_pattern": 4}))
-        e = emit(relax.Call(act1.op, [emit(relax.op.add(e, blocked(b1))), *act1.args[1:]], act1.attrs))
+        return emit(relax.Call(act.op, [emit(relax.op.add(e, self._blocked_bias(bias))), *act.args[1:]],
+                               act.attrs))
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
+        call = super().visit_call_(call)
+        pooled = self._match_pool(call)
+        if pooled is not None:
+            return self._pool(call, pooled)
+        chain = self._match(call)
+        if chain is None:
+            return call
+        self.changed = True
+        first, (dw, b2, act2), lanes_out = chain
+        emit = self.builder_.emit
+        lanes = self.lanes
+        e = self._expansion(*first)
         a = dw.attrs
         c2, _, kh, kw = (int(d) for d in dw.args[1].ty.shape)
         w2p = emit(relax.op.layout_transform(emit(relax.op.reshape(dw.args[1], [c2, kh, kw])),
@@ -150,13 +164,47 @@ class _Blocker(relax.PyExprMutator):
             _depthwise_te, e, w2p, [int(v) for v in a.strides], [int(v) for v in a.padding],
             [int(v) for v in a.dilation], primfunc_name_hint="depthwise_blocked",
             primfunc_attrs={"op_pattern": 4}))
-        d = emit(relax.Call(act2.op, [emit(relax.op.add(d, blocked(b2))), *act2.args[1:]], act2.attrs))
+        d = emit(relax.Call(act2.op, [emit(relax.op.add(d, self._blocked_bias(b2))), *act2.args[1:]], act2.attrs))
         out3, in3 = (int(call.args[1].ty.shape[i]) for i in (0, 1))
         w3p = emit(relax.op.layout_transform(
             emit(relax.op.reshape(call.args[1], [out3, in3])),
             lambda o, i: (o // lanes_out, i // lanes, i % lanes, o % lanes_out), pad_value=0.0))
         return self.builder_.call_te(_project_te, d, w3p, primfunc_name_hint="conv2d_blocked",
                                      primfunc_attrs={"op_pattern": 4})
+
+    def _match_pool(self, call):
+        """(expansion, bias, activation) when ``call`` is a global average pool (mean over H and
+        W, dimensions kept) of activation(1x1 conv + bias), each used once; else None. (A
+        network's head: MobileNetV2's 320->1280 conv at 7x7, whose NCHW write-back transposed.)"""
+        if _call(call, "relax.mean") is None or not call.attrs.keepdims or call.attrs.axis is None:
+            return None
+        data = call.args[0]
+        if not isinstance(data.ty, relax.TensorType) or data.ty.shape is None or len(data.ty.shape) != 4:
+            return None
+        if sorted(int(a) % 4 for a in call.attrs.axis) != [2, 3]:
+            return None
+        found = self._bias_act(data)
+        if found is None or not _pointwise(found[0]):
+            return None
+        channels = int(found[0].args[1].ty.shape[0])
+        bias = found[1]
+        if [int(d) for d in bias.ty.shape] != [1, channels, 1, 1] or str(bias.ty.dtype) != "float32":
+            return None
+        return found
+
+    def _pool(self, call, found):
+        """The head, blocked: the mean of each [B]-channel block, then back to [N, C, 1, 1] (a
+        1x1 map has the same memory order in both layouts)."""
+        self.changed = True
+        emit = self.builder_.emit
+        e = self._expansion(*found)
+        pooled = emit(relax.op.mean(e, axis=[2, 3], keepdims=True))
+        n, blocks, _, _, block = (int(d) for d in pooled.ty.shape)
+        flat = relax.op.reshape(pooled, [n, blocks * block, 1, 1])
+        channels = int(call.ty.shape[1])
+        if blocks * block == channels:
+            return flat
+        return relax.op.strided_slice(emit(flat), axes=[1], begin=[0], end=[channels])
 
     def _match(self, call):
         """((expansion, bias, activation), (depthwise conv, bias, activation), projection block)
@@ -201,7 +249,8 @@ def _pointwise(call) -> bool:
 @tvm.transform.module_pass(opt_level=0, name="LegocBlockInvertedResidual")
 class BlockInvertedResidual:
     """Rewrite expansion (1x1 conv + bias + ReLU/clip) -> depthwise conv (+ bias + ReLU/clip)
-    -> 1x1 projection, each link used once, into channel-blocked computes (module docstring).
+    -> 1x1 projection, and 1x1 conv + bias + ReLU/clip -> global average pooling, each link used
+    once, into channel-blocked computes (module docstring).
     ``lanes``: the block, the target's vector width."""
 
     def __init__(self, lanes: int):
