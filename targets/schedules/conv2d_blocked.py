@@ -47,11 +47,9 @@ def blocked_tile(blocks: int, n_x: int, acc: int, regs: int) -> tuple[int, int]:
     """(channel vectors FB, columns XB) of the blocked convs' register tile: the most FMAs per
     load (each reduction step loads FB weight vectors and broadcasts XB inputs for FB x XB
     FMAs), FB dividing the output channel blocks and XB the row; at most ``acc``
-    accumulators, and they, the FB weight vectors and a broadcast within ``regs`` registers;
-    XB of at least 2 where the row allows (at XB = 1 every pixel streams the whole weight: a
-    960->160 projection's 600 KB ran 1.8x slower at 4 x 1 than at 1 x 7). Measured on AVX2 (16
-    registers), one kernel each: 144->24 at 56x56 3 x 4 0.26 ms against 1 x 8 0.33 ms;
-    96->576 at 14x14 4 x 2 0.23 ms against 1 x 7 0.29 and 6 x 2 (spills) 0.30 ms."""
+    accumulators, and they, the FB weight vectors and a broadcast within ``regs`` registers
+    (AVX2 has no embedded broadcast: more spill); XB of at least 2 where the row allows, since
+    at XB = 1 every pixel streams the whole weight. (Measurements: commit 063c275, README.)"""
     min_x = 2 if largest_divisor(n_x, acc) >= 2 else 1
     best, key = (1, largest_divisor(n_x, acc)), None
     for fb in range(1, min(blocks, acc) + 1):
