@@ -84,6 +84,16 @@ def split_around_reduction(sch: s_tir.Schedule):
     return blocks[:i], block, blocks[i + 1:]
 
 
+def reduction_named(sch: s_tir.Schedule, prefix: str, kinds: str):
+    """(prologue, reduction block, epilogue) when the PrimFunc's one reduction block is a TE
+    compute named ``prefix`` (FuseTIR may add a suffix) with iterator kinds ``kinds``."""
+    parts = split_around_reduction(sch)
+    if parts is None or not sch.get(parts[1]).name_hint.startswith(prefix) \
+            or iter_kinds(sch, parts[1]) != kinds:
+        return None
+    return parts
+
+
 def product(values) -> int:
     out = 1
     for v in values:

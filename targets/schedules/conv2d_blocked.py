@@ -5,22 +5,12 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.target import Target
 
-from legoc.targets.schedules.analysis import extent, iter_kinds, largest_divisor, split_around_reduction
+from legoc.targets.schedules.analysis import extent, largest_divisor, reduction_named
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.block_layout import EXPAND, PROJECT
 from legoc.targets.schedules.common_schedules import (accumulator_cache, inline_epilogue, parallel_fused,
                                                       schedule_spatial)
 from legoc.targets.schedules.isa import acc_vectors, vector_isa
-
-
-def reduction_named(sch: s_tir.Schedule, prefix: str, kinds: str):
-    """(prologue, reduction block, epilogue) when the PrimFunc's one reduction block is a TE
-    compute named ``prefix`` (FuseTIR may add a suffix) with iterator kinds ``kinds``."""
-    parts = split_around_reduction(sch)
-    if parts is None or not sch.get(parts[1]).name_hint.startswith(prefix) \
-            or iter_kinds(sch, parts[1]) != kinds:
-        return None
-    return parts
 
 
 class Conv2dBlocked(CPURule):

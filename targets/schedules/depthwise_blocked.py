@@ -4,11 +4,10 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.target import Target
 
-from legoc.targets.schedules.analysis import extent, largest_divisor
+from legoc.targets.schedules.analysis import extent, largest_divisor, reduction_named
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.block_layout import DEPTHWISE
 from legoc.targets.schedules.common_schedules import accumulator_cache, inline_epilogue, schedule_spatial
-from legoc.targets.schedules.conv2d_blocked import reduction_named
 from legoc.targets.schedules.isa import acc_vectors, vector_isa
 
 
