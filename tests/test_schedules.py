@@ -112,6 +112,77 @@ def test_conv2d_packed(host, cin, cout, k, stride, pad, hw, bias, act, seed):
     assert rule_of(check(module, inputs, host), "conv2d") == "Conv2dNCHWPacked"
 
 
+@pytest.fixture(scope="module")
+def avx2():
+    """An AVX2 CPU (8 lanes, 16 registers): its packed conv tiles run over the flattened plane.
+    Runs on any x86-64 CPU with AVX2, the AVX-512 ones included."""
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow])
+@example(cin=5, cout=32, k=3, stride=1, hw=(14, 14), batch=1, act="residual", seed=0)  # 2 x 6, tail 4
+@example(cin=7, cout=16, k=3, stride=1, hw=(7, 7), batch=2, act="relu", seed=1)        # 2 x 5, tail 4
+@example(cin=3, cout=48, k=3, stride=2, hw=(17, 13), batch=1, act="relu", seed=2)      # 9 x 7 plane
+@given(cin=st.integers(1, 12), cout=st.sampled_from([16, 32, 48]), k=st.sampled_from([1, 3]),
+       stride=st.sampled_from([1, 2]), hw=st.tuples(st.integers(3, 16), st.integers(3, 16)),
+       batch=st.integers(1, 2), act=st.sampled_from(["none", "relu", "residual"]),
+       seed=st.integers(0, 2**16))
+def test_conv2d_packed_flat_tiles(avx2, cin, cout, k, stride, hw, batch, act, seed):
+    """The packed conv's tile over the flattened output plane (last tile shorter) equals
+    PyTorch for any plane, stride, batch and epilogue, where register_tile takes it."""
+    from legoc.targets.schedules.isa import register_tile
+
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=True)
+    x = _randn(batch, cin, *hw)
+    oh, ow = (hw[0] + 2 * (k // 2) - k) // stride + 1, (hw[1] + 2 * (k // 2) - k) // stride + 1
+    if act == "relu":
+        module, inputs = nn.Sequential(conv, nn.ReLU()), (x,)
+    elif act == "residual":
+        module, inputs = Fn(lambda a, r: torch.relu(conv(a) + r)), (x, _randn(batch, cout, oh, ow))
+    else:
+        module, inputs = conv, (x,)
+    used = check(module, inputs, avx2, rules=_packed_rules())
+    assert rule_of(used, "conv2d") == "Conv2dNCHWPacked"
+    if (oh, ow) in ((14, 14), (7, 7)):
+        assert register_tile(cout, ow, 8, 16, oh)[2]
+
+
+def _packed_rules():
+    """The default rules without Conv2dPointwise, so 1x1 convs take the packed rule too."""
+    from legoc.targets.schedules import Conv2dPointwise, default_rules
+
+    return [r for r in default_rules() if not isinstance(r, Conv2dPointwise)]
+
+
+def test_register_tiles_fit_and_avoid_one_pixel_tails():
+    """Every tile fits the accumulators and its channel vectors divide the filters; a flat
+    tile holds more accumulators than the row tile it replaces and never leaves a one-pixel
+    last tile; AVX-512 keeps its row tiles (2 x 7) on ResNet's maps."""
+    from legoc.targets.schedules.isa import acc_vectors, register_tile
+
+    for lanes, regs in ((16, 32), (8, 16), (4, 32)):
+        acc = acc_vectors(lanes, regs)
+        for n_f in (lanes, 2 * lanes, 3 * lanes, 8 * lanes):
+            for n_y in range(1, 60):
+                for n_x in (1, 2, 5, 7, 13, 14, 28, 56, 112):
+                    fb, xb, flat = register_tile(n_f, n_x, lanes, regs, n_y)
+                    assert n_f % (fb * lanes) == 0 and fb * xb <= acc
+                    row = register_tile(n_f, n_x, lanes, regs)
+                    assert not row[2] and n_x % row[1] == 0
+                    if flat:
+                        assert fb * xb > row[0] * row[1] and (n_y * n_x) % xb != 1
+                    else:
+                        assert (fb, xb) == row[:2]
+    for hw in (56, 28, 14, 7):
+        assert register_tile(64, hw, 16, 32, hw) == (2, 7, False)
+    assert register_tile(256, 14, 8, 16, 14) == (2, 6, True)
+    assert register_tile(512, 7, 8, 16, 7) == (2, 5, True)
+
+
 @CASES
 @given(cin=st.integers(1, 12), cout=st.integers(1, 40).filter(lambda c: c % 16),
        k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
@@ -506,6 +577,31 @@ def test_prepacked_weights_match_pytorch(tmp_path):
     shapes = [p.shape for p in built.params]
     assert any(len(s) == 5 for s in shapes), shapes  # [O/B, I, KH, KW, B]
     assert (32, 10) in shapes  # the FC weight, transposed once
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert float(np.abs(out - ref).max()) <= RTOL * float(np.abs(ref).max())
+
+
+def test_prepacked_flat_tiles_match_pytorch(tmp_path):
+    """build_module(prepack=True) for an AVX2 CPU packs a 14x14 conv's weights for the flat
+    2 x 6 tile (blocks of 16 filters, not the row tile's 8) and equals PyTorch."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target, target_from_dict
+
+    host = get_target("host")
+    avx2 = target_from_dict({**host.to_json(), "name": "host",
+                             "target": {**host.target, "mcpu": "haswell"}}, check_here=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(5, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1),
+                          nn.ReLU()).eval()
+    x = _randn(2, 5, 14, 14)
+    built = build_module(model, (x,), avx2, tmp_path / "flat.so", prepack=True)
+    assert [tuple(p.shape) for p in built.params if len(p.shape) == 5] == \
+        [(2, 5, 3, 3, 16), (2, 32, 3, 3, 16)]  # 2 x 6 at 14x14, 2 x 5 at 7x7 (flat)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
     with torch.no_grad():

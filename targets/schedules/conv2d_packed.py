@@ -14,12 +14,14 @@ from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_lanes
 class Conv2dNCHWPacked(CPURule):
     """groups=1 NCHW conv2d (+ fused epilogue: bias, residual add, ReLU, ...).
 
-    A micro-kernel of ``FB`` vectors of ``L`` output channels times ``XB`` output columns of
+    A micro-kernel of ``FB`` vectors of ``L`` output channels times ``XB`` output columns (or
+    ``XB`` pixels of the flattened plane: :func:`~legoc.targets.schedules.isa.register_tile`) of
     accumulators; per reduction step one vector load of packed weights per channel vector and
     one broadcast input scalar per column. Weights not packed at build time
     (:class:`~legoc.targets.schedules.PackConvWeights`) are packed ``[O/B, I, KH, KW, B]`` at the
     start of the PrimFunc; the input pad is a zero fill plus a vectorized copy; the epilogue is
-    inlined into the accumulator write-back; (batch, channel block, row) run in parallel."""
+    inlined into the accumulator write-back; (batch, channel block, row) run in parallel
+    (flat: (batch, channel block, tile))."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         parts = conv2d_parts(sch)   # a zero-wide pad is inlined: the input is read in place
@@ -53,20 +55,26 @@ class Conv2dNCHWPacked(CPURule):
             return False
 
         n, f, y, x, rc, ry, rx = sch.get_loops(conv)
-        n_f, n_x = extent(sch, f), extent(sch, x)
+        n_f, n_y, n_x = extent(sch, f), extent(sch, y), extent(sch, x)
         lanes = vector_lanes(target)
         while lanes > 4 and n_f % lanes:
             lanes //= 2
         if n_f % lanes:
             return False
         regs = vector_registers(target)
-        fb, xb = register_tile(n_f, n_x, lanes, regs)
+        fb, xb, flat = register_tile(n_f, n_x, lanes, regs, n_y)
         if prepacked:
             if prepacked % lanes or n_f % prepacked:
                 return False
-            fb = prepacked // lanes
-            xb = largest_divisor(n_x, max(1, acc_vectors(lanes, regs) // fb))
+            if prepacked != fb * lanes:  # packed for another tile: the row tile of its width
+                fb, flat = prepacked // lanes, False
+                xb = largest_divisor(n_x, max(1, acc_vectors(lanes, regs) // fb))
         block_f = fb * lanes
+        if flat:  # the tile runs over the plane flattened, (y, x) -> y * W + x
+            sch.transform_block_layout(
+                conv, lambda n_, f_, y_, x_, c_, ky, kx: (n_, f_, y_ * n_x + x_, c_, ky, kx))
+            n, f, x, rc, ry, rx = sch.get_loops(conv)
+            y = None
 
         wpack = None
         if not prepacked:  # pack per call, inside this PrimFunc
@@ -75,23 +83,27 @@ class Conv2dNCHWPacked(CPURule):
                 wpack, ("write", 0), lambda o, i, h, w: (o // block_f, i, h, w, o % block_f)
             )
         fo, fi = sch.split(f, [None, block_f])
-        xo, xi = sch.split(x, [None, xb])
+        xo, xi = sch.split(x, [None, xb])  # flat: the last tile is shorter (a predicate)
         fi_o, fi_i = sch.split(fi, [fb, lanes])
-        sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi_o, fi_i)
+        outer = [n, fo, xo] if flat else [n, fo, y, xo]
+        sch.reorder(*outer, rc, ry, rx, xi, fi_o, fi_i)
         acc_out = accumulator_cache(sch, conv)
         # channels innermost in the accumulator tile, so each channel vector is one register
-        sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
+        if flat:
+            sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h * n_x + w, c))
+        else:
+            sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
         left = inline_epilogue(sch, acc_out, epilogue)
+        if flat:
+            sch.transform_block_layout(acc_out, lambda b, c, h, w: (b, c, h * n_x + w))
         sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
         sch.vectorize(fi_i)
         sch.unroll(fi_o)
         sch.unroll(xi)
-        parallel_fused(sch, [n, fo, y], 1 << 30)
+        parallel_fused(sch, outer if flat else outer[:-1], 1 << 30)  # flat: tiles in parallel too
         sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
-        wb_loops = sch.get_loops(acc_out)
-        wb_tile = wb_loops[len(wb_loops) - 4:]  # n, f, y, x of the tile
-        if xb >= 4:
-            sch.vectorize(wb_tile[-1])
+        if xb >= 4 and not flat:  # a row's XB columns are contiguous in the NCHW output
+            sch.vectorize(sch.get_loops(acc_out)[-1])
         # the packing pass: loops in the packed order, so writes are contiguous vectors and each
         # vector gathers one element from block_f filters (their rows stay in L1 across i, h, w)
         if wpack is not None:
