@@ -123,16 +123,19 @@ def avx2():
 
 @settings(max_examples=8, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
-@example(cin=5, cout=32, k=3, stride=1, hw=(14, 14), batch=1, act="residual", seed=0)  # 2 x 6, tail 4
-@example(cin=7, cout=16, k=3, stride=1, hw=(7, 7), batch=2, act="relu", seed=1)        # 2 x 5, tail 4
-@example(cin=3, cout=48, k=3, stride=2, hw=(17, 13), batch=1, act="relu", seed=2)      # 9 x 7 plane
-@given(cin=st.integers(1, 12), cout=st.sampled_from([16, 32, 48]), k=st.sampled_from([1, 3]),
+@example(cin=9, cout=32, k=3, stride=1, hw=(14, 14), batch=1, act="residual", seed=0)  # 2 x 6, tail 4
+@example(cin=8, cout=16, k=3, stride=1, hw=(7, 7), batch=2, act="relu", seed=1)        # 2 x 5, tail 4
+@example(cin=11, cout=48, k=3, stride=2, hw=(17, 13), batch=1, act="relu", seed=2)     # 9 x 7 plane
+@example(cin=70, cout=16, k=1, stride=1, hw=(14, 14), batch=1, act="none", seed=3)     # 1x1, 70 steps
+@example(cin=3, cout=32, k=3, stride=1, hw=(14, 14), batch=1, act="relu", seed=4)      # 27 steps: rows
+@given(cin=st.integers(1, 40), cout=st.sampled_from([16, 32, 48]), k=st.sampled_from([1, 3]),
        stride=st.sampled_from([1, 2]), hw=st.tuples(st.integers(3, 16), st.integers(3, 16)),
        batch=st.integers(1, 2), act=st.sampled_from(["none", "relu", "residual"]),
        seed=st.integers(0, 2**16))
 def test_conv2d_packed_flat_tiles(avx2, cin, cout, k, stride, hw, batch, act, seed):
     """The packed conv's tile over the flattened output plane (last tile shorter) equals
-    PyTorch for any plane, stride, batch and epilogue, where register_tile takes it."""
+    PyTorch for any plane, stride, batch and epilogue, where register_tile takes it (the row
+    tile where the reduction is short)."""
     from legoc.targets.schedules.isa import register_tile
 
     torch.manual_seed(seed)
@@ -148,7 +151,7 @@ def test_conv2d_packed_flat_tiles(avx2, cin, cout, k, stride, hw, batch, act, se
     used = check(module, inputs, avx2, rules=_packed_rules())
     assert rule_of(used, "conv2d") == "Conv2dNCHWPacked"
     if (oh, ow) in ((14, 14), (7, 7)):
-        assert register_tile(cout, ow, 8, 16, oh)[2]
+        assert register_tile(cout, ow, 8, 16, oh, cin * k * k)[2] == (cin * k * k >= 64)
 
 
 def _packed_rules():
@@ -160,8 +163,9 @@ def _packed_rules():
 
 def test_register_tiles_fit_and_avoid_one_pixel_tails():
     """Every tile fits the accumulators and its channel vectors divide the filters; a flat
-    tile holds more accumulators than the row tile it replaces and never leaves a one-pixel
-    last tile; AVX-512 keeps its row tiles (2 x 7) on ResNet's maps."""
+    tile holds more accumulators than the row tile it replaces, never leaves a one-pixel last
+    tile and needs a reduction of 64 steps or more; AVX-512 keeps its row tiles (2 x 7) on
+    ResNet's maps."""
     from legoc.targets.schedules.isa import acc_vectors, register_tile
 
     for lanes, regs in ((16, 32), (8, 16), (4, 32)):
@@ -169,7 +173,8 @@ def test_register_tiles_fit_and_avoid_one_pixel_tails():
         for n_f in (lanes, 2 * lanes, 3 * lanes, 8 * lanes):
             for n_y in range(1, 60):
                 for n_x in (1, 2, 5, 7, 13, 14, 28, 56, 112):
-                    fb, xb, flat = register_tile(n_f, n_x, lanes, regs, n_y)
+                    fb, xb, flat = register_tile(n_f, n_x, lanes, regs, n_y, 576)
+                    assert register_tile(n_f, n_x, lanes, regs, n_y, 63)[2] is False
                     assert n_f % (fb * lanes) == 0 and fb * xb <= acc
                     row = register_tile(n_f, n_x, lanes, regs)
                     assert not row[2] and n_x % row[1] == 0
@@ -178,9 +183,9 @@ def test_register_tiles_fit_and_avoid_one_pixel_tails():
                     else:
                         assert (fb, xb) == row[:2]
     for hw in (56, 28, 14, 7):
-        assert register_tile(64, hw, 16, 32, hw) == (2, 7, False)
-    assert register_tile(256, 14, 8, 16, 14) == (2, 6, True)
-    assert register_tile(512, 7, 8, 16, 7) == (2, 5, True)
+        assert register_tile(64, hw, 16, 32, hw, 576) == (2, 7, False)
+    assert register_tile(256, 14, 8, 16, 14, 2304) == (2, 6, True)
+    assert register_tile(512, 7, 8, 16, 7, 4608) == (2, 5, True)
 
 
 @CASES
@@ -586,7 +591,8 @@ def test_prepacked_weights_match_pytorch(tmp_path):
 
 def test_prepacked_flat_tiles_match_pytorch(tmp_path):
     """build_module(prepack=True) for an AVX2 CPU packs a 14x14 conv's weights for the flat
-    2 x 6 tile (blocks of 16 filters, not the row tile's 8) and equals PyTorch."""
+    2 x 6 tile (blocks of 16 filters, not the row tile's 8), keeps the row tile where the
+    reduction is short, and equals PyTorch."""
     import tvm
 
     from legoc.targets.build import build_module
@@ -596,12 +602,14 @@ def test_prepacked_flat_tiles_match_pytorch(tmp_path):
     avx2 = target_from_dict({**host.to_json(), "name": "host",
                              "target": {**host.target, "mcpu": "haswell"}}, check_here=False)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(5, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1),
-                          nn.ReLU()).eval()
-    x = _randn(2, 5, 14, 14)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1),
+                          nn.ReLU(), nn.Conv2d(32, 6, 1), nn.Conv2d(6, 32, 3, 1, 1)).eval()
+    x = _randn(2, 8, 14, 14)
     built = build_module(model, (x,), avx2, tmp_path / "flat.so", prepack=True)
     assert [tuple(p.shape) for p in built.params if len(p.shape) == 5] == \
-        [(2, 5, 3, 3, 16), (2, 32, 3, 3, 16)]  # 2 x 6 at 14x14, 2 x 5 at 7x7 (flat)
+        [(2, 8, 3, 3, 16), (2, 32, 3, 3, 16), (1, 32, 1, 1, 8), (4, 6, 3, 3, 8)]
+    # 2 x 6 at 14x14 and 2 x 5 at 7x7 (flat); 6 filters in one 8-lane vector; the row tile
+    # 1 x 7 for the last conv, whose reduction is 54 steps
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
     with torch.no_grad():

@@ -62,7 +62,8 @@ class Conv2dNCHWPacked(CPURule):
         if n_f % lanes:
             return False
         regs = vector_registers(target)
-        fb, xb, flat = register_tile(n_f, n_x, lanes, regs, n_y)
+        fb, xb, flat = register_tile(n_f, n_x, lanes, regs, n_y,
+                                     extent(sch, rc) * extent(sch, ry) * extent(sch, rx))
         if prepacked:
             if prepacked % lanes or n_f % prepacked:
                 return False

@@ -70,13 +70,21 @@ def acc_registers(regs: int) -> int:
     return regs // 2 if regs > 16 else regs - 4
 
 
-def register_tile(n_f: int, n_x: int, lanes: int, regs: int,
-                  n_y: int | None = None) -> tuple[int, int, bool]:
+# Reduction steps (input channels x taps) below which a flat tile loses: its write-back (one
+# pixel at a time, across row ends) costs as much as the reduction itself. MobileNetV2's stem
+# (3 x 3 x 3 = 27 steps) measured 0.49 ms flat against 0.44 in rows; ResNet-18's (147) 2.73-2.80
+# against 2.85.
+FLAT_MIN_REDUCTION = 64
+
+
+def register_tile(n_f: int, n_x: int, lanes: int, regs: int, n_y: int | None = None,
+                  reduction: int = 0) -> tuple[int, int, bool]:
     """(channel vectors FB, output pixels XB, flat) of the packed conv's register tile.
 
     Within a row (flat False) XB divides the row width and FB x XB accumulators fit; two channel
     vectors unless one vector holds a wider tile (7- and 14-wide maps: 1 x 7, not 2 x 1 or 2 x 2).
-    Given the rows ``n_y``, two channel vectors may instead tile the output plane flattened
+    Given the rows ``n_y`` and a ``reduction`` of at least :data:`FLAT_MIN_REDUCTION` steps
+    per output, two channel vectors may instead tile the output plane flattened
     (flat True): XB pixels run across row ends and the last tile is shorter, so XB need not
     divide the width. That is taken when it holds more accumulators: on AVX2 (12) 2 x 6 rather
     than 2 x 4 at 56 and 28 wide and 1 x 7 at 14, 2 x 5 rather than 1 x 7 at 7 wide; on
@@ -89,7 +97,7 @@ def register_tile(n_f: int, n_x: int, lanes: int, regs: int,
         xb = largest_divisor(n_x, max(1, acc // 2))
         if 2 * xb >= best[1]:
             best = (2, xb)
-    if n_y is not None and n_f % (2 * lanes) == 0:
+    if n_y is not None and reduction >= FLAT_MIN_REDUCTION and n_f % (2 * lanes) == 0:
         plane = n_y * n_x
         xb = next((x for x in range(min(plane, max(1, acc // 2)), 0, -1) if plane % x != 1), 1)
         if 2 * xb > best[0] * best[1]:
@@ -128,14 +136,16 @@ def pointwise_tile(out_channels: int, plane: int, lanes: int, regs: int) -> tupl
 
 
 def padded_channels(out_channels: int, lanes: int, out_w: int | None = None,
-                    regs: int = 32, out_h: int | None = None) -> tuple[int, int]:
+                    regs: int = 32, out_h: int | None = None, reduction: int = 0) -> tuple[int, int]:
     """(padded output channels, packing block) for a conv with ``out_channels`` filters,
-    ``out_w`` output columns and ``out_h`` rows (if known): a few filters (heavily pruned
-    variants: 3, 6) take one short vector (4 or 8 lanes), not a whole ``lanes``-wide one; more take a multiple of ``lanes``,
-    blocked by the register tile's channel vectors (:func:`register_tile`)."""
+    ``out_w`` output columns, ``out_h`` rows and ``reduction`` steps (if known): a few filters
+    (heavily pruned variants: 3, 6) take one short vector (4 or 8 lanes), not a whole
+    ``lanes``-wide one; more take a multiple of ``lanes``, blocked by the register tile's
+    channel vectors (:func:`register_tile`)."""
     for width in (4, 8):
         if width < lanes and out_channels <= width:
             return width, width
     padded = -(-out_channels // lanes) * lanes
-    fb = register_tile(padded, out_w, lanes, regs, out_h)[0] if out_w else (2 if padded % (2 * lanes) == 0 else 1)
+    fb = register_tile(padded, out_w, lanes, regs, out_h, reduction)[0] if out_w \
+        else (2 if padded % (2 * lanes) == 0 else 1)
     return padded, fb * lanes

@@ -71,9 +71,12 @@ class _ConvWeightPacker(relax.PyExprMutator):
         _, _, kh, kw = (int(d) for d in weight.ty.shape)
         out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
         out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-        padded, block = padded_channels(out_channels, self.lanes, out_w, self.regs, out_h)
         rows = _live_taps(height, kh, strides[0], dilation[0], top, out_h)
         cols = _live_taps(width, kw, strides[1], dilation[1], left, out_w)
+        taps = kh * kw if rows is None or cols is None else \
+            (rows[1] - rows[0]) * (cols[1] - cols[0])   # as many as the conv below keeps
+        padded, block = padded_channels(out_channels, self.lanes, out_w, self.regs, out_h,
+                                        int(weight.ty.shape[1]) * taps)
         if rows is not None and cols is not None and (rows != (0, kh) or cols != (0, kw)):
             # taps that only ever meet padding multiply zeros: drop them (a 3x3 conv on a 1x1
             # map keeps 1 of its 9 taps, and streams 1/9 of the weights)
