@@ -41,6 +41,16 @@ def _block(cin: int, hidden: int, cout: int, k: int, stride: int, act, residual:
     return model
 
 
+def _avx2():
+    """legoc's host target with an AVX2 CPU (haswell: 8 lanes, 16 registers), which runs on any
+    x86-64 CPU with AVX2, the AVX-512 ones included."""
+    from legoc.targets.table import get_target, target_from_dict
+
+    host = get_target("host")
+    return target_from_dict({**host.to_json(), "name": "host",
+                             "target": {**host.target, "mcpu": "haswell"}}, check_here=False)
+
+
 def _prepacked(model: nn.Module, x: torch.Tensor, target):
     """The Relax module build_module(prepack=True) schedules: weights transforms lifted out."""
     import tvm.relax.frontend.torch as relax_torch
@@ -68,16 +78,16 @@ def _rules(model: nn.Module, x: torch.Tensor, target) -> dict[str, str]:
     return scheduled_by(mod)
 
 
-def _run(model: nn.Module, x: torch.Tensor, folder, name: str = "m") -> float:
-    """build_module(prepack=True) for the host, run; relative error against PyTorch. (Each
-    module needs a path of its own: a second library loaded from the same path in one process
-    is the first one again.)"""
+def _run(model: nn.Module, x: torch.Tensor, folder, name: str = "m", spec=None) -> float:
+    """build_module(prepack=True) for the host (or ``spec``, a target this machine runs), run;
+    relative error against PyTorch. (Each module needs a path of its own: a second library
+    loaded from the same path in one process is the first one again.)"""
     import tvm
 
     from legoc.targets.build import build_module
     from legoc.targets.table import get_target
 
-    built = build_module(model, (x,), get_target("host"), folder / f"{name}.so", prepack=True)
+    built = build_module(model, (x,), spec or get_target("host"), folder / f"{name}.so", prepack=True)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
     with torch.no_grad():
@@ -116,6 +126,49 @@ def test_blocked_inverted_residual_matches_pytorch(host, tmp_path_factory, cin, 
     blocked = sorted(rule for rule in used.values() if rule in ("Conv2dBlocked", "DepthwiseBlocked"))
     assert blocked == ["Conv2dBlocked", "Conv2dBlocked", "DepthwiseBlocked"], used
     assert _run(model, x, tmp_path_factory.mktemp("block")) <= RTOL
+
+
+@pytest.mark.parametrize("cin,hidden,cout,stride,hw,batch", [
+    (16, 48, 16, 1, (7, 7), 2),     # expansion 2 x 6 and projection 2 x 6 (residual), 49 pixels
+    (24, 64, 32, 2, (14, 13), 1),   # stride 2 to 7 x 7
+    (8, 96, 40, 1, (9, 7), 1),      # 63 pixels; the projection (5 blocks) keeps the row tile
+])
+def test_blocked_flat_tiles_match_pytorch(tmp_path, cin, hidden, cout, stride, hw, batch):
+    """On an AVX2 CPU the blocked convs of 7-wide maps tile the flattened plane (2 x 6, the last
+    tile shorter) instead of a row (1 x 7), and still equal PyTorch."""
+    from legoc.targets.schedules.conv2d_blocked import flat_tile
+
+    spec = _avx2()
+    model = _block(cin, hidden, cout, 3, stride, nn.ReLU6, stride == 1 and cin == cout, 5)
+    x = torch.randn(batch, cin, *hw)
+    used = _rules(model, x, spec.tvm_target())
+    assert sorted(r for r in used.values() if "Blocked" in r) == ["Conv2dBlocked", "Conv2dBlocked", "DepthwiseBlocked"]
+    out_w = (hw[1] - 1) // stride + 1
+    assert flat_tile(hidden // 8, out_w, 7, 12, 16) == (2, 6)
+    assert _run(model, x, tmp_path, f"flat{hidden}", spec) <= RTOL
+
+
+def test_flat_tile_only_where_a_row_holds_one_channel_vector():
+    """flat_tile: AVX2's 7-wide maps (1 x 7 in a row) get 2 x 6; odd block counts, wider rows
+    and CPUs with 32 registers keep the row tile."""
+    from legoc.targets.schedules.conv2d_blocked import blocked_tile, flat_tile
+    from legoc.targets.schedules.isa import acc_vectors
+
+    assert flat_tile(120, 7, 7, 12, 16) == (2, 6)     # 160->960 at 7x7
+    assert flat_tile(160, 7, 7, 12, 16) == (2, 6)     # the head, 320->1280
+    assert flat_tile(40, 7, 7, 12, 16) == (2, 6)      # projection 960->320
+    assert flat_tile(5, 7, 7, 12, 16) is None         # odd blocks
+    assert flat_tile(72, 14, 14, 12, 16) is None      # 4 x 2 in a row
+    for lanes, regs in ((16, 32), (4, 32)):
+        assert flat_tile(120, 7, 7, acc_vectors(lanes, regs), regs) is None
+    for blocks in range(1, 130):
+        for n_x in (1, 2, 3, 5, 7, 14, 28, 56):
+            for n_y in (1, 3, 7):
+                tile = flat_tile(blocks, n_x, n_y, 12, 16)
+                if tile:
+                    fb, xb = tile
+                    assert blocks % fb == 0 and fb * xb <= 12 and fb * xb + fb + 1 <= 16
+                    assert fb * xb > blocked_tile(blocks, n_x, 12, 16)[1]
 
 
 def test_chains_the_rewrite_must_not_take_stay_nchw(host, tmp_path):
