@@ -19,7 +19,10 @@ torch OpenMP workers spinning beside TVM, no ORT pool beside either):
 Each runner is timed in ``--rounds`` rounds; in every round each runner starts a fresh process,
 warms up and times ``--runs / --rounds`` calls (numpy in, numpy out); the latency is the median
 over all rounds and the spread is the range of the per-round medians. Rounds interleave the
-runners, so a change of load on this shared machine hits every row alike.
+runners, so a change of load on this shared machine hits every row alike over many rounds;
+"× ORT paired" (and the overhead's paired figure) is the median over rounds of the ratio of
+round medians within one round (:func:`paired_ratio`), which a slow spell of a few processes
+moves less.
 
 GFLOP/s counts 2 x legoc's MAC count of the configuration per latency and is stated against the
 peak basis of ``benchmarks/peak.py`` (measured sgemm with OpenBLAS's overrides unset, and the
@@ -273,8 +276,19 @@ def bench_model(name: str, folder: Path, args) -> dict:
             medians[label].append(statistics.median(t))
         print(f"{name}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
     rows = [{"runner": label, "ms": statistics.median(times[label]), "lo": min(medians[label]),
-             "hi": max(medians[label]), "macs": macs} for label, _, macs in runners]
+             "hi": max(medians[label]), "macs": macs,
+             "paired_ort": paired_ratio(medians[label], medians["onnxruntime"])}
+            for label, _, macs in runners]
+    rows.append({"runner": "overhead", "paired": paired_ratio(medians["legoc full"], medians["tvm monolithic"])})
     return {"rows": rows, "blocks": _block_efficiency(blocks), "round_to": manifest["options"]["round_to"]}
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a's round median over b's in the same round. Runners of one
+    round run one after the other, so a slow spell of this shared machine (it comes and goes
+    over tens of seconds and slows every process alike) mostly cancels in the ratio, where the
+    ratio of the overall medians takes it in full for whichever runner it hit."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _block_efficiency(blocks: list[dict]) -> list[dict]:
@@ -353,11 +367,11 @@ def main() -> None:
 def _print_model(console, name: str, res: dict, basis) -> None:
     from rich.table import Table
 
-    rows = res["rows"]
-    by = {r["runner"]: r for r in rows}
+    rows = [r for r in res["rows"] if r["runner"] != "overhead"]
+    by = {r["runner"]: r for r in res["rows"]}
     full = by["legoc full"]
     table = Table(title=f"{name}: batch 1 (legoc round_to {res['round_to']})")
-    for col in ("runner", "ms (median)", "round medians", "× ORT", "× eager", "GMAC", "GFLOP/s",
+    for col in ("runner", "ms (median)", "round medians", "× ORT", "× ORT paired", "× eager", "GMAC", "GFLOP/s",
                 "% measured peak", "% theoretical", "speedup vs full", "MAC cut", "pruning eff."):
         table.add_column(col, justify="left" if col == "runner" else "right")
     for r in rows:
@@ -366,13 +380,15 @@ def _print_model(console, name: str, res: dict, basis) -> None:
         speedup = full["ms"] / r["ms"]
         cut = full["macs"] / r["macs"]
         table.add_row(r["runner"], f"{r['ms']:.3f}", f"{r['lo']:.3f}–{r['hi']:.3f}",
-                      f"{r['ms'] / by['onnxruntime']['ms']:.2f}", f"{r['ms'] / by['pytorch eager']['ms']:.2f}",
+                      f"{r['ms'] / by['onnxruntime']['ms']:.2f}", f"{r['paired_ort']:.2f}",
+                      f"{r['ms'] / by['pytorch eager']['ms']:.2f}",
                       f"{r['macs'] / 1e9:.3f}", f"{gflops:.1f}", f"{100 * gflops / basis.measured_gflops:.0f}%",
                       f"{100 * gflops / basis.theoretical_gflops:.0f}%",
                       f"{speedup:.2f}" if pruned else "", f"{cut:.2f}" if pruned else "",
                       f"{speedup / cut:.2f}" if pruned else "")
     mono = by["tvm monolithic"]["ms"]
-    table.add_row("block-by-block overhead", f"{full['ms'] - mono:+.3f}", "", "", "", "", "",
+    table.add_row("block-by-block overhead", f"{full['ms'] - mono:+.3f}", "", "",
+                  f"{100 * (by['overhead']['paired'] - 1):+.1f}%", "", "", "",
                   f"{100 * (full['ms'] / mono - 1):+.1f}%")
     console.print(table)
     if res["blocks"]:
