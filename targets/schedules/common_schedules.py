@@ -42,8 +42,8 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 def inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
     """Inline the spatial blocks after a reduction into its write-back block, in order, while
-    they cover the reduction's output element for element; return the others (they stay
-    root-level blocks)."""
+    they cover the reduction's output element for element; inline the others into one another
+    where TVM can, and return those left (root-level blocks)."""
     stmt = sch.get(writeback)
     shape = [int(d) for d in stmt.writes[0].source.shape]
     left = []
@@ -58,7 +58,16 @@ def inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:
             sch.reverse_compute_inline(block)
         except (RuntimeError, ValueError):
             left.append(block)
-    return left
+    # the blocks left (after a channel slice: a pruned variant's conv padded to the vector
+    # width) are inlined into one another, so they run as one pass without intermediate buffers
+    # rather than one pass and one workspace allocation each
+    kept = []
+    for block in left[:-1]:
+        try:
+            sch.compute_inline(block)
+        except (RuntimeError, ValueError):
+            kept.append(block)
+    return kept + left[-1:]
 
 
 def inline_copies(sch: s_tir.Schedule, blocks: list) -> list:
