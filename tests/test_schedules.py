@@ -167,7 +167,7 @@ def test_register_tiles_fit_and_avoid_one_pixel_tails():
     """Every tile fits the accumulators and its channel vectors divide the filters; a flat
     tile holds more accumulators than the row tile it replaces, never leaves a one-pixel last
     tile and needs a reduction of 64 steps or more; AVX-512 keeps its row tiles (2 x 7) on
-    ResNet's maps."""
+    ResNet's maps, and NEON its row tiles everywhere."""
     from legoc.targets.schedules.isa import acc_vectors, register_tile
 
     for lanes, regs in ((16, 32), (8, 16), (4, 32)):
@@ -186,6 +186,7 @@ def test_register_tiles_fit_and_avoid_one_pixel_tails():
                         assert (fb, xb) == row[:2]
     for hw in (56, 28, 14, 7):
         assert register_tile(64, hw, 16, 32, hw, 576) == (2, 7, False)
+        assert not register_tile(64, hw, 4, 32, hw, 576)[2]   # NEON: row tiles
     assert register_tile(256, 14, 8, 16, 14, 2304) == (2, 6, True)
     assert register_tile(512, 7, 8, 16, 7, 4608) == (2, 5, True)
 

@@ -97,7 +97,10 @@ def register_tile(n_f: int, n_x: int, lanes: int, regs: int, n_y: int | None = N
         xb = largest_divisor(n_x, max(1, acc // 2))
         if 2 * xb >= best[1]:
             best = (2, xb)
-    if n_y is not None and reduction >= FLAT_MIN_REDUCTION and n_f % (2 * lanes) == 0:
+    # x86 only: NEON loads a broadcast from a base register, one per pixel of a flat tile, and
+    # ResNet-18's aarch64 build went from 2.70 to 2.44 MACs per instruction with flat 2 x 8
+    # tiles at 28 and 14 wide (benchmarks/codegen.py); without a board to time them, not taken
+    if n_y is not None and lanes >= 8 and reduction >= FLAT_MIN_REDUCTION and n_f % (2 * lanes) == 0:
         plane = n_y * n_x
         xb = next((x for x in range(min(plane, max(1, acc // 2)), 0, -1) if plane % x != 1), 1)
         if 2 * xb > best[0] * best[1]:
