@@ -20,9 +20,9 @@ class Conv2dNCHWPacked(CPURule):
     accumulators; per reduction step one vector load of packed weights per channel vector and
     one broadcast input scalar per column. Weights not packed at build time
     (:class:`~legoc.targets.schedules.PackConvWeights`) are packed ``[O/B, I, KH, KW, B]`` at the
-    start of the PrimFunc; the input pad is a zero fill plus a vectorized copy; the epilogue is
-    inlined into the accumulator write-back; (batch, channel block, row) run in parallel
-    (flat: (batch, channel block, tile))."""
+    start of the PrimFunc; the input pad is partitioned into its zero border and the copied
+    interior (:func:`_partition_pad`); the epilogue is inlined into the accumulator write-back;
+    (batch, channel block, row) run in parallel (flat: (batch, channel block, tile))."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         parts = conv2d_parts(sch)   # a zero-wide pad is inlined: the input is read in place
