@@ -3,6 +3,7 @@ inlining."""
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.tirx import IndexMap
 
 from legoc.targets.schedules.analysis import extent, iter_kinds, same_domain, split_around_reduction
 
@@ -38,6 +39,14 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
         parallel_fused(sch, [*outer_loops, lo], total)
     else:
         parallel_fused(sch, list(loops), total)
+
+
+def flatten_plane(sch: s_tir.Schedule, block, y: int, width: int) -> None:
+    """Fuse ``block``'s iterators ``y`` and ``y + 1`` (a row and its column, ``width`` wide) into
+    one, ``y * width + x``: a register tile over the flattened plane runs across row ends."""
+    ndim = len(sch.get(block).iter_vars)
+    sch.transform_block_layout(block, IndexMap.from_func(
+        lambda *v: (*v[:y], v[y] * width + v[y + 1], *v[y + 2:]), ndim=ndim))
 
 
 def inline_epilogue(sch: s_tir.Schedule, writeback, epilogue: list) -> list:

@@ -8,8 +8,8 @@ from tvm.target import Target
 from legoc.targets.schedules.analysis import extent, largest_divisor, reduction_named
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.block_layout import EXPAND, PROJECT
-from legoc.targets.schedules.common_schedules import (accumulator_cache, inline_epilogue, parallel_fused,
-                                                      schedule_spatial)
+from legoc.targets.schedules.common_schedules import (accumulator_cache, flatten_plane, inline_epilogue,
+                                                      parallel_fused, schedule_spatial)
 from legoc.targets.schedules.isa import acc_vectors, vector_isa
 
 
@@ -59,8 +59,7 @@ def blocked_tile(blocks: int, n_x: int, acc: int, regs: int) -> tuple[int, int]:
 def flat_tile(blocks: int, n_x: int, n_y: int, acc: int, regs: int) -> tuple[int, int] | None:
     """(2, XB) over the flattened plane (the last tile shorter) where :func:`blocked_tile` finds
     only one channel vector per tile in a row (AVX2 on 7-wide maps: 1 x 7); else None. XB is
-    as large as the accumulators and registers allow: the 7x7 expansions 160->960 and
-    320->1280 measured 0.18 and 0.56 ms at 2 x 6, against 0.20 and 0.80 at 1 x 7 (AVX2)."""
+    as large as the accumulators and registers allow (measurements: aace0a0, README)."""
     fb, xb = blocked_tile(blocks, n_x, acc, regs)
     if fb > 1 or blocks % 2:
         return None
@@ -80,7 +79,7 @@ def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
     flat = flat_tile(extent(sch, co), n_x, n_y, acc, regs)
     if flat:  # (y, x) -> y * W + x: tiles run across row ends
         fb, xb = flat
-        sch.transform_block_layout(conv, lambda n_, c_, y_, x_, l_, r_: (n_, c_, y_ * n_x + x_, l_, r_))
+        flatten_plane(sch, conv, 2, n_x)
         n, co, x, ci, rc = sch.get_loops(conv)
     else:
         fb, xb = blocked_tile(extent(sch, co), n_x, acc, regs)
@@ -93,7 +92,7 @@ def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
         sch.transform_layout(conv, ("write", 0), lambda b, c, h, w, l_: (b, c, h * n_x + w, l_))
     left = inline_epilogue(sch, acc_out, epilogue)
     if flat:
-        sch.transform_block_layout(acc_out, lambda b, c, h, w, l_: (b, c, h * n_x + w, l_))
+        flatten_plane(sch, acc_out, 2, n_x)
     sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
     sch.vectorize(ci)
     sch.unroll(coi)
@@ -125,7 +124,7 @@ def _project(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
     flat = flat_tile(n_f // block, n_x, n_y, acc, regs)
     if flat:  # (y, x) -> y * W + x: tiles run across row ends
         fb, xb = flat
-        sch.transform_block_layout(conv, lambda n_, f_, y_, x_, b_, i_: (n_, f_, y_ * n_x + x_, b_, i_))
+        flatten_plane(sch, conv, 2, n_x)
         n, f, x, rb, ri = sch.get_loops(conv)
     else:
         fb, xb = blocked_tile(n_f // block, n_x, acc, regs)
@@ -142,7 +141,7 @@ def _project(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
         sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
     left = inline_epilogue(sch, acc_out, epilogue)
     if flat:
-        sch.transform_block_layout(acc_out, lambda b, c, h, w: (b, c, h * n_x + w))
+        flatten_plane(sch, acc_out, 2, n_x)
     sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
     sch.vectorize(fii)
     sch.unroll(fio)

@@ -7,8 +7,8 @@ from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent, is_block_split, largest_divisor, same_domain
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_parts, inline_epilogue,
-                                                      parallel_fused, schedule_spatial)
+from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_parts, flatten_plane,
+                                                      inline_epilogue, parallel_fused, schedule_spatial)
 from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_lanes, vector_registers
 
 
@@ -70,18 +70,16 @@ class Conv2dNCHWPacked(CPURule):
                 return False
             if prepacked != fb * lanes:  # packed for another tile: the row tile of its width
                 fb, flat = prepacked // lanes, False
-                xb = largest_divisor(n_x, max(1, acc_vectors(lanes, regs) // fb))
+                xb = _row_columns(n_x, lanes, regs, fb)
         out_shape = [int(d) for d in stmt.writes[0].source.shape]
         if flat and not all(same_domain(sch, block, out_shape) for block in epilogue):
             # an epilogue that is not inlined into the write-back (a channel slice: the conv of
             # a pruned variant padded to the vector width) reads the conv's output in a pass of
-            # its own; after a flat tile that measured 1.7x slower for the whole kernel (16->12
-            # channels at 28x28 on AVX2: 0.105 ms against 0.061 with the row tile)
-            flat, xb = False, largest_divisor(n_x, max(1, acc_vectors(lanes, regs) // fb))
+            # its own; after a flat tile that made the whole kernel 1.7x slower (2a09f19)
+            flat, xb = False, _row_columns(n_x, lanes, regs, fb)
         block_f = fb * lanes
         if flat:  # the tile runs over the plane flattened, (y, x) -> y * W + x
-            sch.transform_block_layout(
-                conv, lambda n_, f_, y_, x_, c_, ky, kx: (n_, f_, y_ * n_x + x_, c_, ky, kx))
+            flatten_plane(sch, conv, 2, n_x)
             n, f, x, rc, ry, rx = sch.get_loops(conv)
             y = None
 
@@ -104,7 +102,7 @@ class Conv2dNCHWPacked(CPURule):
             sch.transform_layout(conv, ("write", 0), lambda b, c, h, w: (b, h, w, c))
         left = inline_epilogue(sch, acc_out, epilogue)
         if flat:
-            sch.transform_block_layout(acc_out, lambda b, c, h, w: (b, c, h * n_x + w))
+            flatten_plane(sch, acc_out, 2, n_x)
         sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
         sch.vectorize(fi_i)
         sch.unroll(fi_o)
@@ -122,6 +120,11 @@ class Conv2dNCHWPacked(CPURule):
         for block in left:
             schedule_spatial(sch, block, lanes)
         return True
+
+
+def _row_columns(n_x: int, lanes: int, regs: int, fb: int) -> int:
+    """XB of a row tile with ``fb`` channel vectors: the widest that divides the row and fits."""
+    return largest_divisor(n_x, max(1, acc_vectors(lanes, regs) // fb))
 
 
 def _schedule_pack(sch: s_tir.Schedule, block, block_f: int) -> None:
@@ -151,6 +154,16 @@ def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
     schedule_spatial(sch, block, lanes)
 
 
+def _split_border(sch: s_tir.Schedule, loop, before: int, inside: int):
+    """Partition a pad's ``loop`` into [border before,] inside[, border after]; the interior
+    part's loop, or None when the axis has no border."""
+    after = extent(sch, loop) - before - inside
+    if before < 0 or after < 0 or before + after == 0:
+        return None
+    parts = sch.loop_partition(loop, [f for f in (before, inside, after) if f][:-1] + [None])
+    return parts[1 if before else 0]
+
+
 def _pad_offsets(sch: s_tir.Schedule, block) -> list[tuple[int, int]] | None:
     """(before, inside) per axis of ``block`` when it is ``out[i] = if_then_else(cond,
     in[i - before], 0)``, a constant pad; else None."""
@@ -177,24 +190,16 @@ def _partition_pad(sch: s_tir.Schedule, block) -> bool:
     (``loop_partition``), rows first, then the columns of the interior rows, so the border
     parts write zeros and the interior part copies, each without a condition left in the
     loop. The zero fill plus copy it replaces wrote the whole plane twice, one float per
-    store (its rows of W + 2 floats do not split into vectors): 121 us for 64 x 58 x 58 on
-    AVX2, against 31 us here; 12.4 against 1.6 us for 16 x 30 x 30."""
+    store (rows of W + 2 floats do not split into vectors); timings in 6378a56 and the README."""
     offsets = _pad_offsets(sch, block)
     loops = sch.get_loops(block)
     if offsets is None or len(offsets) != 4 or len(loops) != 4 or offsets[0][0] or offsets[1][0]:
         return False
     n, c, h, w = loops
     work = extent(sch, n) * extent(sch, c) * extent(sch, h) * extent(sch, w)
-    loop = h
-    for axis in (2, 3):
-        before, inside = offsets[axis]
-        after = extent(sch, loop) - before - inside
-        if before >= 0 and after >= 0 and before + after:
-            factors = [f for f in (before, inside, after) if f][:-1] + [None]   # the last inferred
-            parts = sch.loop_partition(loop, factors)
-            if axis == 2:   # the columns of the interior rows next
-                loop = sch.get_loops(sch.get_child_blocks(parts[1 if before else 0])[0])[-1]
-        elif axis == 2:
-            loop = w
+    rows = _split_border(sch, h, *offsets[2])
+    if rows is not None:   # the columns of the interior rows next
+        w = sch.get_loops(sch.get_child_blocks(rows)[0])[-1]
+    _split_border(sch, w, *offsets[3])
     parallel_fused(sch, [n, c], work)
     return True

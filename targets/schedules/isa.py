@@ -71,9 +71,8 @@ def acc_registers(regs: int) -> int:
 
 
 # Reduction steps (input channels x taps) below which a flat tile loses: its write-back (one
-# pixel at a time, across row ends) costs as much as the reduction itself. MobileNetV2's stem
-# (3 x 3 x 3 = 27 steps) measured 0.49 ms flat against 0.44 in rows; ResNet-18's (147) 2.73-2.80
-# against 2.85.
+# pixel at a time, across row ends) costs as much as the reduction itself (MobileNetV2's
+# 27-step stem lost, ResNet-18's 147-step one gained: 961f73b).
 FLAT_MIN_REDUCTION = 64
 
 
@@ -89,8 +88,7 @@ def register_tile(n_f: int, n_x: int, lanes: int, regs: int, n_y: int | None = N
     divide the width. That is taken when it holds more accumulators: on AVX2 (12) 2 x 6 rather
     than 2 x 4 at 56 and 28 wide and 1 x 7 at 14, 2 x 5 rather than 1 x 7 at 7 wide; on
     AVX-512 the row tile (2 x 7) is already full. A last tile of one pixel is avoided: with it
-    the whole conv measured 20-25% slower on AVX2 (at 14x14 and 56x56 with XB 5, at 7x7 with
-    XB 6), for a cause not found."""
+    the whole conv ran 20-25% slower on AVX2, for a cause not found (76d0d6f)."""
     acc = acc_vectors(lanes, regs)
     best = (1, largest_divisor(n_x, acc))
     if n_f % (2 * lanes) == 0:
@@ -98,8 +96,7 @@ def register_tile(n_f: int, n_x: int, lanes: int, regs: int, n_y: int | None = N
         if 2 * xb >= best[1]:
             best = (2, xb)
     # x86 only: NEON loads a broadcast from a base register, one per pixel of a flat tile, and
-    # ResNet-18's aarch64 build went from 2.70 to 2.44 MACs per instruction with flat 2 x 8
-    # tiles at 28 and 14 wide (benchmarks/codegen.py); without a board to time them, not taken
+    # the static code got worse (benchmarks/codegen.py, 9fb0534); untimed on a board, not taken
     if n_y is not None and lanes >= 8 and reduction >= FLAT_MIN_REDUCTION and n_f % (2 * lanes) == 0:
         plane = n_y * n_x
         xb = next((x for x in range(min(plane, max(1, acc // 2)), 0, -1) if plane % x != 1), 1)
