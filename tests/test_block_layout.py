@@ -148,6 +148,23 @@ def test_blocked_flat_tiles_match_pytorch(tmp_path, cin, hidden, cout, stride, h
     assert _run(model, x, tmp_path, f"flat{hidden}", spec) <= RTOL
 
 
+def test_large_strided_expansion_is_blocked_not_split(host, tmp_path, monkeypatch):
+    """An inverted residual whose expansion exceeds SplitExpandDepthwise's threshold and feeds a
+    stride-2 depthwise conv (MobileNetV2's 16 -> 96 at 112x112, scaled down) is channel-blocked
+    whole: no split groups, no concat, and it equals PyTorch."""
+    from legoc.targets.schedules import split_expand
+
+    monkeypatch.setattr(split_expand, "SPLIT_BYTES", 48 * 16 * 16 * 4)
+    monkeypatch.setattr(split_expand, "GROUP_BYTES", 24 * 16 * 16 * 4)
+    assert split_expand.group_channels(96, 16 * 16) == 24   # the split would take it
+    model = _block(16, 96, 24, 3, 2, nn.ReLU6, False, 7)
+    x = torch.randn(1, 16, 16, 16)
+    used = _rules(model, x, host)
+    assert not any("concatenate" in name for name in used), used
+    assert sorted(r for r in used.values() if "Blocked" in r) == ["Conv2dBlocked", "Conv2dBlocked", "DepthwiseBlocked"]
+    assert _run(model, x, tmp_path, "whole") <= RTOL
+
+
 def test_flat_tile_only_where_a_row_holds_one_channel_vector():
     """flat_tile: AVX2's 7-wide maps (1 x 7 in a row) get 2 x 6; odd block counts, wider rows
     and CPUs with 32 registers keep the row tile."""

@@ -120,9 +120,11 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
     from legoc.targets.schedules.split_expand import SplitExpandDepthwise  # noqa: PLC0415
 
     with target:
-        # split first, so that the groups' convs are the ones packed (or left to Conv2dPointwise);
-        # then the inverted residuals left whole go channel-blocked (their convs are not packed here)
-        mod = SplitExpandDepthwise()(mod)
+        # inverted residuals go channel-blocked first (their convs are not packed here): blocked,
+        # a large expansion and the strided depthwise conv reading it run faster whole than as
+        # split groups joined by a concat; then the expansions left unblocked are split, so that
+        # the groups' convs are the ones packed (or left to Conv2dPointwise)
         mod = BlockInvertedResidual(vector_lanes(target))(mod)
+        mod = SplitExpandDepthwise()(mod)
         mod = PackConvWeights(vector_lanes(target), vector_registers(target))(mod)
         return relax.transform.LiftTransformParams()(mod)

@@ -122,7 +122,9 @@ class SplitExpandDepthwise:
     L2 cache, and a concat joins the groups' outputs (a quarter of the expansion's size at
     stride 2; at stride 1 it would cost what the groups save, so those are left whole). MobileNetV2's first expansion writes 4.8 MB at 112x112
     (the L2 here holds 2 MB); in the whole model it took 1.08 ms against 0.76 ms alone, and the
-    depthwise conv reading it 0.57 against 0.44 (``benchmarks/kernels.py --chain``)."""
+    depthwise conv reading it 0.57 against 0.44 (``benchmarks/kernels.py --chain``). In a prepacked
+    build (:func:`~legoc.targets.schedules.prepack_weights`) an inverted residual is channel-blocked
+    before this runs and so stays whole: blocked, the pair is faster whole than split."""
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
         out = rewrite_functions(mod, _Splitter(mod))
