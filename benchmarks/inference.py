@@ -2,7 +2,7 @@
 and legoc's runtime at full size and at uniform pruning ratios.
 
     .venv/bin/python benchmarks/inference.py [--threads 2] [--models mnist_resnet,resnet18-224,mobilenetv2-224]
-                                             [--runs 60] [--rounds 3] [--round-to N] [--tune-trials N]
+                                             [--runs 200] [--rounds 20] [--round-to N] [--tune-trials N]
                                              [--clock wall|cpu] [--json out.json]
 
 For each model, with the same thread count everywhere, every runner in a process of its own (no
@@ -16,13 +16,15 @@ torch OpenMP workers spinning beside TVM, no ORT pool beside either):
   as ``legoc compile`` does by default, or ``--round-to``) run block by block by
   ``legoc.runtime``; ``legoc r0.25`` ...: every block at that ratio.
 
-Each runner is timed in ``--rounds`` rounds; in every round each runner starts a fresh process,
-warms up and times ``--runs / --rounds`` calls (numpy in, numpy out); the latency is the median
-over all rounds and the spread is the range of the per-round medians. Rounds interleave the
-runners, so a change of load on this shared machine hits every row alike over many rounds;
-"× ORT paired" (and the overhead's paired figure) is the median over rounds of the ratio of
-round medians within one round (:func:`paired_ratio`), which a slow spell of a few processes
-moves less.
+Every runner's process starts once, loads its model and warms up, then waits. Each of
+``--rounds`` rounds asks every runner in turn for a batch of ``--runs / --rounds`` timed calls
+(numpy in, numpy out; two untimed calls first), one runner at a time, with a pause between
+batches for the previous runner's thread pool to stop spinning; odd rounds go in reverse order.
+A round takes seconds, so a change of load on this shared machine (slow spells of tens of
+seconds) hits the runners of a round alike. The latency is the median over all timed calls and
+the spread is the range of the per-round medians; "× ORT paired" (and the overhead's paired
+figure) is the median over rounds of the ratio of round medians within one round
+(:func:`paired_ratio`).
 
 GFLOP/s counts 2 x legoc's MAC count of the configuration per latency and is stated against the
 peak basis of ``benchmarks/peak.py`` (measured sgemm with OpenBLAS's overrides unset, and the
@@ -139,7 +141,8 @@ def model_file(name: str, folder: Path) -> Path:
 # Worker: one runner in a process of its own
 
 
-def _worker(spec: dict) -> dict:
+def _worker(spec: dict):
+    """``spec``'s runner set up in this process: its call (numpy in, numpy out)."""
     import numpy as np
 
     threads = spec["threads"]
@@ -187,29 +190,72 @@ def _worker(spec: dict) -> dict:
 
         def call():
             return runtime(x)
+    return call
+
+
+def _serve(spec: dict) -> None:
+    """The worker process: set up, save the first output (``spec["output"]``), warm up, print
+    ``ready``; then for every line N on stdin time N calls (after BATCH_WARMUP untimed ones) and
+    print their times in ms as a JSON list; exit at end of input."""
+    import numpy as np
+
+    call = _worker(spec)
     out = call()
     if spec.get("output"):
         np.save(spec["output"], np.asarray(out))
     for _ in range(spec["warmup"]):
         call()
     clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
-    times = []
-    for _ in range(spec["runs"]):
-        t0 = clock()
-        call()
-        times.append((clock() - t0) * 1e3)
-    return {"times": times}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        for _ in range(BATCH_WARMUP):
+            call()
+        times = []
+        for _ in range(int(line)):
+            t0 = clock()
+            call()
+            times.append((clock() - t0) * 1e3)
+        print(json.dumps(times), flush=True)
 
 
-def _run_worker(spec: dict) -> list[float]:
-    env = dict(os.environ)
-    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(spec["threads"])
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"worker {spec['kind']} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["times"]
+BATCH_WARMUP = 2   # untimed calls at the start of every batch (caches after another runner)
+SETTLE_S = 0.3     # pause between batches: TVM's and ORT's idle workers spin before they sleep
+
+
+class Runner:
+    """One runner in a process of its own, alive for the whole benchmark (:func:`_serve`)."""
+
+    def __init__(self, spec: dict, log: Path):
+        env = dict(os.environ)
+        for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(spec["threads"])
+        self.kind, self.log = spec["kind"], log
+        with open(log, "w") as err:   # a file, not a pipe nobody reads while the worker runs
+            self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        self._read()   # "ready"
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        while line and line.strip() != "ready" and not line.startswith("["):
+            line = self.proc.stdout.readline()   # a library's own prints
+        if not line:
+            self.proc.kill()
+            raise SystemExit(f"worker {self.kind} failed:\n{self.log.read_text()[-2000:]}")
+        return line
+
+    def time(self, calls: int) -> list[float]:
+        """``calls`` timed calls, in ms."""
+        self.proc.stdin.write(f"{calls}\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read())
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()   # end of input: the worker exits
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,25 +308,42 @@ def bench_model(name: str, folder: Path, args) -> dict:
         label = "legoc full" if index == 0 else f"legoc r{ratio:.2f}"
         runners.append((label, {"kind": "legoc", "artifact": str(art), "variants": [index] * len(blocks)}, macs))
 
-    per_round = max(1, args.runs // args.rounds)
-    medians: dict[str, list[float]] = {label: [] for label, _, _ in runners}
-    times: dict[str, list[float]] = {label: [] for label, _, _ in runners}
-    for r in range(args.rounds):
+    procs = {}
+    try:
         for label, wspec, _ in runners:
-            check = r == 0 and label in ("onnxruntime", "tvm monolithic", "legoc full")
-            out = folder / f"{name}-out.npy"
-            t = _run_worker({**base, **wspec, "runs": per_round, "output": str(out) if check else None})
+            check = label in ("onnxruntime", "tvm monolithic", "legoc full")
+            out = folder / f"{name}-{label.replace(' ', '_')}-out.npy"
+            procs[label] = Runner({**base, **wspec, "output": str(out) if check else None},
+                                  folder / f"{name}-{label.replace(' ', '_')}.log")
             if check:
                 _check(name, label, np.load(out), ref)
-            times[label] += t
-            medians[label].append(statistics.median(t))
-        print(f"{name}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        medians, times = interleaved_rounds(procs, args.rounds, max(1, args.runs // args.rounds), name)
+    finally:
+        for proc in procs.values():
+            proc.close()
     rows = [{"runner": label, "ms": statistics.median(times[label]), "lo": min(medians[label]),
              "hi": max(medians[label]), "macs": macs,
              "paired_ort": paired_ratio(medians[label], medians["onnxruntime"])}
             for label, _, macs in runners]
     return {"rows": rows, "blocks": _block_efficiency(blocks), "round_to": manifest["options"]["round_to"],
             "overhead_paired": paired_ratio(medians["legoc full"], medians["tvm monolithic"])}
+
+
+def interleaved_rounds(procs: dict, rounds: int, calls: int, name: str = "") -> tuple[dict, dict]:
+    """Per runner label: the median of each round's batch, and all timed calls. Each round asks
+    every runner of ``procs`` (label -> :class:`Runner`) for ``calls`` calls in turn, in reverse
+    order on odd rounds, pausing :data:`SETTLE_S` between batches."""
+    medians: dict[str, list[float]] = {label: [] for label in procs}
+    times: dict[str, list[float]] = {label: [] for label in procs}
+    labels = list(procs)
+    for r in range(rounds):
+        for label in (labels if r % 2 == 0 else labels[::-1]):
+            time.sleep(SETTLE_S)
+            t = procs[label].time(calls)
+            times[label] += t
+            medians[label].append(statistics.median(t))
+        print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    return medians, times
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
@@ -320,8 +383,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(KNOWN)}")
-    ap.add_argument("--runs", type=int, default=60, help="timed calls per runner, over all rounds")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=200, help="timed calls per runner, over all rounds")
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--round-to", type=int, default=None,
                     help="legoc compile's --round-to (default: the target's own default)")
     ap.add_argument("--tune-trials", type=int, default=0,
@@ -333,7 +396,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+        _serve(json.loads(args.worker))
         return
     if args.clock == "cpu" and args.threads != 1:
         raise SystemExit("--clock cpu needs --threads 1 (a worker's CPU time sums its threads, spinning included)")

@@ -30,3 +30,31 @@ def test_table_shows_paired_ratios_and_overhead(load_benchmark):
     text = out.getvalue()
     assert "× ORT paired" in text and "1.10" in text   # legoc full: 5.5/5.0 and 7.7/7.0
     assert "+0.0%" in text                               # overhead, paired
+
+
+def test_runners_stay_alive_and_take_turns(load_benchmark, tmp_path, monkeypatch):
+    """Two ONNX Runtime workers (real processes, a tiny ONNX model): each loads once, answers
+    every round's batch with that many timings, writes its first output, and exits when closed."""
+    import numpy as np
+    import torch
+
+    bench = load_benchmark("inference")
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), input_names=["x"], dynamo=False)
+    np.save(tmp_path / "x.npy", x.numpy())
+    spec = {"kind": "ort", "onnx": str(tmp_path / "m.onnx"), "threads": 1, "input": str(tmp_path / "x.npy"),
+            "warmup": 1, "clock": "wall"}
+    procs = {"a": bench.Runner({**spec, "output": str(tmp_path / "a.npy")}, tmp_path / "a.log"),
+             "b": bench.Runner({**spec, "output": None}, tmp_path / "b.log")}
+    try:
+        medians, times = bench.interleaved_rounds(procs, rounds=3, calls=4)
+    finally:
+        for proc in procs.values():
+            proc.close()
+    assert [len(medians[k]) for k in "ab"] == [3, 3] and [len(times[k]) for k in "ab"] == [12, 12]
+    assert all(t > 0 for k in "ab" for t in times[k])
+    with torch.no_grad():
+        assert np.allclose(np.load(tmp_path / "a.npy"), model(x).numpy(), atol=1e-5)
+    assert all(proc.proc.returncode == 0 for proc in procs.values())
