@@ -298,6 +298,47 @@ def test_expansion_runs_in_l2_sized_channel_groups(host, monkeypatch, tmp_path, 
     assert float(np.abs(out - ref).max()) <= RTOL * float(np.abs(ref).max())
 
 
+@pytest.mark.parametrize("cin,cout,hw,stride", [
+    (16, 32, (28, 28), 2),    # 14x14 out: subsampled, and the stride-1 conv is Conv2dPointwise's
+    (12, 24, (29, 31), 2),    # odd sides: the last row and column are kept
+    (8, 16, (30, 45), (2, 3)),
+    (16, 32, (13, 13), 2),    # 7x7 out: below MIN_PLANE, left strided
+])
+def test_strided_pointwise_conv_is_subsampled(host, tmp_path, cin, cout, hw, stride):
+    """A 1x1 strided conv (+ bias, + a residual as in ResNet's downsample) runs as a subsampling
+    copy and the conv at stride 1 when its output plane has at least MIN_PLANE pixels; outputs
+    equal PyTorch in the scheduling pipeline and in a prepacked build."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.schedules.subsample import MIN_PLANE
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(cin)
+
+    class Down(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(cin, cout, 1, stride)
+
+        def forward(self, x, r):
+            return torch.relu(self.conv(x) + r)
+
+    model = Down().eval()
+    x = _randn(1, cin, *hw)
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    out_hw = ((hw[0] - 1) // sh + 1, (hw[1] - 1) // sw + 1)
+    r = _randn(1, cout, *out_hw)
+    used = check(model, (x, r), host)
+    assert any("strided_slice" in name for name in used) == (out_hw[0] * out_hw[1] >= MIN_PLANE), used
+    built = build_module(model, (x, r), get_target("host"), tmp_path / "m.so", prepack=True)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), r.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x, r).numpy()
+    assert float(np.abs(out - ref).max()) <= RTOL * float(np.abs(ref).max())
+
+
 def test_group_channels_divide_and_fit():
     from legoc.targets.schedules.split_expand import (GROUP_BYTES, GROUP_CHANNELS, SPLIT_BYTES,
                                                       group_channels)

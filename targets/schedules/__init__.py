@@ -36,6 +36,8 @@ The files, as in ``tvm.s_tir.dlight``:
   ``[N, C/B, H, W, B]``, B the vector width),
   ``split_expand`` (:class:`SplitExpandDepthwise`: a large expansion and the strided depthwise
   conv it feeds, run as L2-sized channel groups),
+  ``subsample`` (:class:`SubsampleStridedPointwise`: a strided 1x1 conv as a subsampling copy
+  and the conv at stride 1),
   ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
   ``[O/B, I, KH, KW, B]`` once, at build time, kernel taps that only meet padding dropped) and
   ``pad_channels`` (:class:`PadConvChannels`, otherwise: output channels padded to the vector
@@ -59,6 +61,7 @@ from legoc.targets.schedules.pipeline import cpu_pipeline, lowering_passes, sche
 from legoc.targets.schedules.reduction import ReductionVectorized
 from legoc.targets.schedules.rewrite import match_conv2d
 from legoc.targets.schedules.split_expand import SplitExpandDepthwise
+from legoc.targets.schedules.subsample import SubsampleStridedPointwise
 from legoc.targets.schedules.transform import RULE_ATTR, ApplyCPUSchedules, default_rules, scheduled_by
 
 __all__ = [
@@ -78,6 +81,7 @@ __all__ = [
     "RULE_ATTR",
     "ReductionVectorized",
     "SplitExpandDepthwise",
+    "SubsampleStridedPointwise",
     "TRANSFORM_PARAMS",
     "cpu_pipeline",
     "default_rules",

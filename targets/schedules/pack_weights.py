@@ -118,8 +118,10 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
     to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
     from legoc.targets.schedules.block_layout import BlockInvertedResidual  # noqa: PLC0415
     from legoc.targets.schedules.split_expand import SplitExpandDepthwise  # noqa: PLC0415
+    from legoc.targets.schedules.subsample import SubsampleStridedPointwise  # noqa: PLC0415
 
     with target:
+        mod = SubsampleStridedPointwise()(mod)   # first: its stride-1 conv is the one packed
         # inverted residuals go channel-blocked first (their convs are not packed here): blocked,
         # a large expansion and the strided depthwise conv reading it run faster whole than as
         # split groups joined by a concat; then the expansions left unblocked are split, so that

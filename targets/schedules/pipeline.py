@@ -8,6 +8,7 @@ from tvm.target import Target
 from legoc.targets.schedules.isa import vector_lanes, vector_registers
 from legoc.targets.schedules.pad_channels import PadConvChannels
 from legoc.targets.schedules.split_expand import SplitExpandDepthwise
+from legoc.targets.schedules.subsample import SubsampleStridedPointwise
 from legoc.targets.schedules.transform import ApplyCPUSchedules
 
 
@@ -40,9 +41,10 @@ def scheduling_passes(target: Target, *, schedule: bool = True, before_schedule:
 
 def relax_rewrites(target: Target) -> list:
     """legoc's Relax rewrites before legalization (also run by the tuner, so that it tunes the
-    workloads the compile looks up): expansions split into L2-sized channel groups, then conv
-    output channels padded for the packed rule."""
-    return [SplitExpandDepthwise(), PadConvChannels(vector_lanes(target), vector_registers(target))]
+    workloads the compile looks up): strided 1x1 convs subsampled, expansions split into
+    L2-sized channel groups, then conv output channels padded for the packed rule."""
+    return [SubsampleStridedPointwise(), SplitExpandDepthwise(),
+            PadConvChannels(vector_lanes(target), vector_registers(target))]
 
 
 def lowering_passes(target: Target) -> list:
