@@ -59,11 +59,11 @@ def model_inputs(view: ManifestView, inputs: tuple) -> list[np.ndarray]:
 
 
 def _input_buffers(view: ManifestView, cpu) -> list:
-    """One CPU tensor per model input, made once, with a writable numpy view of its memory:
-    a call copies its inputs into them (``np.copyto``, a few microseconds) instead of making new
-    TVM tensors (``tvm.runtime.tensor``: 30-50 microseconds per call on the AVX2 host, a tenth of
-    the MNIST example's inference). Calls are serialised by the executor's lock, and outputs are
-    copied out (:func:`_to_numpy`), so nothing the caller holds refers to these buffers."""
+    """One CPU tensor per model input, made once, with a writable numpy view of its memory: a
+    call copies its inputs into them (``np.copyto``) instead of making new TVM tensors, whose
+    per-call cost weighs on small models (d0f0c91). Calls are serialised by the executor's lock,
+    and outputs are copied out (:func:`to_numpy`), so nothing the caller holds refers to these
+    buffers."""
     import tvm
 
     out = []
@@ -73,10 +73,10 @@ def _input_buffers(view: ManifestView, cpu) -> list:
     return out
 
 
-def _to_numpy(tensor) -> np.ndarray:
-    """A model output as a numpy array of its own: a copy through a DLPack view (about 1
-    microsecond for a small output, where ``Tensor.numpy()`` takes 15). A copy, because an output
-    may share memory with an input buffer or a weight (a module that returns what it was given)."""
+def to_numpy(tensor) -> np.ndarray:
+    """A model output as a numpy array of its own: a copy through a DLPack view, cheaper per
+    call than ``Tensor.numpy()`` (d0f0c91). A copy, because an output may share memory with an
+    input buffer or a weight (a module that returns what it was given)."""
     try:
         return np.from_dlpack(tensor).copy()
     except (TypeError, ValueError, BufferError, RuntimeError):   # a dtype numpy's DLPack import lacks
@@ -138,7 +138,7 @@ class Executor:
             for fn, ins, outs in steps:
                 env.update(zip(outs, fn(*[env[k] for k in ins])))
             out = build_output(view.manifest["output"], {n: env[(n, "cpu")] for n in view.outputs},
-                               leaf=_to_numpy)
+                               leaf=to_numpy)
             self.call_ms.append((time.perf_counter() - t0) * 1e3)
             return out
 

@@ -247,7 +247,7 @@ class TiledModel:
     def __call__(self, *inputs: np.ndarray):
         from legoc.runtime.artifact import build_output
 
-        from legoc.runtime.executor import model_inputs
+        from legoc.runtime.executor import model_inputs, to_numpy
 
         view = self.view
         env = {name: self._devices.tensor(x, self._dev)
@@ -260,7 +260,7 @@ class TiledModel:
                 stats = self.cluster.stats
                 item.fallbacks += int(stats.fallback)
                 item.worker_seconds.append(list(stats.seconds))
-        return build_output(self.manifest["output"], env, leaf=lambda t: t.numpy())
+        return build_output(self.manifest["output"], env, leaf=to_numpy)
 
     def reset_times(self) -> None:
         """Forget the times of the calls so far (e.g. after a warm-up)."""

@@ -7,10 +7,8 @@ from tvm import relax
 
 from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
 
-# output planes (pixels) from which the rewrite is taken. On the AVX2 host (1 thread, caches
-# flushed before each call, benchmarks/kernels.py --cold), 64->128 from 56x56: 0.284 ms strided
-# against 0.197 ms subsampled (copy 0.037 ms included); 128->256 from 28x28: 0.274 against 0.230;
-# 256->512 from 14x14 (a 7x7 output): 0.251 against 0.259, so not there.
+# output planes (pixels) from which the rewrite is taken: it paid at 28x28 and 14x14 outputs and
+# not at 7x7 (benchmarks/kernels.py --cold; timings in 77f9a37 and the README)
 MIN_PLANE = 14 * 14
 
 
