@@ -3,7 +3,7 @@ its own, with the rule that scheduled it and its GFLOP/s.
 
     .venv/bin/python benchmarks/kernels.py [--model mobilenetv2-224|resnet18-224|path/model.py]
                                            [--threads 1] [--top 25] [--number 20 --repeat 5]
-                                           [--bandwidth] [--cold] [--chain]
+                                           [--bandwidth] [--cold] [--chain] [--show NAME]
 
 The module is prepared as ``legoc.targets.build.build_module(prepack=True)`` prepares it (weights
 packed at build time) and run through legoc's CPU scheduling passes; each resulting PrimFunc is
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", action="store_true", help="add each kernel's time over its memory-bandwidth bound")
     ap.add_argument("--cold", action="store_true", help="flush the CPU caches before every call (all arguments but the first)")
     ap.add_argument("--chain", action="store_true", help="also time every kernel inside the whole module's run")
+    ap.add_argument("--show", metavar="NAME", help="print the scheduled TIR of every kernel whose name contains NAME")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -142,6 +143,8 @@ def main() -> None:
         if not isinstance(func, tirx.PrimFunc) or gv.name_hint not in calls:
             continue
         args_spec, n_calls = calls[gv.name_hint]
+        if args.show and args.show in gv.name_hint:
+            print(func.script())
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         arrays = [tvm.runtime.tensor(rng.standard_normal(shape).astype(dtype), dev) for shape, dtype in args_spec]
         timer = lib.jit().time_evaluator("main", dev, number=1 if args.cold else args.number,

@@ -109,7 +109,21 @@ def test_conv2d_packed(host, cin, cout, k, stride, pad, hw, bias, act, seed):
         inputs = (x, _randn(1, cout, oh, ow))
     else:
         module, inputs = conv, (x,)
-    assert rule_of(check(module, inputs, host), "conv2d") == "Conv2dNCHWPacked"
+    assert rule_of(check(module, inputs, host), "conv2d") == _conv_rule(host, conv, (h, w))
+
+
+def _conv_rule(target, conv: nn.Conv2d, hw: tuple[int, int]) -> str:
+    """The rule a groups=1 conv2d on an ``hw`` input gets: the pixel-vector rule where
+    ``pixel_tile_positions`` takes it, else the packed one."""
+    from legoc.targets.schedules import vector_lanes, vector_registers
+    from legoc.targets.schedules.pixel_conv import pixel_tile_positions
+
+    kh, kw = conv.kernel_size
+    ph, pw = conv.padding
+    out_hw = (hw[0] + 2 * ph - kh + 1, hw[1] + 2 * pw - kw + 1)
+    takes = conv.stride == (1, 1) and conv.dilation == (1, 1) and pixel_tile_positions(
+        conv.out_channels, (kh, kw), out_hw, hw[1] + 2 * pw, vector_lanes(target), vector_registers(target))
+    return "Conv2dPixels" if takes else "Conv2dNCHWPacked"
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +241,36 @@ def test_conv2d_odd_channels(host, cin, cout, k, stride, seed):
     conv = nn.Conv2d(cin, cout, k, stride, k // 2)
     used = check(conv, (_randn(1, cin, 11, 9),), host)
     # the output channels are padded to 4, 8 or a multiple of the vector width (PadConvChannels)
-    assert rule_of(used, "conv2d") == "Conv2dNCHWPacked"
+    # unless the conv has fewer filters than a vector holds and the pixel rule takes it
+    assert rule_of(used, "conv2d") == _conv_rule(host, conv, (11, 9))
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+@example(cin=16, cout=4, k=3, pad=1, hw=(28, 28), act="residual", seed=0)   # the MNIST example at r0.75
+@example(cin=3, cout=1, k=5, pad=2, hw=(17, 23), act="relu", seed=1)
+@example(cin=7, cout=3, k=3, pad=0, hw=(30, 9), act="none", seed=2)         # no padding: rows overrun
+@given(cin=st.integers(1, 20), cout=st.integers(1, 7), k=st.sampled_from([2, 3, 5]),
+       pad=st.integers(0, 2), hw=st.tuples(st.integers(6, 30), st.integers(6, 30)),
+       act=st.sampled_from(["none", "relu", "residual"]), seed=st.integers(0, 2**16))
+def test_conv2d_few_filters_as_pixel_vectors(host, cin, cout, k, pad, hw, act, seed):
+    """Stride-1 convs with fewer filters than a vector holds: the pixel-vector rule (vectors of
+    consecutive positions of the padded plane, flattened) where it takes them, and equal to
+    PyTorch, the padded columns and the last tile's overrun dropped."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, 1, pad)
+    x = _randn(1, cin, *hw)
+    oh, ow = hw[0] + 2 * pad - k + 1, hw[1] + 2 * pad - k + 1
+    if act == "relu":
+        module, inputs = nn.Sequential(conv, nn.ReLU()), (x,)
+    elif act == "residual":
+        module, inputs = Fn(lambda a, r: torch.relu(conv(a) + r)), (x, _randn(1, cout, oh, ow))
+    else:
+        module, inputs = conv, (x,)
+    expected = _conv_rule(host, conv, hw)
+    if (cin, cout, hw) == (16, 4, (28, 28)):
+        assert expected == "Conv2dPixels"
+    assert rule_of(check(module, inputs, host), "conv2d") == expected
 
 
 @settings(max_examples=10, deadline=None, derandomize=True,
@@ -386,7 +429,7 @@ def test_conv2d_depthwise(host, c, mult, k, stride, hw, seed):
     torch.manual_seed(seed)
     conv = nn.Conv2d(c, c * mult, k, stride, k // 2, groups=c)
     # one channel: groups=1, a plain conv; a channel multiplier of 2: the generic reduction rule
-    want = "Conv2dNCHWPacked" if c == 1 else "DepthwiseConv2d" if mult == 1 else "ReductionVectorized"
+    want = _conv_rule(host, conv, (hw, hw)) if c == 1 else "DepthwiseConv2d" if mult == 1 else "ReductionVectorized"
     assert rule_of(check(conv, (_randn(1, c, hw, hw),), host), "conv2d") == want
 
 
@@ -626,12 +669,12 @@ def test_rules_build_for_aarch64_with_neon():
     torch.manual_seed(0)
     target = get_target("raspberry-pi-4").tvm_target()
     model = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 24, 1),
-                          nn.MaxPool2d(3, 2, 1))
+                          nn.Conv2d(24, 3, 3, 1, 1), nn.MaxPool2d(3, 2, 1))
     mod, _ = _relax(model, (_randn(1, 8, 12, 12),))
     with target:
         rules = set(scheduled_by(tvm.transform.Sequential(
             scheduling_passes(target, strict=True))(mod)).values())
-    assert {"Conv2dNCHWPacked", "Conv2dPointwise", "Pool2d"} <= rules, rules
+    assert {"Conv2dNCHWPacked", "Conv2dPointwise", "Conv2dPixels", "Pool2d"} <= rules, rules
     executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
@@ -654,6 +697,30 @@ def test_prepacked_weights_match_pytorch(tmp_path):
     shapes = [p.shape for p in built.params]
     assert any(len(s) == 5 for s in shapes), shapes  # [O/B, I, KH, KW, B]
     assert (32, 10) in shapes  # the FC weight, transposed once
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert float(np.abs(out - ref).max()) <= RTOL * float(np.abs(ref).max())
+
+
+def test_prepacked_pixel_conv_matches_pytorch(tmp_path):
+    """build_module(prepack=True): a 3x3 conv with 4 filters on a 28x28 map runs as the pixel
+    conv, its weights as they are (OIHW, nothing to pack), beside packed convs, and the
+    module equals PyTorch."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 16, 3, 1, 1), nn.ReLU(),
+                          nn.Conv2d(16, 5, 5, 1, 2)).eval()
+    x = _randn(1, 16, 28, 28)
+    built = build_module(model, (x,), get_target("host"), tmp_path / "pix.so", prepack=True)
+    shapes = [tuple(p.shape) for p in built.params]
+    assert (4, 16, 3, 3) in shapes and (5, 16, 5, 5) in shapes, shapes   # pixel convs: OIHW
+    assert any(len(s) == 5 for s in shapes), shapes                        # 4 -> 16: packed
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in [x.numpy(), *built.params]]).numpy()
     with torch.no_grad():

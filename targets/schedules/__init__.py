@@ -19,7 +19,8 @@ The files, as in ``tvm.s_tir.dlight``:
 
 * rules, one per file, in the order tried: ``conv2d_blocked`` (:class:`Conv2dBlocked`) and
   ``depthwise_blocked`` (:class:`DepthwiseBlocked`), the three convs of a channel-blocked
-  inverted residual (``block_layout`` below); ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
+  inverted residual (``block_layout`` below); ``conv2d_pixels`` (:class:`Conv2dPixels`, a conv
+  with fewer filters than a vector holds, over vectors of output pixels); ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
   1x1 stride-1 conv2d over a plane of whole vectors), ``conv2d_packed``
   (:class:`Conv2dNCHWPacked`, other groups=1 conv2d), ``depthwise`` (:class:`DepthwiseConv2d`),
   ``pool2d`` (:class:`Pool2d`: windowed max and average pooling, scheduled as the depthwise
@@ -38,6 +39,8 @@ The files, as in ``tvm.s_tir.dlight``:
   conv it feeds, run as L2-sized channel groups),
   ``subsample`` (:class:`SubsampleStridedPointwise`: a strided 1x1 conv as a subsampling copy
   and the conv at stride 1),
+  ``pixel_conv`` (:class:`PixelVectorConv`: a stride-1 conv with fewer filters than a vector
+  holds as a conv over the padded plane flattened, for ``Conv2dPixels``),
   ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
   ``[O/B, I, KH, KW, B]`` once, at build time, kernel taps that only meet padding dropped) and
   ``pad_channels`` (:class:`PadConvChannels`, otherwise: output channels padded to the vector
@@ -48,6 +51,7 @@ from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.block_layout import BlockInvertedResidual
 from legoc.targets.schedules.conv2d_blocked import Conv2dBlocked
 from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
+from legoc.targets.schedules.conv2d_pixels import Conv2dPixels
 from legoc.targets.schedules.conv2d_pointwise import Conv2dPointwise
 from legoc.targets.schedules.depthwise import DepthwiseConv2d
 from legoc.targets.schedules.depthwise_blocked import DepthwiseBlocked
@@ -56,6 +60,7 @@ from legoc.targets.schedules.injective import Injective
 from legoc.targets.schedules.isa import pointwise_tile, vector_isa, vector_lanes, vector_registers
 from legoc.targets.schedules.pack_weights import TRANSFORM_PARAMS, PackConvWeights, prepack_weights
 from legoc.targets.schedules.pad_channels import PadConvChannels
+from legoc.targets.schedules.pixel_conv import PixelVectorConv
 from legoc.targets.schedules.pool2d import Pool2d
 from legoc.targets.schedules.pipeline import cpu_pipeline, lowering_passes, scheduling_passes
 from legoc.targets.schedules.reduction import ReductionVectorized
@@ -70,6 +75,7 @@ __all__ = [
     "CPURule",
     "Conv2dBlocked",
     "Conv2dNCHWPacked",
+    "Conv2dPixels",
     "Conv2dPointwise",
     "DepthwiseBlocked",
     "DepthwiseConv2d",
@@ -77,6 +83,7 @@ __all__ = [
     "Injective",
     "PackConvWeights",
     "PadConvChannels",
+    "PixelVectorConv",
     "Pool2d",
     "RULE_ATTR",
     "ReductionVectorized",

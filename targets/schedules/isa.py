@@ -135,6 +135,21 @@ def pointwise_tile(out_channels: int, plane: int, lanes: int, regs: int) -> tupl
     return best
 
 
+def pixel_tile(out_channels: int, lanes: int, regs: int) -> tuple[int, int]:
+    """(output channels FC, pixel vectors XV) of :class:`~legoc.targets.schedules.Conv2dPixels`'s
+    register tile: the most accumulators FC x XV (FC dividing ``out_channels``, XV at most 6,
+    the fewer pixel vectors on a tie) that leave registers for the XV input vectors and one
+    broadcast weight, within :func:`stack_vectors`."""
+    best, best_acc = (1, 1), 0
+    for xv in range(1, 7):
+        for fc in range(out_channels, 0, -1):
+            if out_channels % fc == 0 and fc * xv + xv + 1 <= regs and fc * xv <= stack_vectors(lanes):
+                if fc * xv > best_acc:
+                    best, best_acc = (fc, xv), fc * xv
+                break
+    return best
+
+
 def padded_channels(out_channels: int, lanes: int, out_w: int | None = None,
                     regs: int = 32, out_h: int | None = None, reduction: int = 0) -> tuple[int, int]:
     """(padded output channels, packing block) for a conv with ``out_channels`` filters,

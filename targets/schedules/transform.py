@@ -10,6 +10,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.conv2d_blocked import Conv2dBlocked
 from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
+from legoc.targets.schedules.conv2d_pixels import Conv2dPixels
 from legoc.targets.schedules.conv2d_pointwise import Conv2dPointwise
 from legoc.targets.schedules.depthwise import DepthwiseConv2d
 from legoc.targets.schedules.depthwise_blocked import DepthwiseBlocked
@@ -23,7 +24,7 @@ RULE_ATTR = "legoc.schedule_rule"  # PrimFunc attribute naming the rule that sch
 
 def default_rules() -> list[dlight.ScheduleRule]:
     """The CPU rules in the order they are tried."""
-    return [Conv2dBlocked(), DepthwiseBlocked(), Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
+    return [Conv2dBlocked(), DepthwiseBlocked(), Conv2dPixels(), Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocApplyCPUSchedules")
