@@ -247,24 +247,26 @@ def test_conv2d_odd_channels(host, cin, cout, k, stride, seed):
 
 @settings(max_examples=10, deadline=None, derandomize=True,
           phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
-@example(cin=16, cout=4, k=3, pad=1, hw=(28, 28), act="residual", seed=0)   # the MNIST example at r0.75
-@example(cin=3, cout=1, k=5, pad=2, hw=(17, 23), act="relu", seed=1)
-@example(cin=7, cout=3, k=3, pad=0, hw=(30, 9), act="none", seed=2)         # no padding: rows overrun
-@given(cin=st.integers(1, 20), cout=st.integers(1, 7), k=st.sampled_from([2, 3, 5]),
+@example(cin=16, cout=4, k=3, pad=1, hw=(28, 28), act="residual", batch=1, seed=0)   # the MNIST example at r0.75
+@example(cin=3, cout=1, k=5, pad=2, hw=(17, 23), act="relu", batch=2, seed=1)
+@example(cin=7, cout=3, k=3, pad=0, hw=(30, 9), act="none", batch=1, seed=2)         # no padding: rows overrun
+@example(cin=5, cout=3, k=(3, 5), pad=(1, 2), hw=(20, 26), act="relu", batch=3, seed=3)
+@given(cin=st.integers(1, 20), cout=st.integers(1, 7), k=st.sampled_from([2, 3, 5, (3, 5)]),
        pad=st.integers(0, 2), hw=st.tuples(st.integers(6, 30), st.integers(6, 30)),
-       act=st.sampled_from(["none", "relu", "residual"]), seed=st.integers(0, 2**16))
-def test_conv2d_few_filters_as_pixel_vectors(host, cin, cout, k, pad, hw, act, seed):
+       act=st.sampled_from(["none", "relu", "residual"]), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_conv2d_few_filters_as_pixel_vectors(host, cin, cout, k, pad, hw, act, batch, seed):
     """Stride-1 convs with fewer filters than a vector holds: the pixel-vector rule (vectors of
     consecutive positions of the padded plane, flattened) where it takes them, and equal to
     PyTorch, the padded columns and the last tile's overrun dropped."""
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, 1, pad)
-    x = _randn(1, cin, *hw)
-    oh, ow = hw[0] + 2 * pad - k + 1, hw[1] + 2 * pad - k + 1
+    x = _randn(batch, cin, *hw)
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    oh, ow = hw[0] + 2 * ph - kh + 1, hw[1] + 2 * pw - kw + 1
     if act == "relu":
         module, inputs = nn.Sequential(conv, nn.ReLU()), (x,)
     elif act == "residual":
-        module, inputs = Fn(lambda a, r: torch.relu(conv(a) + r)), (x, _randn(1, cout, oh, ow))
+        module, inputs = Fn(lambda a, r: torch.relu(conv(a) + r)), (x, _randn(batch, cout, oh, ow))
     else:
         module, inputs = conv, (x,)
     expected = _conv_rule(host, conv, hw)
