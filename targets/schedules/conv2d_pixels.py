@@ -21,8 +21,8 @@ class Conv2dPixels(CPURule):
     A tile of ``FC`` output channels times ``XV`` vectors of consecutive positions
     (:func:`~legoc.targets.schedules.isa.pixel_tile`): per reduction step (input channel, tap)
     ``XV`` unaligned vector loads of the flattened input, shifted by the tap, and ``FC``
-    broadcast weights. The input pad (``pad_flat``, one flat row per channel) runs as rows and
-    columns of the padded plane, its border partitioned from its interior; the copy to NCHW,
+    broadcast weights. The input pad (``pad_temp``) is stored as one flat row per channel and
+    runs as rows and columns, its border partitioned from its interior; the copy to NCHW,
     which drops the padded columns, runs after the conv with the epilogue inlined into it."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
