@@ -86,6 +86,18 @@ def _randn(*shape):
     return torch.randn(*shape)
 
 
+def _with_epilogue(conv: nn.Module, x: torch.Tensor, act: str) -> tuple[nn.Module, tuple]:
+    """(module, inputs): ``conv`` alone ("none"), then a ReLU ("relu"), or plus a random
+    residual input, then a ReLU ("residual")."""
+    if act == "relu":
+        return nn.Sequential(conv, nn.ReLU()), (x,)
+    if act == "residual":
+        with torch.no_grad():
+            shape = conv(x).shape
+        return Fn(lambda a, r: torch.relu(conv(a) + r)), (x, _randn(*shape))
+    return conv, (x,)
+
+
 # ---------------------------------------------------------------------------------------------
 # conv2d
 
@@ -99,16 +111,7 @@ def test_conv2d_packed(host, cin, cout, k, stride, pad, hw, bias, act, seed):
     torch.manual_seed(seed)
     h, w = max(hw[0], k), max(hw[1], k)
     conv = nn.Conv2d(cin, cout, k, stride, pad, bias=bias)
-    x = _randn(1, cin, h, w)
-    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    if act == "relu":
-        module = nn.Sequential(conv, nn.ReLU())
-        inputs = (x,)
-    elif act == "residual":
-        module = Fn(lambda a, r: torch.relu(conv(a) + r))
-        inputs = (x, _randn(1, cout, oh, ow))
-    else:
-        module, inputs = conv, (x,)
+    module, inputs = _with_epilogue(conv, _randn(1, cin, h, w), act)
     assert rule_of(check(module, inputs, host), "conv2d") == _conv_rule(host, conv, (h, w))
 
 
@@ -156,14 +159,8 @@ def test_conv2d_packed_flat_tiles(avx2, cin, cout, k, stride, hw, batch, act, se
 
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=True)
-    x = _randn(batch, cin, *hw)
+    module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
     oh, ow = (hw[0] + 2 * (k // 2) - k) // stride + 1, (hw[1] + 2 * (k // 2) - k) // stride + 1
-    if act == "relu":
-        module, inputs = nn.Sequential(conv, nn.ReLU()), (x,)
-    elif act == "residual":
-        module, inputs = Fn(lambda a, r: torch.relu(conv(a) + r)), (x, _randn(batch, cout, oh, ow))
-    else:
-        module, inputs = conv, (x,)
     used = check(module, inputs, avx2, rules=_packed_rules())
     assert rule_of(used, "conv2d") == "Conv2dNCHWPacked"
     if (oh, ow) in ((14, 14), (7, 7)) and cout % 16 == 0:
@@ -260,15 +257,7 @@ def test_conv2d_few_filters_as_pixel_vectors(host, cin, cout, k, pad, hw, act, b
     PyTorch, the padded columns and the last tile's overrun dropped."""
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, 1, pad)
-    x = _randn(batch, cin, *hw)
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    oh, ow = hw[0] + 2 * ph - kh + 1, hw[1] + 2 * pw - kw + 1
-    if act == "relu":
-        module, inputs = nn.Sequential(conv, nn.ReLU()), (x,)
-    elif act == "residual":
-        module, inputs = Fn(lambda a, r: torch.relu(conv(a) + r)), (x, _randn(batch, cout, oh, ow))
-    else:
-        module, inputs = conv, (x,)
+    module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
     expected = _conv_rule(host, conv, hw)
     if (cin, cout, hw) == (16, 4, (28, 28)):
         assert expected == "Conv2dPixels"

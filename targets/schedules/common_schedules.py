@@ -111,3 +111,33 @@ def accumulator_cache(sch: s_tir.Schedule, block):
     :func:`~legoc.targets.schedules.isa.stack_vectors`); any other comes from TVM's workspace
     pool, a call in and one out, here inside the parallel loop once per tile or channel."""
     return sch.cache_write(block, 0, "global")
+
+
+def pixel_vector_tile(sch: s_tir.Schedule, conv, epilogue: list, fc: int, xv: int, lanes: int,
+                      layout=None) -> list:
+    """Schedule a conv block (n, f, p, reductions...) whose ``p`` runs over output pixels, as a
+    register tile of ``fc`` filters x ``xv`` vectors of ``lanes`` consecutive pixels: per
+    reduction step ``xv`` vector loads and ``fc`` broadcast weights, the accumulators written
+    back with plain vector stores, (n, pixel block, filter block) in parallel. ``layout``: an
+    index map to apply to the conv's write and its write-back block (the pointwise rule's
+    flattened plane). Returns the epilogue blocks not inlined into the write-back."""
+    n, f, p, *reduction = sch.get_loops(conv)
+    fo, fi = sch.split(f, [None, fc])
+    po, pv, pl = sch.split(p, [None, xv, lanes])
+    # pixel blocks outside filter blocks: an input tile stays in L1 across the filters
+    sch.reorder(n, po, fo, *reduction, fi, pv, pl)
+    acc_out = accumulator_cache(sch, conv)
+    if layout is not None:
+        sch.transform_layout(conv, ("write", 0), layout)
+    left = inline_epilogue(sch, acc_out, epilogue)
+    if layout is not None:
+        sch.transform_block_layout(acc_out, layout)
+    sch.reverse_compute_at(acc_out, fo, preserve_unit_loops=True)
+    sch.vectorize(pl)
+    sch.unroll(pv)
+    sch.unroll(fi)
+    parallel_fused(sch, [n, po, fo], 1 << 30)
+    sch.decompose_reduction(conv, reduction[0])  # last: the init copies the annotated loops
+    _wo, wi = sch.split(sch.get_loops(acc_out)[-1], [None, lanes])
+    sch.vectorize(wi)
+    return left

@@ -7,8 +7,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent, reduction_named
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (accumulator_cache, inline_epilogue, parallel_fused,
-                                                      schedule_spatial)
+from legoc.targets.schedules.common_schedules import pixel_vector_tile, schedule_spatial
 from legoc.targets.schedules.conv2d_packed import _schedule_pad
 from legoc.targets.schedules.isa import pixel_tile, vector_lanes, vector_registers
 from legoc.targets.schedules.pixel_conv import PIXELS_CONV
@@ -30,24 +29,12 @@ class Conv2dPixels(CPURule):
         if parts is None:
             return False
         prologue, conv, epilogue = parts
-        n, f, p, rc, ry, rx = sch.get_loops(conv)
+        _n, f, p, *_reduction = sch.get_loops(conv)
         lanes, regs = vector_lanes(target), vector_registers(target)
         fc, xv = pixel_tile(extent(sch, f), lanes, regs)
         if extent(sch, p) % (xv * lanes):
             return False
-        fo, fi = sch.split(f, [None, fc])
-        po, pv, pl = sch.split(p, [None, xv, lanes])
-        sch.reorder(n, po, fo, rc, ry, rx, fi, pv, pl)
-        acc_out = accumulator_cache(sch, conv)
-        left = inline_epilogue(sch, acc_out, epilogue)
-        sch.reverse_compute_at(acc_out, fo, preserve_unit_loops=True)
-        sch.vectorize(pl)
-        sch.unroll(pv)
-        sch.unroll(fi)
-        parallel_fused(sch, [n, po, fo], 1 << 30)
-        sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
-        _wo, wi = sch.split(sch.get_loops(acc_out)[-1], [None, lanes])
-        sch.vectorize(wi)
+        left = pixel_vector_tile(sch, conv, epilogue, fc, xv, lanes)
         for block in prologue:
             _store_flat(sch, block)
             _schedule_pad(sch, block, lanes)

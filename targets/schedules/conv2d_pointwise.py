@@ -7,8 +7,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_parts, inline_epilogue,
-                                                      parallel_fused, schedule_spatial)
+from legoc.targets.schedules.common_schedules import conv2d_parts, pixel_vector_tile, schedule_spatial
 from legoc.targets.schedules.isa import pointwise_tile, vector_lanes, vector_registers
 
 
@@ -45,23 +44,7 @@ class Conv2dPointwise(CPURule):
             return (b, c, h * n_x + w)
 
         sch.transform_block_layout(conv, lambda b, c, h, w, rc, ry, rx: (b, c, h * n_x + w, rc, ry, rx))
-        n, f, v, rc, ry, rx = sch.get_loops(conv)
-        fo, fi = sch.split(f, [None, fc])
-        vo, vm, vi = sch.split(v, [None, xv, lanes])
-        # pixel blocks outside channel blocks: an input tile stays in L1 across the channels
-        sch.reorder(n, vo, fo, rc, ry, rx, fi, vm, vi)
-        acc_out = accumulator_cache(sch, conv)
-        sch.transform_layout(conv, ("write", 0), flat)
-        left = inline_epilogue(sch, acc_out, epilogue)
-        sch.transform_block_layout(acc_out, flat)
-        sch.reverse_compute_at(acc_out, fo, preserve_unit_loops=True)
-        sch.vectorize(vi)
-        sch.unroll(vm)
-        sch.unroll(fi)
-        parallel_fused(sch, [n, vo, fo], 1 << 30)
-        sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
-        _wo, wi = sch.split(sch.get_loops(acc_out)[-1], [None, lanes])
-        sch.vectorize(wi)
+        left = pixel_vector_tile(sch, conv, epilogue, fc, xv, lanes, layout=flat)
         for block in left:
             schedule_spatial(sch, block, lanes)
         return True
