@@ -181,13 +181,13 @@ def test_pad_runs_as_loop_partitions(host, pads, c, h, w):
     import tvm
     from tvm import s_tir, te, topi
 
-    from legoc.targets.schedules.conv2d_packed import _partition_pad
+    from legoc.targets.schedules.common_schedules import partition_pad
 
     top, bottom, left, right = pads
     x = te.placeholder((1, c, h, w), name="x")
     padded = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
     sch = s_tir.Schedule(te.create_prim_func([x, padded]))
-    assert _partition_pad(sch, sch.get_sblock("pad_temp"))
+    assert partition_pad(sch, sch.get_sblock("pad_temp"))
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=host).jit()
     data = np.random.default_rng(sum(pads) + c + h + w).standard_normal((1, c, h, w)).astype("float32")
     out = tvm.runtime.tensor(np.full((1, c, h + top + bottom, w + left + right), np.nan, "float32"))

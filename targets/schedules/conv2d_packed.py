@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.sym import Analyzer
 from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent, is_block_split, largest_divisor, same_domain
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_parts, flatten_plane,
-                                                      inline_epilogue, parallel_fused, schedule_spatial)
+                                                      inline_epilogue, parallel_fused, schedule_pad,
+                                                      schedule_spatial)
 from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_lanes, vector_registers
 
 
@@ -21,7 +21,7 @@ class Conv2dNCHWPacked(CPURule):
     one broadcast input scalar per column. Weights not packed at build time
     (:class:`~legoc.targets.schedules.PackConvWeights`) are packed ``[O/B, I, KH, KW, B]`` at the
     start of the PrimFunc; the input pad is partitioned into its zero border and the copied
-    interior (:func:`_partition_pad`); the epilogue is inlined into the accumulator write-back;
+    interior (:func:`~legoc.targets.schedules.common_schedules.partition_pad`); the epilogue is inlined into the accumulator write-back;
     (batch, channel block, row) run in parallel (flat: (batch, channel block, tile))."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
@@ -116,7 +116,7 @@ class Conv2dNCHWPacked(CPURule):
         if wpack is not None:
             _schedule_pack(sch, wpack, block_f)
         for block in prologue:
-            _schedule_pad(sch, block, lanes)
+            schedule_pad(sch, block, lanes)
         for block in left:
             schedule_spatial(sch, block, lanes)
         return True
@@ -136,70 +136,3 @@ def _schedule_pack(sch: s_tir.Schedule, block, block_f: int) -> None:
     sch.vectorize(oi)
     work = extent(sch, oo) * extent(sch, i) * extent(sch, h) * extent(sch, w) * block_f
     parallel_fused(sch, [oo, i], work)
-
-
-def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """A spatial pad of an NCHW plane as loop partitions (:func:`_partition_pad`); another pad
-    as two passes without conditions (zero fill, then the in-bounds copy, which vectorizes);
-    other spatial blocks as :func:`schedule_spatial`."""
-    if _partition_pad(sch, block):
-        return
-    loops = sch.get_loops(block)
-    try:
-        fill = sch.decompose_padding(block, loops[0])
-    except (RuntimeError, ValueError):
-        schedule_spatial(sch, block, lanes)
-        return
-    schedule_spatial(sch, fill, lanes)
-    schedule_spatial(sch, block, lanes)
-
-
-def _split_border(sch: s_tir.Schedule, loop, before: int, inside: int):
-    """Partition a pad's ``loop`` into [border before,] inside[, border after]; the interior
-    part's loop, or None when the axis has no border."""
-    after = extent(sch, loop) - before - inside
-    if before < 0 or after < 0 or before + after == 0:
-        return None
-    parts = sch.loop_partition(loop, [f for f in (before, inside, after) if f][:-1] + [None])
-    return parts[1 if before else 0]
-
-
-def _pad_offsets(sch: s_tir.Schedule, block) -> list[tuple[int, int]] | None:
-    """(before, inside) per axis of ``block`` when it is ``out[i] = if_then_else(cond,
-    in[i - before], 0)``, a constant pad; else None."""
-    stmt = sch.get(block)
-    value = getattr(stmt.body, "value", None)
-    op = getattr(getattr(value, "op", None), "name", "")
-    if not op.endswith("if_then_else") or type(value.args[1]).__name__ not in ("BufferLoad", "TensorLoad"):
-        return None
-    load = value.args[1]
-    if len(load.indices) != len(stmt.iter_vars):
-        return None
-    analyzer = Analyzer()
-    out = []
-    for iv, index, size in zip(stmt.iter_vars, load.indices, load.source.shape):
-        before = analyzer.simplify(iv.var - index)
-        if not isinstance(before, tirx.IntImm) or not isinstance(size, tirx.IntImm):
-            return None
-        out.append((int(before), int(size)))
-    return out
-
-
-def _partition_pad(sch: s_tir.Schedule, block) -> bool:
-    """Pad only the rows and columns of an NCHW plane: the pad loop split at the border
-    (``loop_partition``), rows first, then the columns of the interior rows, so the border
-    parts write zeros and the interior part copies, each without a condition left in the
-    loop. The zero fill plus copy it replaces wrote the whole plane twice, one float per
-    store (rows of W + 2 floats do not split into vectors); timings in 6378a56 and the README."""
-    offsets = _pad_offsets(sch, block)
-    loops = sch.get_loops(block)
-    if offsets is None or len(offsets) != 4 or len(loops) != 4 or offsets[0][0] or offsets[1][0]:
-        return False
-    n, c, h, w = loops
-    work = extent(sch, n) * extent(sch, c) * extent(sch, h) * extent(sch, w)
-    rows = _split_border(sch, h, *offsets[2])
-    if rows is not None:   # the columns of the interior rows next
-        w = sch.get_loops(sch.get_child_blocks(rows)[0])[-1]
-    _split_border(sch, w, *offsets[3])
-    parallel_fused(sch, [n, c], work)
-    return True

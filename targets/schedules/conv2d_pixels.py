@@ -7,8 +7,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.analysis import extent, reduction_named
 from legoc.targets.schedules.base import CPURule
-from legoc.targets.schedules.common_schedules import pixel_vector_tile, schedule_spatial
-from legoc.targets.schedules.conv2d_packed import _schedule_pad
+from legoc.targets.schedules.common_schedules import pixel_vector_tile, schedule_pad, schedule_spatial
 from legoc.targets.schedules.isa import pixel_tile, vector_lanes, vector_registers
 from legoc.targets.schedules.pixel_conv import PIXELS_CONV
 
@@ -37,7 +36,7 @@ class Conv2dPixels(CPURule):
         left = pixel_vector_tile(sch, conv, epilogue, fc, xv, lanes)
         for block in prologue:
             _store_flat(sch, block)
-            _schedule_pad(sch, block, lanes)
+            schedule_pad(sch, block, lanes)
         for block in left:
             schedule_spatial(sch, block, lanes)
         return True

@@ -117,7 +117,7 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
     ``main_transform_params``: run that once on the weights (at build time) and pass its outputs
     to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
     from legoc.targets.schedules.block_layout import BlockInvertedResidual  # noqa: PLC0415
-    from legoc.targets.schedules.pixel_conv import pixel_vector_conv  # noqa: PLC0415
+    from legoc.targets.schedules.pixel_conv import PixelVectorConv  # noqa: PLC0415
     from legoc.targets.schedules.split_expand import SplitExpandDepthwise  # noqa: PLC0415
     from legoc.targets.schedules.subsample import SubsampleStridedPointwise  # noqa: PLC0415
 
@@ -129,6 +129,7 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
         # the groups' convs are the ones packed (or left to Conv2dPointwise)
         mod = BlockInvertedResidual(vector_lanes(target))(mod)
         mod = SplitExpandDepthwise()(mod)
-        mod = pixel_vector_conv(target)(mod)   # convs of few filters: vectors of pixels, not packed
+        # convs of few filters: vectors of pixels, not packed
+        mod = PixelVectorConv(vector_lanes(target), vector_registers(target))(mod)
         mod = PackConvWeights(vector_lanes(target), vector_registers(target))(mod)
         return relax.transform.LiftTransformParams()(mod)

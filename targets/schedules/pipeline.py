@@ -7,7 +7,7 @@ from tvm.target import Target
 
 from legoc.targets.schedules.isa import vector_lanes, vector_registers
 from legoc.targets.schedules.pad_channels import PadConvChannels
-from legoc.targets.schedules.pixel_conv import pixel_vector_conv
+from legoc.targets.schedules.pixel_conv import PixelVectorConv
 from legoc.targets.schedules.split_expand import SplitExpandDepthwise
 from legoc.targets.schedules.subsample import SubsampleStridedPointwise
 from legoc.targets.schedules.transform import ApplyCPUSchedules
@@ -43,9 +43,11 @@ def scheduling_passes(target: Target, *, schedule: bool = True, before_schedule:
 def relax_rewrites(target: Target) -> list:
     """legoc's Relax rewrites before legalization (also run by the tuner, so that it tunes the
     workloads the compile looks up): strided 1x1 convs subsampled, expansions split into
-    L2-sized channel groups, then conv output channels padded for the packed rule."""
-    return [SubsampleStridedPointwise(), SplitExpandDepthwise(), pixel_vector_conv(target),
-            PadConvChannels(vector_lanes(target), vector_registers(target))]
+    L2-sized channel groups, convs of fewer filters than a vector holds over pixel vectors,
+    then conv output channels padded for the packed rule."""
+    lanes, regs = vector_lanes(target), vector_registers(target)
+    return [SubsampleStridedPointwise(), SplitExpandDepthwise(), PixelVectorConv(lanes, regs),
+            PadConvChannels(lanes, regs)]
 
 
 def lowering_passes(target: Target) -> list:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.target import Target
 
-from legoc.targets.schedules.isa import pixel_tile, vector_lanes, vector_registers
+from legoc.targets.schedules.isa import pixel_tile
 from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
 
 # output pixels computed per real one (the padded row's extra columns, the last tile's overrun)
@@ -15,6 +14,12 @@ from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
 MAX_WASTE = 1.25
 
 PIXELS_CONV = "conv2d_nchw_pixels"   # the TE compute's name, which the rule matches
+
+
+def _positions(out_h: int, padded_width: int, tile: int) -> int:
+    """Positions the pixel conv computes: the output rows at the padded width, rounded up to
+    whole register tiles."""
+    return -(-out_h * padded_width // tile) * tile
 
 
 def _pixel_conv2d_te(data, weight, pads, out_hw, tile):
@@ -32,7 +37,7 @@ def _pixel_conv2d_te(data, weight, pads, out_hw, tile):
     top, left, _bottom, right = (int(v) for v in pads)
     out_h, out_w = (int(v) for v in out_hw)
     wp = width + left + right
-    positions = -(-out_h * wp // tile) * tile
+    positions = _positions(out_h, wp, tile)
     rows = -(-(positions + (kh - 1) * wp + kw - 1) // wp)   # padded rows read, overrun included
     padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, rows - top - height, right], name="pad_temp")
     rc = te.reduce_axis((0, channels), name="rc")
@@ -60,8 +65,7 @@ def pixel_tile_positions(filters: int, kernel: tuple[int, int], out_hw: tuple[in
     if filters >= lanes or kernel == (1, 1):
         return None
     tile = pixel_tile(filters, lanes, regs)[1] * lanes
-    positions = -(-out_h * padded_width // tile) * tile
-    return tile if positions <= MAX_WASTE * out_h * out_w else None
+    return tile if _positions(out_h, padded_width, tile) <= MAX_WASTE * out_h * out_w else None
 
 
 def pixel_conv_plan(call, lanes: int, regs: int):
@@ -107,13 +111,8 @@ class PixelVectorConv:
     Channel vectors of 4 lanes on an 8-lane CPU do half the work per FMA; pixel vectors are
     full, at the price of the padded row's extra columns (2 of 30 for a 3x3 conv on 28x28)."""
 
-    def __init__(self, lanes: int, regs: int = 16):
+    def __init__(self, lanes: int, regs: int):
         self.lanes, self.regs = lanes, regs
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
         return rewrite_functions(mod, _PixelRewriter(mod, self.lanes, self.regs))
-
-
-def pixel_vector_conv(target: Target) -> PixelVectorConv:
-    """:class:`PixelVectorConv` for ``target``'s vector width and registers."""
-    return PixelVectorConv(vector_lanes(target), vector_registers(target))
