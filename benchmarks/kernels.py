@@ -111,7 +111,7 @@ def main() -> None:
 
     from legoc.modelfile import load_model_file
     from legoc.passes.fold import fold_batchnorm
-    from legoc.targets.schedules import RULE_ATTR, ApplyCPUSchedules, prepack_weights, scheduling_passes
+    from legoc.targets.schedules import RULE_ATTR, ApplyCPUSchedules, cpu_pass_context, prepack_weights, scheduling_passes
     from legoc.targets.table import TARGETS
 
     torch.set_num_threads(args.threads)
@@ -145,7 +145,8 @@ def main() -> None:
         args_spec, n_calls = calls[gv.name_hint]
         if args.show and args.show in gv.name_hint:
             print(func.script())
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        with cpu_pass_context():  # as legoc builds (targets/build.py)
+            lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         arrays = [tvm.runtime.tensor(rng.standard_normal(shape).astype(dtype), dev) for shape, dtype in args_spec]
         timer = lib.jit().time_evaluator("main", dev, number=1 if args.cold else args.number,
                                          repeat=args.repeat * (args.number if args.cold else 1),
@@ -185,9 +186,10 @@ def _in_chain(mod, target, calls: int) -> tuple[dict, float]:
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
 
-    from legoc.targets.schedules import lowering_passes  # noqa: PLC0415
+    from legoc.targets.schedules import cpu_pass_context, lowering_passes  # noqa: PLC0415
 
-    executable = tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lowering_passes(target)))
+    with cpu_pass_context():
+        executable = tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lowering_passes(target)))
     dev = tvm.cpu()
     vm = relax.VirtualMachine(executable, dev)
     rng = np.random.default_rng(1)

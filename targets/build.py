@@ -202,7 +202,7 @@ def build_module(
     plan = cuda.Plan.of(target.device_code, target.target.get("arch")) if target.device == "cuda" else None
     try:
         tvm_target = target.tvm_target()
-        with tvm_target, (cuda.building(plan) if plan else contextlib.nullcontext()):
+        with tvm_target, (cuda.building(plan) if plan else _cpu_pass_context(target)):
             executable = tvm.compile(mod, target=tvm_target,
                                      relax_pipeline=_relax_pipeline(mod, target, tune_trials))
     except LegocError:
@@ -244,7 +244,7 @@ def build_module(
 def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec):
     """Weights transformed once, here (legoc.targets.schedules.prepack_weights): the module
     without its ``main_transform_params``, the new parameter names and values."""
-    from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pipeline, prepack_weights  # noqa: PLC0415
+    from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pass_context, cpu_pipeline, prepack_weights  # noqa: PLC0415
     from legoc.targets.table import TARGETS  # noqa: PLC0415
 
     mod = prepack_weights(mod, target.tvm_target())
@@ -252,7 +252,7 @@ def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec)
         return mod, [str(v.name) for v in mod["main"].params[num_inputs:]], params
     here = TARGETS["host"].tvm_target()  # the transform runs on this machine
     transform = tvm.IRModule({TRANSFORM_PARAMS: mod[TRANSFORM_PARAMS]})
-    with here:
+    with here, cpu_pass_context():
         vm = relax.VirtualMachine(tvm.compile(transform, target=here, relax_pipeline=cpu_pipeline(here)),
                                   tvm.cpu())
     out = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params])
@@ -264,6 +264,16 @@ def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec)
     if len(names) != len(values):
         raise RuntimeError(f"{len(values)} transformed weights for {len(names)} parameters")
     return mod, names, values
+
+
+def _cpu_pass_context(target: TargetSpec):
+    """:func:`~legoc.targets.schedules.cpu_pass_context` for a cpu target (int64 indices); the
+    current pass context unchanged for others (GPU code keeps TVM's 32-bit indices)."""
+    if target.device != "cpu":
+        return contextlib.nullcontext()
+    from legoc.targets.schedules import cpu_pass_context  # noqa: PLC0415 - imports tvm.s_tir
+
+    return cpu_pass_context()
 
 
 def _relax_pipeline(mod, target: TargetSpec, tune_trials: int):

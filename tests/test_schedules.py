@@ -53,15 +53,16 @@ def check(module: nn.Module, inputs: tuple, target, rules=None, strict=True) -> 
     import tvm
     from tvm import relax
 
-    from legoc.targets.schedules import lowering_passes, scheduled_by, scheduling_passes
+    from legoc.targets.schedules import cpu_pass_context, lowering_passes, scheduled_by, scheduling_passes
 
     mod, params = _relax(module, inputs)
     with target:
         mod = tvm.transform.Sequential(
             scheduling_passes(target, rules=rules, strict=strict))(mod)
     rules_used = scheduled_by(mod)
-    executable = tvm.compile(mod, target=target,
-                             relax_pipeline=tvm.transform.Sequential(lowering_passes(target)))
+    with cpu_pass_context():   # int64 indices, as targets/build.py builds
+        executable = tvm.compile(mod, target=target,
+                                 relax_pipeline=tvm.transform.Sequential(lowering_passes(target)))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in
             [*(x.numpy() for x in inputs), *params]]
@@ -193,6 +194,60 @@ def test_pad_runs_as_loop_partitions(host, pads, c, h, w):
     out = tvm.runtime.tensor(np.full((1, c, h + top + bottom, w + left + right), np.nan, "float32"))
     lib["main"](tvm.runtime.tensor(data), out)
     np.testing.assert_array_equal(out.numpy(), np.pad(data, ((0, 0), (0, 0), (top, bottom), (left, right))))
+
+
+def test_cpu_builds_keep_int64_indices(host):
+    """cpu_pass_context turns off TIR's index narrowing (by its pass name in this TVM) and
+    keeps the rest of the current pass context: its config and instruments."""
+    import tvm
+    from tvm import te
+
+    from legoc.targets.schedules import cpu_pass_context
+    from legoc.targets.schedules.pipeline import NARROW_INDICES
+
+    assert tvm.tirx.transform.NarrowDataType(32).info.name == NARROW_INDICES
+
+    @tvm.instrument.pass_instrument
+    class Ran:
+        def __init__(self):
+            self.names = []
+
+        def run_before_pass(self, _mod, info):
+            self.names.append(info.name)
+
+    x = te.placeholder((4, 8), name="x")
+    func = te.create_prim_func([x, te.compute((4, 8), lambda i, j: x[i, j] * 2, name="y")])
+    for wide in (False, True):
+        ran = Ran()
+        with tvm.transform.PassContext(instruments=[ran], config={"tirx.disable_vectorize": True}):
+            with cpu_pass_context() if wide else tvm.transform.PassContext.current():
+                assert bool(tvm.transform.PassContext.current().config["tirx.disable_vectorize"])
+                tvm.compile(tvm.IRModule({"main": func}), target=host)
+        assert "tirx.FlattenBuffer" in ran.names
+        assert (NARROW_INDICES in ran.names) != wide
+
+
+def test_spatial_block_keeps_its_innermost_loop(host):
+    """A spatial block whose rows do not split into vectors (a 14-wide strided slice) runs its
+    outer loops fused in parallel and the row as a loop of its own, not one fused loop that
+    divides to recover every element's indices."""
+    import tvm
+    from tvm import s_tir, te, tirx
+
+    from legoc.targets.schedules.common_schedules import schedule_spatial
+
+    x = te.placeholder((1, 16, 28, 28), name="x")
+    y = te.compute((1, 16, 14, 14), lambda n, c, h, w: x[n, c, h * 2, w * 2], name="y")
+    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    schedule_spatial(sch, sch.get_sblock("y"), 8)
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("y"))]
+    assert [(int(lp.extent), lp.kind) for lp in loops] == [
+        (16 * 14, tirx.ForKind.PARALLEL), (14, tirx.ForKind.SERIAL)]
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=host).jit()
+    data = np.random.default_rng(0).standard_normal((1, 16, 28, 28)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((1, 16, 14, 14), "float32"))
+    lib["main"](tvm.runtime.tensor(data), out)
+    np.testing.assert_array_equal(out.numpy(), data[:, :, ::2, ::2])
 
 
 def _packed_rules():

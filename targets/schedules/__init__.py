@@ -62,7 +62,7 @@ from legoc.targets.schedules.pack_weights import TRANSFORM_PARAMS, PackConvWeigh
 from legoc.targets.schedules.pad_channels import PadConvChannels
 from legoc.targets.schedules.pixel_conv import PixelVectorConv
 from legoc.targets.schedules.pool2d import Pool2d
-from legoc.targets.schedules.pipeline import cpu_pipeline, lowering_passes, scheduling_passes
+from legoc.targets.schedules.pipeline import cpu_pass_context, cpu_pipeline, lowering_passes, scheduling_passes
 from legoc.targets.schedules.reduction import ReductionVectorized
 from legoc.targets.schedules.rewrite import match_conv2d
 from legoc.targets.schedules.split_expand import SplitExpandDepthwise
@@ -90,6 +90,7 @@ __all__ = [
     "SplitExpandDepthwise",
     "SubsampleStridedPointwise",
     "TRANSFORM_PARAMS",
+    "cpu_pass_context",
     "cpu_pipeline",
     "default_rules",
     "lowering_passes",
