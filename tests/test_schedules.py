@@ -146,7 +146,7 @@ def avx2():
 @example(cin=11, cout=48, k=3, stride=2, hw=(17, 13), batch=1, act="relu", seed=2)     # 9 x 7 plane
 @example(cin=70, cout=16, k=1, stride=1, hw=(14, 14), batch=1, act="none", seed=3)     # 1x1, 70 steps
 @example(cin=3, cout=32, k=3, stride=1, hw=(14, 14), batch=1, act="relu", seed=4)      # 27 steps: rows
-@example(cin=16, cout=12, k=3, stride=1, hw=(28, 28), batch=1, act="residual", seed=5)  # padded to 16, sliced
+@example(cin=16, cout=12, k=3, stride=2, hw=(28, 28), batch=1, act="residual", seed=5)  # padded to 16, sliced
 @given(cin=st.integers(1, 40), cout=st.sampled_from([12, 16, 32, 40, 48]), k=st.sampled_from([1, 3]),
        stride=st.sampled_from([1, 2]), hw=st.tuples(st.integers(3, 16), st.integers(3, 16)),
        batch=st.integers(1, 2), act=st.sampled_from(["none", "relu", "residual"]),
@@ -163,7 +163,8 @@ def test_conv2d_packed_flat_tiles(avx2, cin, cout, k, stride, hw, batch, act, se
     module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
     oh, ow = (hw[0] + 2 * (k // 2) - k) // stride + 1, (hw[1] + 2 * (k // 2) - k) // stride + 1
     used = check(module, inputs, avx2, rules=_packed_rules())
-    assert rule_of(used, "conv2d") == "Conv2dNCHWPacked"
+    # 12 filters at stride 1: vectors of pixels where the pixel conv takes them (few_filters)
+    assert rule_of(used, "conv2d") == _conv_rule(avx2, conv, hw)
     if (oh, ow) in ((14, 14), (7, 7)) and cout % 16 == 0:
         assert register_tile(cout, ow, 8, 16, oh, cin * k * k)[2] == (cin * k * k >= 64)
 
@@ -303,19 +304,27 @@ def test_conv2d_odd_channels(host, cin, cout, k, stride, seed):
 @example(cin=3, cout=1, k=5, pad=2, hw=(17, 23), act="relu", batch=2, seed=1)
 @example(cin=7, cout=3, k=3, pad=0, hw=(30, 9), act="none", batch=1, seed=2)         # no padding: rows overrun
 @example(cin=5, cout=3, k=(3, 5), pad=(1, 2), hw=(20, 26), act="relu", batch=3, seed=3)
-@given(cin=st.integers(1, 20), cout=st.integers(1, 7), k=st.sampled_from([2, 3, 5, (3, 5)]),
+@example(cin=16, cout=12, k=3, pad=1, hw=(28, 28), act="residual", batch=1, seed=4)  # r0.25: 12 of 16
+@example(cin=8, cout=13, k=3, pad=1, hw=(12, 12), act="relu", batch=1, seed=5)      # 13: packed rule
+@given(cin=st.integers(1, 20), cout=st.integers(1, 15), k=st.sampled_from([2, 3, 5, (3, 5)]),
        pad=st.integers(0, 2), hw=st.tuples(st.integers(6, 30), st.integers(6, 30)),
        act=st.sampled_from(["none", "relu", "residual"]), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_conv2d_few_filters_as_pixel_vectors(host, cin, cout, k, pad, hw, act, batch, seed):
-    """Stride-1 convs with fewer filters than a vector holds: the pixel-vector rule (vectors of
-    consecutive positions of the padded plane, flattened) where it takes them, and equal to
-    PyTorch, the padded columns and the last tile's overrun dropped."""
+    """Stride-1 convs with too few filters for whole channel vectors (fewer than one, or a
+    second at most half full): the pixel-vector rule (vectors of consecutive positions of the
+    padded plane, flattened) where it takes them, and equal to PyTorch, the padded columns and
+    the last tile's overrun dropped."""
+    from legoc.targets.schedules.isa import vector_lanes
+    from legoc.targets.schedules.pixel_conv import few_filters
+
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, 1, pad)
     module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
     expected = _conv_rule(host, conv, hw)
-    if (cin, cout, hw) == (16, 4, (28, 28)):
+    if (cin, cout, hw) in ((16, 4, (28, 28)), (16, 12, (28, 28))) and vector_lanes(host) == 8:
         assert expected == "Conv2dPixels"
+    if not few_filters(cout, vector_lanes(host)):
+        assert expected != "Conv2dPixels"
     assert rule_of(check(module, inputs, host), "conv2d") == expected
 
 

@@ -20,7 +20,7 @@ The files, as in ``tvm.s_tir.dlight``:
 * rules, one per file, in the order tried: ``conv2d_blocked`` (:class:`Conv2dBlocked`) and
   ``depthwise_blocked`` (:class:`DepthwiseBlocked`), the three convs of a channel-blocked
   inverted residual (``block_layout`` below); ``conv2d_pixels`` (:class:`Conv2dPixels`, a conv
-  with fewer filters than a vector holds, over vectors of output pixels); ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
+  with too few filters for whole channel vectors, over vectors of output pixels); ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
   1x1 stride-1 conv2d over a plane of whole vectors), ``conv2d_packed``
   (:class:`Conv2dNCHWPacked`, other groups=1 conv2d), ``depthwise`` (:class:`DepthwiseConv2d`),
   ``pool2d`` (:class:`Pool2d`: windowed max and average pooling, scheduled as the depthwise
@@ -39,8 +39,8 @@ The files, as in ``tvm.s_tir.dlight``:
   conv it feeds, run as L2-sized channel groups),
   ``subsample`` (:class:`SubsampleStridedPointwise`: a strided 1x1 conv as a subsampling copy
   and the conv at stride 1),
-  ``pixel_conv`` (:class:`PixelVectorConv`: a stride-1 conv with fewer filters than a vector
-  holds as a conv over the padded plane flattened, for ``Conv2dPixels``),
+  ``pixel_conv`` (:class:`PixelVectorConv`: a stride-1 conv with too few filters for whole
+  channel vectors as a conv over the padded plane flattened, for ``Conv2dPixels``),
   ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
   ``[O/B, I, KH, KW, B]`` once, at build time, kernel taps that only meet padding dropped) and
   ``pad_channels`` (:class:`PadConvChannels`, otherwise: output channels padded to the vector

@@ -1,6 +1,6 @@
-"""PixelVectorConv: a stride-1 conv2d with fewer output channels than a vector holds, computed
-with vectors of output pixels (over the padded plane, flattened) instead of vectors of output
-channels."""
+"""PixelVectorConv: a stride-1 conv2d with too few output channels for whole channel vectors
+(:func:`few_filters`), computed with vectors of output pixels (over the padded plane, flattened)
+instead of vectors of output channels."""
 from __future__ import annotations
 
 import tvm
@@ -55,14 +55,26 @@ def _pixel_conv2d_te(data, weight, pads, out_hw, tile):
                       name="pixels_to_nchw")
 
 
+def few_filters(filters: int, lanes: int) -> bool:
+    """Whether a conv's ``filters`` are too few for the packed conv's channel vectors: fewer
+    than one vector, or one vector and a second at most half full, which the packed conv would
+    pad (a quarter or more of its work on zero filters). On AVX2, 3x3 at 28x28 from 16 input
+    channels (``benchmarks/kernels.py``, 1 thread, 2-3 runs each), pixels against packed: 9
+    filters 0.031 against 0.044-0.045 ms, 10 (from 32) 0.071 against 0.088, 12 0.040-0.042
+    against 0.045-0.046; 13 0.048 against 0.045 and 15 0.048 against 0.045-0.047 (packed
+    faster); 8, a whole vector: 0.024-0.025 against 0.025 (packed kept)."""
+    return filters < lanes or (filters < 2 * lanes and 0 < filters % lanes <= lanes // 2)
+
+
 def pixel_tile_positions(filters: int, kernel: tuple[int, int], out_hw: tuple[int, int], padded_width: int,
                          lanes: int, regs: int) -> int | None:
     """Positions per register tile (``XV x lanes``) of the pixel conv of a stride-1 conv2d with
     ``filters`` output channels, or None when :class:`PixelVectorConv` does not take it: a
     1x1 kernel (:class:`~legoc.targets.schedules.Conv2dPointwise` is the pixel-vector rule for
-    those), ``lanes`` filters or more, or more than :data:`MAX_WASTE` positions per output."""
+    those), filters that channel vectors hold well (:func:`few_filters`), or more than
+    :data:`MAX_WASTE` positions per output."""
     out_h, out_w = out_hw
-    if filters >= lanes or kernel == (1, 1):
+    if not few_filters(filters, lanes) or kernel == (1, 1):
         return None
     tile = pixel_tile(filters, lanes, regs)[1] * lanes
     return tile if _positions(out_h, padded_width, tile) <= MAX_WASTE * out_h * out_w else None
@@ -105,11 +117,12 @@ class _PixelRewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="LegocPixelVectorConv")
 class PixelVectorConv:
-    """Rewrite a stride-1 groups=1 NCHW conv2d with fewer output channels than the vector width
-    (a heavily pruned variant: 4 of 16) into :func:`_pixel_conv2d_te`, which
-    :class:`~legoc.targets.schedules.Conv2dPixels` schedules with vectors of output pixels.
-    Channel vectors of 4 lanes on an 8-lane CPU do half the work per FMA; pixel vectors are
-    full, at the price of the padded row's extra columns (2 of 30 for a 3x3 conv on 28x28)."""
+    """Rewrite a stride-1 groups=1 NCHW conv2d with too few output channels for the vector width
+    (:func:`few_filters`: a heavily pruned variant, 4 of 16 or 12 of 16 on AVX2) into
+    :func:`_pixel_conv2d_te`, which :class:`~legoc.targets.schedules.Conv2dPixels` schedules
+    with vectors of output pixels. Channel vectors of 4 lanes on an 8-lane CPU do half the work
+    per FMA, and 12 filters padded to 16 a quarter on zeros; pixel vectors are full, at the
+    price of the padded row's extra columns (2 of 30 for a 3x3 conv on 28x28)."""
 
     def __init__(self, lanes: int, regs: int):
         self.lanes, self.regs = lanes, regs
