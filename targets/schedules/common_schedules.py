@@ -40,8 +40,7 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
         parallel_fused(sch, [*outer_loops, lo], total)
     elif len(loops) > 1 and total // inner >= 2:
         # the innermost loop stays a loop of its own: fused into the parallel loop, every element
-        # would recover its indices by division (a 14-wide strided slice: 3 -> 5 us with int64
-        # indices, :func:`~legoc.targets.schedules.pipeline.cpu_pass_context`)
+        # would recover its indices by division, in int64 in CPU builds (cpu_pass_context; 0d07d93)
         parallel_fused(sch, list(loops[:-1]), total)
     else:
         parallel_fused(sch, list(loops), total)

@@ -58,11 +58,8 @@ def _pixel_conv2d_te(data, weight, pads, out_hw, tile):
 def few_filters(filters: int, lanes: int) -> bool:
     """Whether a conv's ``filters`` are too few for the packed conv's channel vectors: fewer
     than one vector, or one vector and a second at most half full, which the packed conv would
-    pad (a quarter or more of its work on zero filters). On AVX2, 3x3 at 28x28 from 16 input
-    channels (``benchmarks/kernels.py``, 1 thread, 2-3 runs each), pixels against packed: 9
-    filters 0.031 against 0.044-0.045 ms, 10 (from 32) 0.071 against 0.088, 12 0.040-0.042
-    against 0.045-0.046; 13 0.048 against 0.045 and 15 0.048 against 0.045-0.047 (packed
-    faster); 8, a whole vector: 0.024-0.025 against 0.025 (packed kept)."""
+    pad (a quarter or more of its work on zero filters). Timed on AVX2 (3053dc4): pixel vectors
+    won at 9, 10 and 12 filters, lost at 13 and 15, and tied at 8 (one whole vector)."""
     return filters < lanes or (filters < 2 * lanes and 0 < filters % lanes <= lanes // 2)
 
 
