@@ -112,7 +112,10 @@ def build_candidate(mod: tvm.ir.IRModule, target, _params) -> tvm.runtime.Module
     from tvm.driver import build as tvm_build  # noqa: PLC0415
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: PLC0415
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from legoc.targets.schedules import cpu_pass_context  # noqa: PLC0415
+
+    with cpu_pass_context():   # int64 indices, as the compile builds the winner (targets/build.py)
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _search_strategy(trials: int) -> ms.search_strategy.EvolutionarySearch:

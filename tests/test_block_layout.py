@@ -218,7 +218,7 @@ def test_blocked_rules_build_for_aarch64():
     """NEON (4 lanes): the chain is blocked by 4, its rules apply, and it compiles to NEON FMAs."""
     import tvm
 
-    from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pipeline
+    from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pass_context, cpu_pipeline
     from legoc.targets.table import get_target
 
     target = get_target("raspberry-pi-4").tvm_target()
@@ -228,7 +228,8 @@ def test_blocked_rules_build_for_aarch64():
     assert sorted(r for r in used.values() if "Blocked" in r) == ["Conv2dBlocked", "Conv2dBlocked", "DepthwiseBlocked"]
     mod = _prepacked(model, x, target)
     mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != TRANSFORM_PARAMS})
-    executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    with cpu_pass_context():   # as targets/build.py builds
+        executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
 

@@ -228,6 +228,30 @@ def test_cpu_builds_keep_int64_indices(host):
         assert (NARROW_INDICES in ran.names) != wide
 
 
+def test_build_module_keeps_int64_indices_for_cpu(tmp_path):
+    """build_module compiles a cpu target inside cpu_pass_context: TIR's index narrowing does
+    not run (a pass instrument records the passes that do)."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.schedules.pipeline import NARROW_INDICES
+    from legoc.targets.table import get_target
+
+    @tvm.instrument.pass_instrument
+    class Ran:
+        def __init__(self):
+            self.names = set()
+
+        def run_before_pass(self, _mod, info):
+            self.names.add(info.name)
+
+    ran = Ran()
+    with tvm.transform.PassContext(instruments=[ran]):
+        build_module(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval(), (_randn(1, 3, 8, 8),),
+                     get_target("host"), tmp_path / "m.so", name="m")
+    assert "tirx.FlattenBuffer" in ran.names and NARROW_INDICES not in ran.names
+
+
 def test_spatial_block_keeps_its_innermost_loop(host):
     """A spatial block whose rows do not split into vectors (a 14-wide strided slice) runs its
     outer loops fused in parallel and the row as a loop of its own, not one fused loop that
@@ -314,18 +338,29 @@ def test_conv2d_few_filters_as_pixel_vectors(host, cin, cout, k, pad, hw, act, b
     second at most half full): the pixel-vector rule (vectors of consecutive positions of the
     padded plane, flattened) where it takes them, and equal to PyTorch, the padded columns and
     the last tile's overrun dropped."""
-    from legoc.targets.schedules.isa import vector_lanes
-    from legoc.targets.schedules.pixel_conv import few_filters
-
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, 1, pad)
     module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
     expected = _conv_rule(host, conv, hw)
-    if (cin, cout, hw) in ((16, 4, (28, 28)), (16, 12, (28, 28))) and vector_lanes(host) == 8:
-        assert expected == "Conv2dPixels"
-    if not few_filters(cout, vector_lanes(host)):
-        assert expected != "Conv2dPixels"
     assert rule_of(check(module, inputs, host), "conv2d") == expected
+
+
+@pytest.mark.parametrize("lanes, pixels", [
+    (4, [1, 2, 3, 5, 6]),                                   # NEON
+    (8, [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12]),              # AVX2: 13-15 would be padded less
+    (16, [*range(1, 16), *range(17, 25)]),                  # AVX-512
+])
+def test_few_filters_take_pixel_vectors(avx2, lanes, pixels):
+    """Pixel vectors for fewer filters than a vector, or one vector and a second at most half
+    full (the packed conv would pad a quarter or more of its work); whole vectors and fuller
+    second vectors stay packed. On AVX2 the MNIST example's r0.75 and r0.25 convs (16->4 and
+    16->12 at 28x28) are pixel convs, a 13-filter one is not."""
+    from legoc.targets.schedules.pixel_conv import few_filters
+
+    assert [f for f in range(1, 3 * lanes) if few_filters(f, lanes)] == pixels
+    for cout, rule in ((4, "Conv2dPixels"), (12, "Conv2dPixels"), (13, "Conv2dNCHWPacked"),
+                       (16, "Conv2dNCHWPacked")):
+        assert _conv_rule(avx2, nn.Conv2d(16, cout, 3, 1, 1), (28, 28)) == rule
 
 
 @settings(max_examples=10, deadline=None, derandomize=True,
@@ -507,7 +542,7 @@ def test_depthwise_rule_builds_for_aarch64():
     """The depthwise rule also schedules for a NEON target (4 lanes, 32 registers)."""
     import tvm
 
-    from legoc.targets.schedules import cpu_pipeline, scheduled_by, scheduling_passes
+    from legoc.targets.schedules import cpu_pass_context, cpu_pipeline, scheduled_by, scheduling_passes
     from legoc.targets.table import get_target
 
     torch.manual_seed(0)
@@ -516,7 +551,8 @@ def test_depthwise_rule_builds_for_aarch64():
     with target:
         scheduled = tvm.transform.Sequential(scheduling_passes(target, strict=True))(mod)
     assert "DepthwiseConv2d" in scheduled_by(scheduled).values()
-    executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    with cpu_pass_context():   # as targets/build.py builds
+        executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert "fmla" in asm and ".4s" in asm
 
@@ -532,7 +568,7 @@ def test_small_scratch_buffers_live_on_the_stack(target_name, layer):
     and with 24 accumulators from the pool MobileNetV2's shallow 1x1 convs 1.3-1.5x slower)."""
     import tvm
 
-    from legoc.targets.schedules import cpu_pipeline
+    from legoc.targets.schedules import cpu_pass_context, cpu_pipeline
     from legoc.targets.table import get_target
 
     target = get_target(target_name).tvm_target()
@@ -542,7 +578,8 @@ def test_small_scratch_buffers_live_on_the_stack(target_name, layer):
         module, x = nn.Sequential(nn.Conv2d(24, 144, 1), nn.ReLU6()), _randn(1, 24, 56, 56)
     mod, _ = _relax(module, (x,))
     with target:
-        executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+        with cpu_pass_context():   # as targets/build.py builds
+            executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     ir = "\n".join(m.inspect_source("ll") for m in executable.mod.imports)
     loads = [line for line in ir.splitlines() if "@__TVMBackendAllocWorkspace" in line and "load" in line]
     assert not loads, loads
@@ -556,14 +593,15 @@ def test_stride2_plane_split_is_vectorized_by_shuffles(host):
 
     import tvm
 
-    from legoc.targets.schedules import cpu_pipeline
+    from legoc.targets.schedules import cpu_pass_context, cpu_pipeline
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 instruction names")
     for module in (nn.Sequential(nn.Conv2d(24, 24, 3, 2, 1, groups=24), nn.ReLU6()), nn.MaxPool2d(3, 2, 1)):
         mod, _ = _relax(module, (_randn(1, 24, 56, 56),))
         with host:
-            executable = tvm.compile(mod, target=host, relax_pipeline=cpu_pipeline(host))
+            with cpu_pass_context():   # as targets/build.py builds
+                executable = tvm.compile(mod, target=host, relax_pipeline=cpu_pipeline(host))
         asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
         shuffles = sum(asm.count(op) for op in ("vpermt2ps", "vpermi2ps", "vshufps", "vpermps", "vpermpd"))
         # AVX-512: none; AVX2 (znver3): one vinsertps per 8-float vector, for the last element
@@ -718,7 +756,7 @@ def test_rules_build_for_aarch64_with_neon():
     """The same rules cross-compile for a Raspberry Pi 4 (cortex-a72) and vectorize with NEON."""
     import tvm
 
-    from legoc.targets.schedules import cpu_pipeline, scheduled_by, scheduling_passes
+    from legoc.targets.schedules import cpu_pass_context, cpu_pipeline, scheduled_by, scheduling_passes
     from legoc.targets.table import get_target
 
     torch.manual_seed(0)
@@ -730,7 +768,8 @@ def test_rules_build_for_aarch64_with_neon():
         rules = set(scheduled_by(tvm.transform.Sequential(
             scheduling_passes(target, strict=True))(mod)).values())
     assert {"Conv2dNCHWPacked", "Conv2dPointwise", "Conv2dPixels", "Pool2d"} <= rules, rules
-    executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    with cpu_pass_context():   # as targets/build.py builds
+        executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
 

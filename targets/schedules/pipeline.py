@@ -64,8 +64,8 @@ def scheduling_passes(target: Target, *, schedule: bool = True, before_schedule:
 def relax_rewrites(target: Target) -> list:
     """legoc's Relax rewrites before legalization (also run by the tuner, so that it tunes the
     workloads the compile looks up): strided 1x1 convs subsampled, expansions split into
-    L2-sized channel groups, convs of fewer filters than a vector holds over pixel vectors,
-    then conv output channels padded for the packed rule."""
+    L2-sized channel groups, convs of too few filters for whole channel vectors over pixel
+    vectors, then conv output channels padded for the packed rule."""
     lanes, regs = vector_lanes(target), vector_registers(target)
     return [SubsampleStridedPointwise(), SplitExpandDepthwise(), PixelVectorConv(lanes, regs),
             PadConvChannels(lanes, regs)]
