@@ -662,7 +662,30 @@ def test_pool2d(host, kind, k, stride, pad, c, hw, seed):
     torch.manual_seed(seed)
     pool = nn.MaxPool2d(k, stride, pad) if kind == "max" else nn.AvgPool2d(k, stride, pad)
     used = check(pool, (_randn(1, c, hw, hw),), host)
-    assert rule_of(used, "pool2d") == "Pool2d"
+    assert rule_of(used, "pool2d") == ("MaxPool2dRows" if kind == "max" else "Pool2d")
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+@example(kh=3, kw=3, sh=2, sw=2, c=64, h=28, w=28, seed=0)   # ResNet's stem pool on a 56x56 map
+@example(kh=3, kw=3, sh=2, sw=2, c=1, h=9, w=301, seed=1)    # a row of 151: 18 vectors and a tail
+@example(kh=2, kw=2, sh=2, sw=2, c=3, h=8, w=8, seed=2)      # VGG's, no padding
+@given(kh=st.integers(1, 5), kw=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 2),
+       c=st.integers(1, 9), h=st.integers(5, 20), w=st.integers(5, 40), seed=st.integers(0, 2**16))
+def test_max_pool_by_rows(host, kh, kw, sh, sw, c, h, w, seed):
+    """MaxPoolByRows + MaxPool2dRows: any kernel, row stride, column stride 1 or 2 and pads up to
+    half the kernel (PyTorch's limit) equal PyTorch, the edges clamped instead of padded."""
+    torch.manual_seed(seed)
+    pool = nn.MaxPool2d((kh, kw), (sh, sw), (kh // 2, kw // 2))
+    assert rule_of(check(pool, (_randn(1, c, h, w),), host), "pool2d") == "MaxPool2dRows"
+
+
+def test_max_pool_by_rows_leaves_what_it_cannot_clamp(host):
+    """A pool with dilation or ceil mode (a window may then hold no input, or the clamp may skip
+    a value) or a column stride of 3 stays with Pool2d, and still equals PyTorch."""
+    torch.manual_seed(0)
+    for pool in (nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 3)):
+        assert rule_of(check(pool, (_randn(1, 4, 14, 14),), host), "pool2d") == "Pool2d"
 
 
 @CASES
@@ -762,12 +785,12 @@ def test_rules_build_for_aarch64_with_neon():
     torch.manual_seed(0)
     target = get_target("raspberry-pi-4").tvm_target()
     model = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 24, 1),
-                          nn.Conv2d(24, 3, 3, 1, 1), nn.MaxPool2d(3, 2, 1))
+                          nn.Conv2d(24, 3, 3, 1, 1), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2))
     mod, _ = _relax(model, (_randn(1, 8, 12, 12),))
     with target:
         rules = set(scheduled_by(tvm.transform.Sequential(
             scheduling_passes(target, strict=True))(mod)).values())
-    assert {"Conv2dNCHWPacked", "Conv2dPointwise", "Conv2dPixels", "Pool2d"} <= rules, rules
+    assert {"Conv2dNCHWPacked", "Conv2dPointwise", "Conv2dPixels", "MaxPool2dRows", "Pool2d"} <= rules, rules
     with cpu_pass_context():   # as targets/build.py builds
         executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)

@@ -23,8 +23,9 @@ The files, as in ``tvm.s_tir.dlight``:
   with too few filters for whole channel vectors, over vectors of output pixels); ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
   1x1 stride-1 conv2d over a plane of whole vectors), ``conv2d_packed``
   (:class:`Conv2dNCHWPacked`, other groups=1 conv2d), ``depthwise`` (:class:`DepthwiseConv2d`),
-  ``pool2d`` (:class:`Pool2d`: windowed max and average pooling, scheduled as the depthwise
-  conv), ``reduction`` (:class:`ReductionVectorized`: grouped conv2d, dense/matmul, global
+  ``pool2d_rows`` (:class:`MaxPool2dRows`: a max pool as rows then columns, read in place),
+  ``pool2d`` (:class:`Pool2d`: other windowed max and average pooling, scheduled as the
+  depthwise conv), ``reduction`` (:class:`ReductionVectorized`: grouped conv2d, dense/matmul, global
   pooling, mean), ``injective``
   (:class:`Injective`: elementwise, broadcast, pad, reshape, transpose), ``fallback``
   (:class:`Fallback`: outer data-parallel loops in parallel, nothing more);
@@ -41,6 +42,8 @@ The files, as in ``tvm.s_tir.dlight``:
   and the conv at stride 1),
   ``pixel_conv`` (:class:`PixelVectorConv`: a stride-1 conv with too few filters for whole
   channel vectors as a conv over the padded plane flattened, for ``Conv2dPixels``),
+  ``pool_rows`` (:class:`MaxPoolByRows`: a max pool2d as a max over rows, then over columns,
+  edges clamped instead of padded, for ``MaxPool2dRows``),
   ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
   ``[O/B, I, KH, KW, B]`` once, at build time, kernel taps that only meet padding dropped) and
   ``pad_channels`` (:class:`PadConvChannels`, otherwise: output channels padded to the vector
@@ -62,6 +65,8 @@ from legoc.targets.schedules.pack_weights import TRANSFORM_PARAMS, PackConvWeigh
 from legoc.targets.schedules.pad_channels import PadConvChannels
 from legoc.targets.schedules.pixel_conv import PixelVectorConv
 from legoc.targets.schedules.pool2d import Pool2d
+from legoc.targets.schedules.pool2d_rows import MaxPool2dRows
+from legoc.targets.schedules.pool_rows import MaxPoolByRows
 from legoc.targets.schedules.pipeline import cpu_pass_context, cpu_pipeline, lowering_passes, scheduling_passes
 from legoc.targets.schedules.reduction import ReductionVectorized
 from legoc.targets.schedules.rewrite import match_conv2d
@@ -81,6 +86,8 @@ __all__ = [
     "DepthwiseConv2d",
     "Fallback",
     "Injective",
+    "MaxPool2dRows",
+    "MaxPoolByRows",
     "PackConvWeights",
     "PadConvChannels",
     "PixelVectorConv",

@@ -8,6 +8,7 @@ from tvm.target import Target
 from legoc.targets.schedules.isa import vector_lanes, vector_registers
 from legoc.targets.schedules.pad_channels import PadConvChannels
 from legoc.targets.schedules.pixel_conv import PixelVectorConv
+from legoc.targets.schedules.pool_rows import MaxPoolByRows
 from legoc.targets.schedules.split_expand import SplitExpandDepthwise
 from legoc.targets.schedules.subsample import SubsampleStridedPointwise
 from legoc.targets.schedules.transform import ApplyCPUSchedules
@@ -65,10 +66,10 @@ def relax_rewrites(target: Target) -> list:
     """legoc's Relax rewrites before legalization (also run by the tuner, so that it tunes the
     workloads the compile looks up): strided 1x1 convs subsampled, expansions split into
     L2-sized channel groups, convs of too few filters for whole channel vectors over pixel
-    vectors, then conv output channels padded for the packed rule."""
+    vectors, then conv output channels padded for the packed rule; max pools as rows then columns."""
     lanes, regs = vector_lanes(target), vector_registers(target)
     return [SubsampleStridedPointwise(), SplitExpandDepthwise(), PixelVectorConv(lanes, regs),
-            PadConvChannels(lanes, regs)]
+            PadConvChannels(lanes, regs), MaxPoolByRows()]
 
 
 def lowering_passes(target: Target) -> list:

@@ -1,4 +1,5 @@
-"""Pool2d: max and average pooling over an NCHW input, as the depthwise conv is scheduled."""
+"""Pool2d: average pooling, and the max pools MaxPoolByRows leaves, over an NCHW input, as the
+depthwise conv is scheduled."""
 from __future__ import annotations
 
 from tvm import s_tir

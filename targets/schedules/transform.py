@@ -17,6 +17,7 @@ from legoc.targets.schedules.depthwise_blocked import DepthwiseBlocked
 from legoc.targets.schedules.fallback import Fallback
 from legoc.targets.schedules.injective import Injective
 from legoc.targets.schedules.pool2d import Pool2d
+from legoc.targets.schedules.pool2d_rows import MaxPool2dRows
 from legoc.targets.schedules.reduction import ReductionVectorized
 
 RULE_ATTR = "legoc.schedule_rule"  # PrimFunc attribute naming the rule that scheduled it
@@ -24,7 +25,7 @@ RULE_ATTR = "legoc.schedule_rule"  # PrimFunc attribute naming the rule that sch
 
 def default_rules() -> list[dlight.ScheduleRule]:
     """The CPU rules in the order they are tried."""
-    return [Conv2dBlocked(), DepthwiseBlocked(), Conv2dPixels(), Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
+    return [Conv2dBlocked(), DepthwiseBlocked(), Conv2dPixels(), Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), MaxPool2dRows(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocApplyCPUSchedules")
