@@ -1,5 +1,5 @@
 """MaxPoolByRows: a windowed max pool2d computed without a padded copy of its input, as a max over
-rows (into a small buffer per output row, its columns split by parity) and then a max over
+rows (into a small buffer per output row, then its columns split by parity) and then a max over
 columns, for :class:`~legoc.targets.schedules.MaxPool2dRows`."""
 from __future__ import annotations
 
@@ -11,22 +11,24 @@ from tvm import relax
 from legoc.targets.schedules.rewrite import rewrite_functions
 
 ROWS = "max_pool_rows"   # the TE computes' names, which the rule matches
+PARITY = "max_pool_parity"
 COLS = "max_pool_cols"
-# the rows compute's annotation: (column stride, left pad, input width), for the rule's partition
-ROWS_ATTR = "legoc_pool_columns"
+# the parity compute's annotation: (column stride, left pad, input width), for the rule's partition
+PARITY_ATTR = "legoc_pool_columns"
 
 
 def _max_pool_te(data, pool, strides, pads):
-    """Max pool2d of NCHW ``data`` (``pads`` top, left, bottom, right) as two computes.
+    """Max pool2d of NCHW ``data`` (``pads`` top, left, bottom, right) as three computes.
 
     A max is unchanged by repeating a value its window already holds, so an index outside the
     input is clamped to the nearest edge instead of reading a -inf border; the edge value is in
     that window whenever each pad is smaller than the kernel (checked by :func:`max_pool_plan`).
 
-    ``max_pool_rows[n, c, y, par, i]``: the max over the window's rows of padded column
-    ``sw * i + par``, columns stored by their parity ``par`` (stride ``sw``), so that
-    ``max_pool_cols[n, c, y, x]``, the max over the taps ``rx``, reads
-    ``rows[n, c, y, rx % sw, x + rx // sw]``: contiguous in ``x`` for every tap."""
+    ``max_pool_rows[n, c, y, w]``: the max over output row ``y``'s window rows, at every input
+    column; ``max_pool_parity[n, c, y, par, i]``: that row's padded column ``sw * i + par``,
+    columns stored by their parity ``par`` (stride ``sw``); ``max_pool_cols[n, c, y, x]``, the
+    max over the taps ``rx``, then reads ``parity[n, c, y, rx % sw, x + rx // sw]``:
+    contiguous in ``x`` for every tap."""
     from tvm import te, tirx  # noqa: PLC0415
 
     batch, channels, height, width = (int(d) for d in data.shape)
@@ -38,16 +40,14 @@ def _max_pool_te(data, pool, strides, pads):
     def clamp(value, last):
         return tirx.max(tirx.min(value, last), 0)
 
-    def rows_max(n, c, y, par, i):
-        col = clamp(i * sw + par - left, width - 1)
-        return functools.reduce(tirx.max, [data[n, c, clamp(y * sh - top + ry, height - 1), col]
-                                           for ry in range(kh)])
-
-    rows = te.compute((batch, channels, out_h, sw, out_w + (kw - 1) // sw), rows_max, name=ROWS,
-                      attrs={ROWS_ATTR: [sw, left, width]})
+    rows = te.compute((batch, channels, out_h, width), lambda n, c, y, w: functools.reduce(
+        tirx.max, [data[n, c, clamp(y * sh - top + ry, height - 1), w] for ry in range(kh)]), name=ROWS)
+    parity = te.compute((batch, channels, out_h, sw, out_w + (kw - 1) // sw),
+                        lambda n, c, y, par, i: rows[n, c, y, clamp(i * sw + par - left, width - 1)],
+                        name=PARITY, attrs={PARITY_ATTR: [sw, left, width]})
     return te.compute((batch, channels, out_h, out_w),
                       lambda n, c, y, x: functools.reduce(
-                          tirx.max, [rows[n, c, y, rx % sw, x + rx // sw] for rx in range(kw)]),
+                          tirx.max, [parity[n, c, y, rx % sw, x + rx // sw] for rx in range(kw)]),
                       name=COLS)
 
 
@@ -103,7 +103,7 @@ class MaxPoolByRows:
     depthwise conv (:class:`~legoc.targets.schedules.Pool2d`), each channel's input was first
     copied into a padded plane with its columns split by parity (a fill, then a copy through
     shuffles) and then read once per tap; here the input is read in place, three rows at a time
-    for ResNet's 3x3/2 stem pool, and only a row of maxima is stored."""
+    for ResNet's 3x3/2 stem pool, with whole-vector loads, and only a row of maxima is stored."""
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
         return rewrite_functions(mod, _PoolRewriter(mod))
