@@ -275,6 +275,46 @@ def test_spatial_block_keeps_its_innermost_loop(host):
     np.testing.assert_array_equal(out.numpy(), data[:, :, ::2, ::2])
 
 
+def test_row_tile_write_back_unrolls_its_channels(host):
+    """A row tile's write-back (4 columns of 16 channels here, MNIST's 4->16 conv of a pruned
+    block, with its residual add and ReLU) runs its channel loop unrolled around the vectorized
+    columns, so LLVM can keep the accumulators in registers and transpose them with shuffles;
+    the whole block still equals PyTorch."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    from legoc.targets.schedules import RULE_ATTR, scheduled_by, scheduling_passes
+    from legoc.targets.schedules.analysis import root_blocks
+
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(16, 4, 3, 1, 1), nn.Conv2d(4, 16, 3, 1, 1)
+
+        def forward(self, x):
+            return torch.relu(self.c2(torch.relu(self.c1(x))) + x)
+
+    x = _randn(1, 16, 28, 28)
+    check(Block(), (x,), host)
+    mod, _ = _relax(Block(), (x,))
+    with host:
+        mod = tvm.transform.Sequential(scheduling_passes(host, strict=True))(mod)
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)
+             and str(f.attrs.get(RULE_ATTR, "")) == "Conv2dNCHWPacked"]   # c1 takes Conv2dPixels
+    assert len(funcs) == 1, scheduled_by(mod)
+    sch = s_tir.Schedule(funcs[0])
+    loops = {}
+    for block in root_blocks(sch):
+        if not sch.get(block).reads or sch.get(block).name_hint.endswith(("_init", "_update")):
+            continue
+        loops[sch.get(block).name_hint] = [(int(sch.get(lp).extent), sch.get(lp).kind) for lp in sch.get_loops(block)]
+    write_backs = [kinds for kinds in loops.values() if kinds[-1] == (4, tirx.ForKind.VECTORIZED)]
+    assert len(write_backs) == 1, loops
+    assert (16, tirx.ForKind.UNROLLED) in write_backs[0], write_backs[0]
+
+
 def _packed_rules():
     """The default rules without Conv2dPointwise, so 1x1 convs take the packed rule too."""
     from legoc.targets.schedules import Conv2dPointwise, default_rules

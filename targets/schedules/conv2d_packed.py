@@ -110,7 +110,13 @@ class Conv2dNCHWPacked(CPURule):
         parallel_fused(sch, outer if flat else outer[:-1], 1 << 30)  # flat: tiles in parallel too
         sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
         if xb >= 4 and not flat:  # a row's XB columns are contiguous in the NCHW output
-            sch.vectorize(sch.get_loops(acc_out)[-1])
+            write_back = sch.get_loops(acc_out)
+            sch.vectorize(write_back[-1])
+            # its channel loop unrolled: LLVM then keeps the accumulators in registers and
+            # transposes them with shuffles, where the loop stored them to the stack and gathered
+            # each channel's XB columns back one insert at a time (measured in the commit)
+            if extent(sch, write_back[-3]) == block_f:
+                sch.unroll(write_back[-3])
         # the packing pass: loops in the packed order, so writes are contiguous vectors and each
         # vector gathers one element from block_f filters (their rows stay in L1 across i, h, w)
         if wpack is not None:
