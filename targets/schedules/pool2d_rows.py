@@ -25,8 +25,8 @@ class MaxPool2dRows(CPURule):
     to LLVM's loop vectorizer, which loads whole vectors and shuffles them apart (TVM's vectorizer
     would load a stride-2 ramp lane by lane); it is partitioned at the input's edges so that
     its middle part has no clamped index. Reading the input's even and odd columns apart straight
-    from the input instead (two computes) was as fast on an input in cache and 2.8x slower on one
-    the previous kernel had just written (0.33 vs 0.12 ms for ResNet-18's stem pool)."""
+    from the input instead (two computes) was as fast on an input in cache and much slower on one
+    the previous kernel had just written (timings in 803f089)."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         blocks = root_blocks(sch)
@@ -69,8 +69,8 @@ class MaxPool2dRows(CPURule):
 
 
 def _partition_edges(sch: s_tir.Schedule, loop, stride: int, left: int, width: int) -> None:
-    """Split the parity split's loop over column pairs where no index is clamped: column pairs ``i`` with
-    ``0 <= stride * i + par - left < width`` for every parity ``par``."""
+    """Partition the parity split's loop over column pairs ``i`` around its middle part, where
+    ``0 <= stride * i + par - left < width`` for every parity ``par`` (no index clamped)."""
     count = extent(sch, loop)
     first = min(count, -(-left // stride))
     last = min(count, (width - stride + left) // stride + 1)   # one past the middle part
@@ -83,8 +83,8 @@ def _partition_edges(sch: s_tir.Schedule, loop, stride: int, left: int, width: i
 
 def _vectorize_row(sch: s_tir.Schedule, loop, lanes: int) -> None:
     """Vectorize a row as machine vectors, unrolled when there are at most
-    :data:`UNROLL_VECTORS` of them, and a shorter last vector. (Left as one row-wide vector, LLVM
-    split it itself, and ResNet's stem pool ran 1.2x slower: 0.149 vs 0.116-0.122 ms.)"""
+    :data:`UNROLL_VECTORS` of them, and a shorter last vector. (Left as one row-wide vector for
+    LLVM to split, ResNet's stem pool ran slower: 179f7bd.)"""
     count = extent(sch, loop)
     whole = count // lanes * lanes
     if not whole:
