@@ -7,7 +7,7 @@ import tvm
 from tvm import relax
 
 from legoc.targets.schedules.isa import pixel_tile
-from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
+from legoc.targets.schedules.rewrite import match_conv2d, rewrite_calls
 
 # output pixels computed per real one (the padded row's extra columns, the last tile's overrun)
 # above which the rewrite is not taken: those are FMAs thrown away
@@ -94,22 +94,13 @@ def pixel_conv_plan(call, lanes: int, regs: int):
     return None if tile is None else (pads, (out_h, out_w), tile)
 
 
-@relax.expr_functor.mutator
-class _PixelRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.ir.IRModule, lanes: int, regs: int):
-        super().__init__(mod)
-        self.lanes, self.regs = lanes, regs
-        self.changed = False
-
-    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
-        call = super().visit_call_(call)
-        plan = pixel_conv_plan(call, self.lanes, self.regs)
-        if plan is None:
-            return call
-        self.changed = True
-        pads, out_hw, tile = plan
-        return self.builder_.call_te(_pixel_conv2d_te, call.args[0], call.args[1], pads, list(out_hw), tile,
-                                     primfunc_name_hint="conv2d_pixels", primfunc_attrs={"op_pattern": 4})
+def _rewrite(builder, call, lanes: int, regs: int):
+    plan = pixel_conv_plan(call, lanes, regs)
+    if plan is None:
+        return None
+    pads, out_hw, tile = plan
+    return builder.call_te(_pixel_conv2d_te, call.args[0], call.args[1], pads, list(out_hw), tile,
+                           primfunc_name_hint="conv2d_pixels", primfunc_attrs={"op_pattern": 4})
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocPixelVectorConv")
@@ -125,4 +116,4 @@ class PixelVectorConv:
         self.lanes, self.regs = lanes, regs
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        return rewrite_functions(mod, _PixelRewriter(mod, self.lanes, self.regs))
+        return rewrite_calls(mod, lambda builder, call: _rewrite(builder, call, self.lanes, self.regs))

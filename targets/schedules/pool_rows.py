@@ -8,7 +8,7 @@ import functools
 import tvm
 from tvm import relax
 
-from legoc.targets.schedules.rewrite import rewrite_functions
+from legoc.targets.schedules.rewrite import rewrite_calls
 
 ROWS = "max_pool_rows"   # the TE computes' names, which the rule matches
 PARITY = "max_pool_parity"
@@ -67,34 +67,27 @@ def max_pool_plan(call):
                 or len(info.shape) != 4:
             return None
         try:
-            shape = [int(d) for d in info.shape]
+            [int(d) for d in info.shape]
         except TypeError:   # symbolic shapes
             return None
+    _, _, out_h, out_w = (int(d) for d in call.ty.shape)
     pool = tuple(int(v) for v in attrs.pool_size)
     strides = tuple(int(v) for v in attrs.strides)
     pads = tuple(int(v) for v in attrs.padding)
-    if strides[1] not in (1, 2) or shape[2] * shape[3] <= 1:
+    if strides[1] not in (1, 2) or out_h * out_w <= 1:
         return None
     if any(p >= pool[axis % 2] or p < 0 for axis, p in enumerate(pads)):
         return None
     return pool, strides, pads
 
 
-@relax.expr_functor.mutator
-class _PoolRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.ir.IRModule):
-        super().__init__(mod)
-        self.changed = False
-
-    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
-        call = super().visit_call_(call)
-        plan = max_pool_plan(call)
-        if plan is None:
-            return call
-        self.changed = True
-        pool, strides, pads = plan
-        return self.builder_.call_te(_max_pool_te, call.args[0], pool, strides, pads,
-                                     primfunc_name_hint="max_pool2d_rows", primfunc_attrs={"op_pattern": 4})
+def _rewrite(builder, call):
+    plan = max_pool_plan(call)
+    if plan is None:
+        return None
+    pool, strides, pads = plan
+    return builder.call_te(_max_pool_te, call.args[0], pool, strides, pads,
+                           primfunc_name_hint="max_pool2d_rows", primfunc_attrs={"op_pattern": 4})
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocMaxPoolByRows")
@@ -106,4 +99,4 @@ class MaxPoolByRows:
     for ResNet's 3x3/2 stem pool, with whole-vector loads, and only a row of maxima is stored."""
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        return rewrite_functions(mod, _PoolRewriter(mod))
+        return rewrite_calls(mod, _rewrite)

@@ -55,3 +55,28 @@ def rewrite_functions(mod: tvm.ir.IRModule, mutator) -> tvm.ir.IRModule:
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, mutator.visit_expr(func))
     return mutator.builder_.get() if mutator.changed else mod
+
+
+@relax.expr_functor.mutator
+class _CallRewriter(relax.PyExprMutator):
+    """Every call, its arguments rewritten first, offered to ``replace(builder, call)``."""
+
+    def __init__(self, mod: tvm.ir.IRModule, replace):
+        super().__init__(mod)
+        self.replace = replace
+        self.changed = False
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
+        call = super().visit_call_(call)
+        new = self.replace(self.builder_, call)
+        if new is None:
+            return call
+        self.changed = True
+        return new
+
+
+def rewrite_calls(mod: tvm.ir.IRModule, replace) -> tvm.ir.IRModule:
+    """Every call of ``mod``'s Relax functions replaced by ``replace(builder, call)`` where that
+    returns an expression (``builder`` emits any bindings it needs first), kept where it returns
+    None; ``mod`` itself when nothing changed."""
+    return rewrite_functions(mod, _CallRewriter(mod, replace))

@@ -5,39 +5,30 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions
+from legoc.targets.schedules.rewrite import match_conv2d, rewrite_calls
 
 # output planes (pixels) from which the rewrite is taken: it paid at 28x28 and 14x14 outputs and
 # not at 7x7 (benchmarks/kernels.py --cold; timings in 77f9a37 and the README)
 MIN_PLANE = 14 * 14
 
 
-@relax.expr_functor.mutator
-class _Subsampler(relax.PyExprMutator):
-    def __init__(self, mod: tvm.ir.IRModule):
-        super().__init__(mod)
-        self.changed = False
-
-    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
-        call = super().visit_call_(call)
-        weight = match_conv2d(call, packable=True)
-        if weight is None:
-            return call
-        attrs = call.attrs
-        strides = [int(v) for v in attrs.strides]
-        if ([int(weight.ty.shape[i]) for i in (2, 3)] != [1, 1] or strides == [1, 1]
-                or any(int(v) != 0 for v in attrs.padding) or any(int(v) != 1 for v in attrs.dilation)):
-            return call
-        _, _, out_h, out_w = (int(d) for d in call.ty.shape)
-        if out_h * out_w < MIN_PLANE:
-            return call
-        self.changed = True
-        x = call.args[0]
-        height, width = int(x.ty.shape[2]), int(x.ty.shape[3])
-        sub = self.builder_.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[height, width],
-                                                        strides=strides))
-        return relax.op.nn.conv2d(sub, weight, [1, 1], [0, 0, 0, 0], [1, 1], 1, "NCHW", "OIHW", "NCHW",
-                                  attrs.out_dtype if str(attrs.out_dtype) else None)
+def _rewrite(builder, call):
+    weight = match_conv2d(call, packable=True)
+    if weight is None:
+        return None
+    attrs = call.attrs
+    strides = [int(v) for v in attrs.strides]
+    if ([int(weight.ty.shape[i]) for i in (2, 3)] != [1, 1] or strides == [1, 1]
+            or any(int(v) != 0 for v in attrs.padding) or any(int(v) != 1 for v in attrs.dilation)):
+        return None
+    _, _, out_h, out_w = (int(d) for d in call.ty.shape)
+    if out_h * out_w < MIN_PLANE:
+        return None
+    x = call.args[0]
+    height, width = int(x.ty.shape[2]), int(x.ty.shape[3])
+    sub = builder.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[height, width], strides=strides))
+    return relax.op.nn.conv2d(sub, weight, [1, 1], [0, 0, 0, 0], [1, 1], 1, "NCHW", "OIHW", "NCHW",
+                              attrs.out_dtype if str(attrs.out_dtype) else None)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocSubsampleStridedPointwise")
@@ -50,4 +41,4 @@ class SubsampleStridedPointwise:
     :class:`~legoc.targets.schedules.Conv2dPointwise` can take."""
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        return rewrite_functions(mod, _Subsampler(mod))
+        return rewrite_calls(mod, _rewrite)
