@@ -554,9 +554,11 @@ def test_host_compile_records_why_there_is_no_energy_or_measures_it_with_rapl(sm
     prof = Profiles(m)
     # the dispatch overhead has no meter of its own: charged at the measured modules' mean power (estimated)
     assert prof.energy_unavailable() is None
-    assert prof.estimate([0, 0]).sources["energy"] == ["estimated", "measured-local"]
+    # (a dispatch overhead measured as nothing, as on a loaded machine, adds no estimated part)
+    sources = ["estimated", "measured-local"] if prof.overhead_ms() else ["measured-local"]
+    assert prof.estimate([0, 0]).sources["energy"] == sources
     assert main(["select", str(measured), "--energy-mj", str(prof.estimate([1, 1]).energy_mj * 1.5)]) == 0
-    assert "(estimated, measured-local)" in capsys.readouterr().out
+    assert f"mJ ({', '.join(sources)})" in capsys.readouterr().out
 
 
 def test_model_and_scheduler_choose_and_set_the_boards_clocks(nano_artifact, tmp_path):

@@ -276,8 +276,8 @@ def test_spatial_block_keeps_its_innermost_loop(host):
 
 
 def test_row_tile_write_back_unrolls_its_channels(host):
-    """A row tile's write-back (4 columns of 16 channels here, MNIST's 4->16 conv of a pruned
-    block, with its residual add and ReLU) runs its channel loop unrolled around the vectorized
+    """A row tile's write-back (16 channels by 4 columns on AVX2, 14 on AVX-512: MNIST's 4->16
+    conv of a pruned block, with its residual add and ReLU) runs its channel loop unrolled around the vectorized
     columns, so LLVM can keep the accumulators in registers and transpose them with shuffles;
     the whole block still equals PyTorch."""
     import tvm
@@ -310,7 +310,8 @@ def test_row_tile_write_back_unrolls_its_channels(host):
         if not sch.get(block).reads or sch.get(block).name_hint.endswith(("_init", "_update")):
             continue
         loops[sch.get(block).name_hint] = [(int(sch.get(lp).extent), sch.get(lp).kind) for lp in sch.get_loops(block)]
-    write_backs = [kinds for kinds in loops.values() if kinds[-1] == (4, tirx.ForKind.VECTORIZED)]
+    write_backs = [kinds for name, kinds in loops.items()      # the weight pack is vectorized too
+                   if "weight" not in name and kinds[-1][1] == tirx.ForKind.VECTORIZED and kinds[-1][0] >= 4]
     assert len(write_backs) == 1, loops
     assert (16, tirx.ForKind.UNROLLED) in write_backs[0], write_backs[0]
 

@@ -7,7 +7,7 @@ from tvm import relax
 from tvm.target import Target
 
 from legoc.targets.schedules.isa import padded_channels, vector_lanes, vector_registers
-from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions, takes_pointwise
+from legoc.targets.schedules.rewrite import match_conv2d, rewrite_calls, takes_pointwise
 
 TRANSFORM_PARAMS = "main_transform_params"
 
@@ -48,50 +48,42 @@ def _live_taps(size: int, kernel: int, stride: int, dilation: int, pad: int, out
     return live[0], live[-1] + 1
 
 
-@relax.expr_functor.mutator
-class _ConvWeightPacker(relax.PyExprMutator):
-    def __init__(self, mod: tvm.ir.IRModule, lanes: int, regs: int):
-        super().__init__(mod)
-        self.lanes = lanes
-        self.regs = regs
-        self.changed = False
-
-    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
-        call = super().visit_call_(call)
-        weight = match_conv2d(call, packable=True)
-        if weight is None or takes_pointwise(call, self.lanes, self.regs):
-            return call
-        out_channels = int(weight.ty.shape[0])
-        self.changed = True
-        attrs = call.attrs
-        strides = [int(v) for v in attrs.strides]
-        dilation = [int(v) for v in attrs.dilation]
-        top, left, bottom, right = (int(v) for v in attrs.padding)
-        _, _, height, width = (int(d) for d in call.args[0].ty.shape)
-        _, _, kh, kw = (int(d) for d in weight.ty.shape)
-        out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-        out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-        rows = _live_taps(height, kh, strides[0], dilation[0], top, out_h)
-        cols = _live_taps(width, kw, strides[1], dilation[1], left, out_w)
-        taps = kh * kw if rows is None or cols is None else \
-            (rows[1] - rows[0]) * (cols[1] - cols[0])   # as many as the conv below keeps
-        padded, block = padded_channels(out_channels, self.lanes, out_w, self.regs, out_h,
-                                        int(weight.ty.shape[1]) * taps)
-        if rows is not None and cols is not None and (rows != (0, kh) or cols != (0, kw)):
-            # taps that only ever meet padding multiply zeros: drop them (a 3x3 conv on a 1x1
-            # map keeps 1 of its 9 taps, and streams 1/9 of the weights)
-            weight = self.builder_.emit(relax.op.strided_slice(
-                weight, axes=[2, 3], begin=[rows[0], cols[0]], end=[rows[1], cols[1]]))
-            top -= rows[0] * dilation[0]
-            left -= cols[0] * dilation[1]
-        packed = self.builder_.emit(relax.op.layout_transform(
-            weight, lambda o, i, h, w: (o // block, i, h, w, o % block), pad_value=0.0))
-        conv = self.builder_.emit(self.builder_.call_te(
-            _packed_conv2d_te, call.args[0], packed, strides, [top, left], dilation,
-            [out_h, out_w], primfunc_name_hint="conv2d_packed", primfunc_attrs={"op_pattern": 4}))
-        if padded == out_channels:
-            return conv
-        return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
+def _pack_weights(builder, call, lanes: int, regs: int):
+    """A conv2d over weights packed ``[O/B, I, KH, KW, B]`` (taps that only meet padding
+    dropped; a slice keeps the real channels), or None where the conv is not packed."""
+    weight = match_conv2d(call, packable=True)
+    if weight is None or takes_pointwise(call, lanes, regs):
+        return None
+    out_channels = int(weight.ty.shape[0])
+    attrs = call.attrs
+    strides = [int(v) for v in attrs.strides]
+    dilation = [int(v) for v in attrs.dilation]
+    top, left, bottom, right = (int(v) for v in attrs.padding)
+    _, _, height, width = (int(d) for d in call.args[0].ty.shape)
+    _, _, kh, kw = (int(d) for d in weight.ty.shape)
+    out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    rows = _live_taps(height, kh, strides[0], dilation[0], top, out_h)
+    cols = _live_taps(width, kw, strides[1], dilation[1], left, out_w)
+    taps = kh * kw if rows is None or cols is None else \
+        (rows[1] - rows[0]) * (cols[1] - cols[0])   # as many as the conv below keeps
+    padded, block = padded_channels(out_channels, lanes, out_w, regs, out_h,
+                                    int(weight.ty.shape[1]) * taps)
+    if rows is not None and cols is not None and (rows != (0, kh) or cols != (0, kw)):
+        # taps that only ever meet padding multiply zeros: drop them (a 3x3 conv on a 1x1
+        # map keeps 1 of its 9 taps, and streams 1/9 of the weights)
+        weight = builder.emit(relax.op.strided_slice(
+            weight, axes=[2, 3], begin=[rows[0], cols[0]], end=[rows[1], cols[1]]))
+        top -= rows[0] * dilation[0]
+        left -= cols[0] * dilation[1]
+    packed = builder.emit(relax.op.layout_transform(
+        weight, lambda o, i, h, w: (o // block, i, h, w, o % block), pad_value=0.0))
+    conv = builder.emit(builder.call_te(
+        _packed_conv2d_te, call.args[0], packed, strides, [top, left], dilation,
+        [out_h, out_w], primfunc_name_hint="conv2d_packed", primfunc_attrs={"op_pattern": 4}))
+    if padded == out_channels:
+        return conv
+    return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocPackConvWeights")
@@ -108,7 +100,7 @@ class PackConvWeights:
         self.regs = regs  # vector registers: the register tile decides the packing block
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        return rewrite_functions(mod, _ConvWeightPacker(mod, self.lanes, self.regs))
+        return rewrite_calls(mod, lambda builder, call: _pack_weights(builder, call, self.lanes, self.regs))
 
 
 def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:

@@ -5,34 +5,25 @@ import tvm
 from tvm import relax
 
 from legoc.targets.schedules.isa import padded_channels
-from legoc.targets.schedules.rewrite import match_conv2d, rewrite_functions, takes_pointwise
+from legoc.targets.schedules.rewrite import match_conv2d, rewrite_calls, takes_pointwise
 
 
-@relax.expr_functor.mutator
-class _ConvChannelPadder(relax.PyExprMutator):
-    def __init__(self, mod: tvm.ir.IRModule, lanes: int, regs: int):
-        super().__init__(mod)
-        self.lanes = lanes
-        self.regs = regs
-        self.changed = False
-
-    def visit_call_(self, call):  # noqa: D102 - PyExprMutator's hook
-        call = super().visit_call_(call)
-        weight = match_conv2d(call)
-        if weight is None or takes_pointwise(call, self.lanes, self.regs):
-            return call
-        out_channels = int(weight.ty.shape[0])
-        padded, _ = padded_channels(out_channels, self.lanes)
-        if padded == out_channels:
-            return call
-        self.changed = True
-        attrs = call.attrs
-        weight = self.builder_.emit(relax.op.nn.pad(
-            weight, [0, padded - out_channels, 0, 0, 0, 0, 0, 0]))
-        conv = self.builder_.emit(relax.op.nn.conv2d(
-            call.args[0], weight, attrs.strides, attrs.padding, attrs.dilation, 1,
-            "NCHW", "OIHW", "NCHW", attrs.out_dtype if str(attrs.out_dtype) else None))
-        return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
+def _pad_channels(builder, call, lanes: int, regs: int):
+    """A conv2d with its output channels padded to a multiple of the vector width (zero filters
+    appended, a slice keeps the real ones), or None where the conv needs no padding."""
+    weight = match_conv2d(call)
+    if weight is None or takes_pointwise(call, lanes, regs):
+        return None
+    out_channels = int(weight.ty.shape[0])
+    padded, _ = padded_channels(out_channels, lanes)
+    if padded == out_channels:
+        return None
+    attrs = call.attrs
+    weight = builder.emit(relax.op.nn.pad(weight, [0, padded - out_channels, 0, 0, 0, 0, 0, 0]))
+    conv = builder.emit(relax.op.nn.conv2d(
+        call.args[0], weight, attrs.strides, attrs.padding, attrs.dilation, 1,
+        "NCHW", "OIHW", "NCHW", attrs.out_dtype if str(attrs.out_dtype) else None))
+    return relax.op.strided_slice(conv, axes=[1], begin=[0], end=[out_channels])
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocPadConvChannels")
@@ -49,4 +40,4 @@ class PadConvChannels:
         self.regs = regs
 
     def transform_module(self, mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        return rewrite_functions(mod, _ConvChannelPadder(mod, self.lanes, self.regs))
+        return rewrite_calls(mod, lambda builder, call: _pad_channels(builder, call, self.lanes, self.regs))
