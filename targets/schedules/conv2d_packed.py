@@ -52,6 +52,9 @@ class Conv2dNCHWPacked(CPURule):
             elif isinstance(starts[1], tirx.Var) and starts[1].same_as(v_rc) and \
                     isinstance(starts[0], tirx.Var) and starts[0].same_as(v_n):
                 data_ok = True
+                data_elems = 1
+                for d in region.source.shape:
+                    data_elems *= int(d)
         if weight_index is None or not data_ok:
             return False
 
@@ -92,7 +95,15 @@ class Conv2dNCHWPacked(CPURule):
         fo, fi = sch.split(f, [None, block_f])
         xo, xi = sch.split(x, [None, xb])  # flat: the last tile is shorter (a predicate)
         fi_o, fi_i = sch.split(fi, [fb, lanes])
-        outer = [n, fo, xo] if flat else [n, fo, y, xo]
+        # rows (or flat tiles) outside the channel blocks when the input outweighs the weights:
+        # each thread then reads the input rows that it wrote in the previous kernel (a row
+        # split too), where a channel split reads every row, half of them from the other
+        # core's cache; with more weights than input each thread streams half the weights
+        rows_first = data_elems > n_f * extent(sch, rc) * extent(sch, ry) * extent(sch, rx)
+        if flat:
+            outer = [n, xo, fo] if rows_first else [n, fo, xo]
+        else:
+            outer = [n, y, fo, xo] if rows_first else [n, fo, y, xo]
         sch.reorder(*outer, rc, ry, rx, xi, fi_o, fi_i)
         acc_out = accumulator_cache(sch, conv)
         # channels innermost in the accumulator tile, so each channel vector is one register
@@ -103,7 +114,7 @@ class Conv2dNCHWPacked(CPURule):
         left = inline_epilogue(sch, acc_out, epilogue)
         if flat:
             flatten_plane(sch, acc_out, 2, n_x)
-        sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+        sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)   # per register tile
         sch.vectorize(fi_i)
         sch.unroll(fi_o)
         sch.unroll(xi)
