@@ -316,6 +316,45 @@ def test_row_tile_write_back_unrolls_its_channels(host):
     assert (16, tirx.ForKind.UNROLLED) in write_backs[0], write_backs[0]
 
 
+def test_weight_heavy_conv_reads_its_weights_in_chunks(host, monkeypatch):
+    """A channel block whose weights exceed CHUNK_WEIGHTS (lowered here so that a small conv
+    qualifies) runs its reduction in chunks of CHUNK_CHANNELS input channels, each over the
+    block's whole plane, with a residual add and ReLU; the block still equals PyTorch, with
+    and without a channel count that is not a whole number of chunks."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    from legoc.targets.schedules import RULE_ATTR, conv2d_packed, scheduled_by, scheduling_passes
+    from legoc.targets.schedules.analysis import root_blocks
+
+    monkeypatch.setattr(conv2d_packed, "CHUNK_WEIGHTS", 1024)
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, 8, 3, 1, 1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + x[:, :8])
+
+    for channels, chunks in ((48, 3), (40, None)):
+        x = _randn(1, channels, 5, 5)
+        check(Block(channels), (x,), host)
+        mod, _ = _relax(Block(channels), (x,))
+        with host:
+            mod = tvm.transform.Sequential(scheduling_passes(host, strict=True))(mod)
+        funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)
+                 and str(f.attrs.get(RULE_ATTR, "")) == "Conv2dNCHWPacked"]
+        assert len(funcs) == 1, scheduled_by(mod)
+        sch = s_tir.Schedule(funcs[0])
+        update = [b for b in root_blocks(sch) if sch.get(b).name_hint.endswith("_update")]
+        extents = [int(sch.get(lp).extent) for lp in sch.get_loops(update[0])]
+        # chunked: (batch x channel block) parallel, the chunks, the rows of the block's plane;
+        # else (batch x channel block x row) parallel, the row's tiles, the whole reduction
+        assert (extents[1:3] == [chunks, 5]) if chunks else (extents[2] == channels), extents
+
+
 def _packed_rules():
     """The default rules without Conv2dPointwise, so 1x1 convs take the packed rule too."""
     from legoc.targets.schedules import Conv2dPointwise, default_rules

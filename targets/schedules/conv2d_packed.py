@@ -12,6 +12,12 @@ from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_
 from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_lanes, vector_registers
 
 
+# a channel block's weights above this many floats are read in chunks of CHUNK_CHANNELS input
+# channels (16 x 3 x 3 x 32 floats: 18 KB, within L1)
+CHUNK_WEIGHTS = 128 * 1024
+CHUNK_CHANNELS = 16
+
+
 class Conv2dNCHWPacked(CPURule):
     """groups=1 NCHW conv2d (+ fused epilogue: bias, residual add, ReLU, ...).
 
@@ -22,7 +28,9 @@ class Conv2dNCHWPacked(CPURule):
     (:class:`~legoc.targets.schedules.PackConvWeights`) are packed ``[O/B, I, KH, KW, B]`` at the
     start of the PrimFunc; the input pad is partitioned into its zero border and the copied
     interior (:func:`~legoc.targets.schedules.common_schedules.partition_pad`); the epilogue is inlined into the accumulator write-back;
-    (batch, channel block, row) run in parallel (flat: (batch, channel block, tile))."""
+    (batch, channel block, row) run in parallel (flat: (batch, channel block, tile)), rows
+    outermost when the input outweighs the weights; a channel block with more weights than
+    :data:`CHUNK_WEIGHTS` runs its reduction in chunks of input channels over its whole plane."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         parts = conv2d_parts(sch)   # a zero-wide pad is inlined: the input is read in place
@@ -104,7 +112,19 @@ class Conv2dNCHWPacked(CPURule):
             outer = [n, xo, fo] if rows_first else [n, fo, xo]
         else:
             outer = [n, y, fo, xo] if rows_first else [n, fo, y, xo]
-        sch.reorder(*outer, rc, ry, rx, xi, fi_o, fi_i)
+        # a channel block whose weights outgrow the caches (ResNet-18's 512-channel 7x7 convs:
+        # 590 KB per 32 filters) reads them from memory at its first row and from L2 after; in
+        # chunks of CHUNK_CHANNELS input channels, each chunk is read once and then serves every
+        # row of the block from L1, so the stream is spread over the whole block's work (the
+        # accumulators of the block's plane go to a buffer between chunks)
+        taps = extent(sch, ry) * extent(sch, rx)
+        chunked = not flat and not rows_first and block_f * extent(sch, rc) * taps > CHUNK_WEIGHTS \
+            and extent(sch, rc) % CHUNK_CHANNELS == 0
+        if chunked:
+            rco, rci = sch.split(rc, [None, CHUNK_CHANNELS])
+            sch.reorder(n, fo, rco, y, xo, rci, ry, rx, xi, fi_o, fi_i)
+        else:
+            sch.reorder(*outer, rc, ry, rx, xi, fi_o, fi_i)
         acc_out = accumulator_cache(sch, conv)
         # channels innermost in the accumulator tile, so each channel vector is one register
         if flat:
@@ -114,13 +134,17 @@ class Conv2dNCHWPacked(CPURule):
         left = inline_epilogue(sch, acc_out, epilogue)
         if flat:
             flatten_plane(sch, acc_out, 2, n_x)
-        sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)   # per register tile
+        sch.reverse_compute_at(acc_out, fo if chunked else outer[-1], preserve_unit_loops=True)   # per register tile
         sch.vectorize(fi_i)
         sch.unroll(fi_o)
         sch.unroll(xi)
-        parallel_fused(sch, outer if flat else outer[:-1], 1 << 30)  # flat: tiles in parallel too
-        sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
-        if xb >= 4 and not flat:  # a row's XB columns are contiguous in the NCHW output
+        if chunked:
+            parallel_fused(sch, [n, fo], 1 << 30)
+            sch.decompose_reduction(conv, rco)
+        else:
+            parallel_fused(sch, outer if flat else outer[:-1], 1 << 30)  # flat: tiles in parallel too
+            sch.decompose_reduction(conv, rc)  # last: the init copies the annotated loops
+        if xb >= 4 and not flat and not chunked:  # a row's XB columns are contiguous in the NCHW output
             write_back = sch.get_loops(acc_out)
             sch.vectorize(write_back[-1])
             # its channel loop unrolled: LLVM then keeps the accumulators in registers and
