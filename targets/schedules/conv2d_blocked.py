@@ -67,6 +67,14 @@ def flat_tile(blocks: int, n_x: int, n_y: int, acc: int, regs: int) -> tuple[int
     return (2, flat) if 2 * flat > fb * xb else None
 
 
+def _rows_first(pixels: int, filters: int) -> bool:
+    """Whether a 1x1 conv runs its rows (or flat tiles) outside its channel blocks: when its
+    input outweighs its weights (per input channel: ``pixels`` against ``filters``), as in
+    :class:`~legoc.targets.schedules.Conv2dNCHWPacked`. Each thread then reads the rows it
+    wrote in the previous kernel instead of every row, half of them from the other core."""
+    return pixels > filters
+
+
 def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
     prologue, conv, epilogue = parts
     if prologue:
@@ -83,9 +91,13 @@ def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
         n, co, x, ci, rc = sch.get_loops(conv)
     else:
         fb, xb = blocked_tile(extent(sch, co), n_x, acc, regs)
+    rows_first = _rows_first(n_y * n_x, extent(sch, co) * block)
     coo, coi = sch.split(co, [None, fb])
     xo, xi = sch.split(x, [None, xb])
-    outer = [n, coo, xo] if flat else [n, coo, y, xo]
+    if rows_first:
+        outer = [n, xo, coo] if flat else [n, y, coo, xo]
+    else:
+        outer = [n, coo, xo] if flat else [n, coo, y, xo]
     sch.reorder(*outer, rc, xi, coi, ci)
     acc_out = accumulator_cache(sch, conv)
     if flat:
@@ -93,7 +105,7 @@ def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
     left = inline_epilogue(sch, acc_out, epilogue)
     if flat:
         flatten_plane(sch, acc_out, 2, n_x)
-    sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+    sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)
     sch.vectorize(ci)
     sch.unroll(coi)
     sch.unroll(xi)
@@ -128,10 +140,14 @@ def _project(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
         n, f, x, rb, ri = sch.get_loops(conv)
     else:
         fb, xb = blocked_tile(n_f // block, n_x, acc, regs)
+    rows_first = _rows_first(n_y * n_x, n_f)
     fo, fi = sch.split(f, [None, fb * block])
     fio, fii = sch.split(fi, [fb, block])
     xo, xi = sch.split(x, [None, xb])
-    outer = [n, fo, xo] if flat else [n, fo, y, xo]
+    if rows_first:
+        outer = [n, xo, fo] if flat else [n, y, fo, xo]
+    else:
+        outer = [n, fo, xo] if flat else [n, fo, y, xo]
     sch.reorder(*outer, rb, ri, xi, fio, fii)
     acc_out = accumulator_cache(sch, conv)
     # channels innermost in the accumulator tile, so each channel vector is one register
@@ -142,7 +158,7 @@ def _project(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
     left = inline_epilogue(sch, acc_out, epilogue)
     if flat:
         flatten_plane(sch, acc_out, 2, n_x)
-    sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+    sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)
     sch.vectorize(fii)
     sch.unroll(fio)
     sch.unroll(xi)
