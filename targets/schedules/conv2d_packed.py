@@ -134,7 +134,8 @@ class Conv2dNCHWPacked(CPURule):
         left = inline_epilogue(sch, acc_out, epilogue)
         if flat:
             flatten_plane(sch, acc_out, 2, n_x)
-        sch.reverse_compute_at(acc_out, fo if chunked else outer[-1], preserve_unit_loops=True)   # per register tile
+        # the write-back per register tile (chunked: per channel block, after its last chunk)
+        sch.reverse_compute_at(acc_out, fo if chunked else outer[-1], preserve_unit_loops=True)
         sch.vectorize(fi_i)
         sch.unroll(fi_o)
         sch.unroll(xi)
