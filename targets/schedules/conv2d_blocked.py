@@ -9,7 +9,8 @@ from legoc.targets.schedules.analysis import extent, largest_divisor, reduction_
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.block_layout import EXPAND, PROJECT
 from legoc.targets.schedules.common_schedules import (accumulator_cache, flatten_plane, inline_epilogue,
-                                                      parallel_fused, schedule_spatial)
+                                                      parallel_fused, rows_first, schedule_spatial,
+                                                      tile_order)
 from legoc.targets.schedules.isa import acc_vectors, vector_isa
 
 
@@ -67,14 +68,6 @@ def flat_tile(blocks: int, n_x: int, n_y: int, acc: int, regs: int) -> tuple[int
     return (2, flat) if 2 * flat > fb * xb else None
 
 
-def _rows_first(pixels: int, filters: int) -> bool:
-    """Whether a 1x1 conv runs its rows (or flat tiles) outside its channel blocks: when its
-    input outweighs its weights (per input channel: ``pixels`` against ``filters``), as in
-    :class:`~legoc.targets.schedules.Conv2dNCHWPacked`. Each thread then reads the rows it
-    wrote in the previous kernel instead of every row, half of them from the other core."""
-    return pixels > filters
-
-
 def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
     prologue, conv, epilogue = parts
     if prologue:
@@ -91,13 +84,11 @@ def _expand(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
         n, co, x, ci, rc = sch.get_loops(conv)
     else:
         fb, xb = blocked_tile(extent(sch, co), n_x, acc, regs)
-    rows_first = _rows_first(n_y * n_x, extent(sch, co) * block)
+    # a 1x1 conv: input and weights per input channel are pixels and filters
+    by_rows = rows_first(n_y * n_x, extent(sch, co) * block)
     coo, coi = sch.split(co, [None, fb])
     xo, xi = sch.split(x, [None, xb])
-    if rows_first:
-        outer = [n, xo, coo] if flat else [n, y, coo, xo]
-    else:
-        outer = [n, coo, xo] if flat else [n, coo, y, xo]
+    outer = tile_order(n, coo, y, xo, flat=flat, rows_first=by_rows)
     sch.reorder(*outer, rc, xi, coi, ci)
     acc_out = accumulator_cache(sch, conv)
     if flat:
@@ -140,14 +131,10 @@ def _project(sch: s_tir.Schedule, parts, lanes: int, regs: int) -> bool:
         n, f, x, rb, ri = sch.get_loops(conv)
     else:
         fb, xb = blocked_tile(n_f // block, n_x, acc, regs)
-    rows_first = _rows_first(n_y * n_x, n_f)
     fo, fi = sch.split(f, [None, fb * block])
     fio, fii = sch.split(fi, [fb, block])
     xo, xi = sch.split(x, [None, xb])
-    if rows_first:
-        outer = [n, xo, fo] if flat else [n, y, fo, xo]
-    else:
-        outer = [n, fo, xo] if flat else [n, fo, y, xo]
+    outer = tile_order(n, fo, y, xo, flat=flat, rows_first=rows_first(n_y * n_x, n_f))
     sch.reorder(*outer, rb, ri, xi, fio, fii)
     acc_out = accumulator_cache(sch, conv)
     # channels innermost in the accumulator tile, so each channel vector is one register

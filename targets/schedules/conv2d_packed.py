@@ -4,11 +4,11 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from legoc.targets.schedules.analysis import extent, is_block_split, largest_divisor, same_domain
+from legoc.targets.schedules.analysis import extent, is_block_split, largest_divisor, product, same_domain
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.common_schedules import (accumulator_cache, conv2d_parts, flatten_plane,
-                                                      inline_epilogue, parallel_fused, schedule_pad,
-                                                      schedule_spatial)
+                                                      inline_epilogue, parallel_fused, rows_first,
+                                                      schedule_pad, schedule_spatial, tile_order)
 from legoc.targets.schedules.isa import acc_vectors, register_tile, vector_lanes, vector_registers
 
 
@@ -60,9 +60,7 @@ class Conv2dNCHWPacked(CPURule):
             elif isinstance(starts[1], tirx.Var) and starts[1].same_as(v_rc) and \
                     isinstance(starts[0], tirx.Var) and starts[0].same_as(v_n):
                 data_ok = True
-                data_elems = 1
-                for d in region.source.shape:
-                    data_elems *= int(d)
+                data_elems = product(region.source.shape)
         if weight_index is None or not data_ok:
             return False
 
@@ -103,22 +101,15 @@ class Conv2dNCHWPacked(CPURule):
         fo, fi = sch.split(f, [None, block_f])
         xo, xi = sch.split(x, [None, xb])  # flat: the last tile is shorter (a predicate)
         fi_o, fi_i = sch.split(fi, [fb, lanes])
-        # rows (or flat tiles) outside the channel blocks when the input outweighs the weights:
-        # each thread then reads the input rows that it wrote in the previous kernel (a row
-        # split too), where a channel split reads every row, half of them from the other
-        # core's cache; with more weights than input each thread streams half the weights
-        rows_first = data_elems > n_f * extent(sch, rc) * extent(sch, ry) * extent(sch, rx)
-        if flat:
-            outer = [n, xo, fo] if rows_first else [n, fo, xo]
-        else:
-            outer = [n, y, fo, xo] if rows_first else [n, fo, y, xo]
+        taps = extent(sch, ry) * extent(sch, rx)
+        by_rows = rows_first(data_elems, n_f * extent(sch, rc) * taps)
+        outer = tile_order(n, fo, y, xo, flat=flat, rows_first=by_rows)
         # a channel block whose weights outgrow the caches (ResNet-18's 512-channel 7x7 convs:
         # 590 KB per 32 filters) reads them from memory at its first row and from L2 after; in
         # chunks of CHUNK_CHANNELS input channels, each chunk is read once and then serves every
         # row of the block from L1, so the stream is spread over the whole block's work (the
         # accumulators of the block's plane go to a buffer between chunks)
-        taps = extent(sch, ry) * extent(sch, rx)
-        chunked = not flat and not rows_first and block_f * extent(sch, rc) * taps > CHUNK_WEIGHTS \
+        chunked = not flat and not by_rows and block_f * extent(sch, rc) * taps > CHUNK_WEIGHTS \
             and extent(sch, rc) % CHUNK_CHANNELS == 0
         if chunked:
             rco, rci = sch.split(rc, [None, CHUNK_CHANNELS])
