@@ -31,6 +31,9 @@ class _Copier:
     def __call__(self, tensor):
         return (tensor.copyto(self.device),)
 
+    def one(self, tensor):
+        return tensor.copyto(self.device)
+
 
 def _float_input(name: str, x) -> np.ndarray:
     """A model input as contiguous float32: floating-point arrays are cast; integers, booleans,
@@ -73,6 +76,23 @@ def _input_buffers(view: ManifestView, cpu) -> list:
     return out
 
 
+def _chain(view: ManifestView, compiled: tuple) -> tuple | None:
+    """The compiled steps as one-tensor callables (``fn.one``) when they form a chain: one model
+    input, each step taking exactly the tensor the step before made (the first: the input) and
+    making one, the last one's the model's only output; else None. A 0.3 ms model called through
+    this spent ~7 µs less per call than through the tensor dictionary (the commit has the
+    measurement)."""
+    if len(view.input_names) != 1 or len(view.outputs) != 1:
+        return None
+    key, calls = (view.input_names[0], "cpu"), []
+    for fn, ins, outs in compiled:
+        if ins != (key,) or len(outs) != 1 or not hasattr(fn, "one"):
+            return None
+        calls.append(fn.one)
+        key = outs[0]
+    return tuple(calls) if key == (view.outputs[0], "cpu") else None
+
+
 def to_numpy(tensor) -> np.ndarray:
     """A model output as a numpy array of its own: a copy through a DLPack view, cheaper per
     call than ``Tensor.numpy()`` (d0f0c91). A copy, because an output may share memory with an
@@ -98,6 +118,7 @@ class Executor:
         self.call_ms: deque[float] = deque(maxlen=SLOWDOWN_WINDOW)   # the current configuration's
         self._cpu = None
         self._inputs: list | None = None   # (TVM tensor, numpy view of it) per model input
+        self._chain: tuple | None = None    # the steps as one-tensor callables, when they form a chain
 
     def compile(self, steps: tuple[Run | Copy, ...], cache: ModuleCache) -> tuple:
         """The callables of ``steps``, loading the modules ``cache`` does not hold yet."""
@@ -120,6 +141,7 @@ class Executor:
             if steps != self.steps:
                 self.call_ms.clear()   # the observed times were of the old configuration
             self.compiled, self.steps = compiled, steps
+            self._chain = _chain(self.view, compiled)
             self.choice = tuple(s.variant for s in block_runs)
             self.block_devices = tuple(s.device for s in block_runs)
             if self._inputs is None or cpu is not self._cpu:
@@ -130,13 +152,20 @@ class Executor:
         view = self.view
         with self.lock:
             t0 = time.perf_counter()
-            steps = self.compiled
-            env = {}
-            for name, x, (tensor, buffer) in zip(view.input_names, model_inputs(view, inputs), self._inputs):
-                np.copyto(buffer, x)
-                env[(name, "cpu")] = tensor
-            for fn, ins, outs in steps:
-                env.update(zip(outs, fn(*[env[k] for k in ins])))
+            arrays = model_inputs(view, inputs)
+            if self._chain is not None:   # each step takes the previous one's tensor: no lookups
+                tensor, buffer = self._inputs[0]
+                np.copyto(buffer, arrays[0])
+                for fn in self._chain:
+                    tensor = fn(tensor)
+                env = {(view.outputs[0], "cpu"): tensor}
+            else:
+                env = {}
+                for name, x, (tensor, buffer) in zip(view.input_names, arrays, self._inputs):
+                    np.copyto(buffer, x)
+                    env[(name, "cpu")] = tensor
+                for fn, ins, outs in self.compiled:
+                    env.update(zip(outs, fn(*[env[k] for k in ins])))
             out = build_output(view.manifest["output"], {n: env[(n, "cpu")] for n in view.outputs},
                                leaf=to_numpy)
             self.call_ms.append((time.perf_counter() - t0) * 1e3)

@@ -68,3 +68,8 @@ class Executable:
         if hasattr(out, "numpy"):
             return (out,)
         return tuple(out)
+
+    def one(self, tensor):
+        """The module's output for one input tensor, when it makes one tensor (a chain step)."""
+        out = self.main(tensor, *self.params)
+        return out if hasattr(out, "numpy") else out[0]

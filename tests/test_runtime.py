@@ -159,3 +159,51 @@ def test_thread_count_is_a_runtime_option():
     assert int(num_threads()) == before
     with pytest.raises(UserError, match="num_threads must be a positive integer, got 0"):
         set_num_threads(0)
+
+
+def test_a_chain_of_segments_runs_without_the_tensor_dictionary(artifact):
+    """A plan whose steps each take the previous step's one tensor runs as a chain of one-tensor
+    calls; it gives the same outputs as the general path (tensors looked up by name) for every
+    block at every variant."""
+    m = load(artifact("vgg_chain").artifact)
+    ex = m._executor
+    x = np.random.RandomState(4).randn(*m.input_shapes[0]).astype(np.float32)
+    n = len(m.blocks)
+    for variant in range(len(m.blocks[0].variants)):
+        m.configure(variants=[min(variant, len(b.variants) - 1) for b in m.blocks])
+        chain = ex._chain
+        assert chain is not None and len(chain) == len(m.steps) >= n
+        fast = m(x)
+        ex._chain = None
+        try:
+            general = m(x)
+        finally:
+            ex._chain = chain
+        np.testing.assert_array_equal(fast, general)
+
+
+def test_chain_only_when_each_step_takes_the_previous_steps_tensor():
+    from types import SimpleNamespace
+
+    from legoc.runtime.executor import _chain
+
+    class Step:
+        def one(self, tensor):
+            return tensor
+
+    a, b, c = Step(), Step(), Step()
+    view = SimpleNamespace(input_names=["x"], outputs=["y"])
+    chain = ((a, (("x", "cpu"),), (("h", "cpu"),)), (b, (("h", "cpu"),), (("h", "gpu"),)),
+             (c, (("h", "gpu"),), (("y", "cpu"),)))
+    assert _chain(view, chain) == (a.one, b.one, c.one)
+    assert _chain(view, ()) is None                                   # the output is not the input
+    assert _chain(SimpleNamespace(input_names=["x", "z"], outputs=["y"]), chain) is None
+    assert _chain(SimpleNamespace(input_names=["x"], outputs=["y", "h"]), chain) is None
+    skip = (chain[0], (c, (("x", "cpu"),), (("y", "cpu"),)))          # reads the input, not h
+    assert _chain(view, skip) is None
+    two_in = (chain[0], (b, (("h", "cpu"), ("x", "cpu")), (("y", "cpu"),)))
+    assert _chain(view, two_in) is None
+    two_out = ((a, (("x", "cpu"),), (("y", "cpu"), ("h", "cpu"))),)
+    assert _chain(view, two_out) is None
+    plain = ((lambda t: (t,), (("x", "cpu"),), (("y", "cpu"),)),)   # no one-tensor call
+    assert _chain(view, plain) is None
