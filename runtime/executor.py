@@ -106,7 +106,8 @@ def to_numpy(tensor) -> np.ndarray:
 class Executor:
     """The configuration in use: its plan (``steps``), the variant (``choice``) and device
     (``block_devices``) of every block, and the callables that run it. Tensors are keyed by
-    (name, device) while a call runs."""
+    (name, device) while a call runs, unless the plan is a chain (:func:`_chain`): then each
+    step's one tensor goes straight to the next."""
 
     def __init__(self, view: ManifestView, devices: Devices):
         self.view, self.devices = view, devices
