@@ -28,11 +28,11 @@ class _Copier:
     def __init__(self, device):
         self.device = device
 
-    def __call__(self, tensor):
-        return (tensor.copyto(self.device),)
-
     def one(self, tensor):
         return tensor.copyto(self.device)
+
+    def __call__(self, tensor):
+        return (self.one(tensor),)
 
 
 def _float_input(name: str, x) -> np.ndarray:
@@ -79,9 +79,9 @@ def _input_buffers(view: ManifestView, cpu) -> list:
 def _chain(view: ManifestView, compiled: tuple) -> tuple | None:
     """The compiled steps as one-tensor callables (``fn.one``) when they form a chain: one model
     input, each step taking exactly the tensor the step before made (the first: the input) and
-    making one, the last one's the model's only output; else None. A 0.3 ms model called through
-    this spent ~7 µs less per call than through the tensor dictionary (the commit has the
-    measurement)."""
+    making one, the last one's the model's only output; else None. The MNIST example (0.3 ms)
+    called through this spent ~3.6 µs less per call than through the tensor dictionary (the
+    commit has the measurement)."""
     if len(view.input_names) != 1 or len(view.outputs) != 1:
         return None
     key, calls = (view.input_names[0], "cpu"), []
@@ -159,7 +159,7 @@ class Executor:
                 np.copyto(buffer, arrays[0])
                 for fn in self._chain:
                     tensor = fn(tensor)
-                env = {(view.outputs[0], "cpu"): tensor}
+                outputs = {view.outputs[0]: tensor}
             else:
                 env = {}
                 for name, x, (tensor, buffer) in zip(view.input_names, arrays, self._inputs):
@@ -167,8 +167,8 @@ class Executor:
                     env[(name, "cpu")] = tensor
                 for fn, ins, outs in self.compiled:
                     env.update(zip(outs, fn(*[env[k] for k in ins])))
-            out = build_output(view.manifest["output"], {n: env[(n, "cpu")] for n in view.outputs},
-                               leaf=to_numpy)
+                outputs = {n: env[(n, "cpu")] for n in view.outputs}
+            out = build_output(view.manifest["output"], outputs, leaf=to_numpy)
             self.call_ms.append((time.perf_counter() - t0) * 1e3)
             return out
 
