@@ -16,9 +16,13 @@ the median over rounds of legoc's stage time over ORT's (paired, as ``inference.
 "× ORT paired").
 
 Unlike ``layers_vs_ort.py`` nothing is instrumented: both sides run exactly as in inference, so
-the figures add up to the end-to-end times (ORT's reorders to and from its blocked layout at the
-ends of every prefix cancel in the differences, except at the stem, which carries the input's).
-Prefixes cost compile time: ResNet-18's six modules take a few minutes.
+the figures add up to the end-to-end times. What a call does besides the model cancels in a
+difference only where consecutive prefixes end in outputs of the same size: each runner copies
+its output out (ORT after reordering it from its blocked layout), so a stage whose output is
+larger or smaller than the one before carries that difference, and the first stage carries
+each runner's whole fixed cost of a call. MobileNetV2's stem (32 x 112 x 112 out, against 16 x
+112 x 112 after the next stage) is such a case: compare it with the stem alone before reading
+it as kernel time. Prefixes cost compile time: ResNet-18's six modules take a few minutes.
 """
 from __future__ import annotations
 
