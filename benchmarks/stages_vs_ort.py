@@ -45,8 +45,7 @@ def prefixes(model, arch: str) -> list[tuple[str, object]]:
 
     if arch == "resnet18":
         cuts = [("stem", [model.stem])]
-        widths = (64, 128, 256, 512)
-        for i, width in enumerate(widths):
+        for i, width in enumerate((64, 128, 256, 512)):
             cuts.append((f"layer{i + 1} ({width})", [model.stem, *model.layers[:2 * i + 2]]))
         stages = [(name, nn.Sequential(*mods)) for name, mods in cuts]
     else:
@@ -61,8 +60,9 @@ def prefixes(model, arch: str) -> list[tuple[str, object]]:
 
 
 def build(stages, x, folder: Path, threads: int) -> dict:
-    """Runner specs (inference.py's "ort" and "tvm" kinds) per stage, each checked against
-    PyTorch."""
+    """Runner specs (inference.py's "ort" and "tvm" kinds), keyed (kind, stage index): the
+    ONNX file and the TVM module of every prefix, built here; each worker saves its first
+    output to its spec's ``output`` for :func:`main` to check against PyTorch."""
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
