@@ -133,13 +133,13 @@ def main() -> None:
         x = spec.example_inputs[0]
         stages = prefixes(model, arch)
         specs = build(stages, x, folder, args.threads)
+        with torch.no_grad():
+            refs = [module(x).numpy() for _, module in stages]
         procs = {}
         try:
-            for key, wspec in specs.items():
-                procs[key] = inference.Runner(wspec, folder / f"{key[0]}-{key[1]}.log")
-                with torch.no_grad():
-                    ref = stages[key[1]][1](x).numpy()
-                inference._check(args.model, f"{key[0]} prefix {key[1]}", np.load(wspec["output"]), ref)
+            for (kind, i), wspec in specs.items():
+                procs[(kind, i)] = inference.Runner(wspec, folder / f"{kind}-{i}.log")
+                inference._check(args.model, f"{kind} prefix {i}", np.load(wspec["output"]), refs[i])
             medians, _ = inference.interleaved_rounds(procs, args.rounds, max(1, args.runs // args.rounds),
                                                       args.model)
         finally:
