@@ -1007,6 +1007,119 @@ def test_prepacked_tiny_maps_drop_dead_taps(tmp_path_factory, hw, k, stride, pad
     assert float(np.abs(out - ref).max()) <= RTOL * max(float(np.abs(ref).max()), 1e-6)
 
 
+def _prepacked_rules(module: nn.Module, inputs: tuple, target) -> dict[str, str]:
+    """PrimFunc -> rule of ``module`` prepared as build_module(prepack=True) prepares it (weights
+    transformed by prepack_weights), scheduled in strict mode."""
+    import tvm
+
+    from legoc.targets.schedules import prepack_weights, scheduled_by, scheduling_passes
+
+    mod, _ = _relax(module, inputs)
+    mod["main"] = mod["main"].with_attr("num_input", len(inputs))
+    mod = prepack_weights(mod, target)
+    with target:
+        return scheduled_by(tvm.transform.Sequential(scheduling_passes(target, strict=True))(mod))
+
+
+def _prepacked_error(module: nn.Module, inputs: tuple, path) -> float:
+    """Max |legoc - PyTorch| over the output's largest magnitude, built with prepack=True."""
+    import tvm
+
+    from legoc.targets.build import build_module
+    from legoc.targets.table import get_target
+
+    built = build_module(module, inputs, get_target("host"), path, prepack=True)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a))
+                       for a in [*(x.numpy() for x in inputs), *built.params]]).numpy()
+    with torch.no_grad():
+        ref = module(*inputs).numpy()
+    assert out.shape == ref.shape
+    return float(np.abs(out - ref).max()) / max(float(np.abs(ref).max()), 1e-6)
+
+
+@CASES
+@given(cin=st.integers(16, 40), cout=st.sampled_from([16, 32, 48]),
+       hw=st.tuples(st.sampled_from([4, 8, 12, 28]), st.sampled_from([4, 8, 16, 28])),
+       batch=st.integers(1, 2), bias=st.booleans(), act=st.sampled_from(["none", "relu", "residual"]),
+       seed=st.integers(0, 2**16))
+@example(cin=64, cout=64, hw=(56, 56), batch=1, bias=True, act="residual", seed=0)  # ResNet-18's layer1
+def test_conv2d_winograd(host, tmp_path_factory, cin, cout, hw, batch, bias, act, seed):
+    """A 3x3 stride-1 padding-1 conv (odd input channel counts, non-square maps, batch 2, with
+    and without bias, ReLU and a residual add) runs as Winograd F(4x4, 3x3) in a prepacked
+    build (Conv2dWinograd schedules it, its epilogue inlined) and equals PyTorch to 1e-4 of the
+    output's largest magnitude."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)
+    module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
+    module = module.eval() if isinstance(module, nn.Module) else module
+    rules = _prepacked_rules(module, inputs, host)
+    assert rule_of(rules, "conv2d_winograd") == "Conv2dWinograd", rules
+    # the epilogue runs in the Winograd PrimFunc (FuseOps, op_pattern 4), not in one of its own
+    assert not [n for n in rules if "winograd" not in n and ("relu" in n or "add" in n)], rules
+    err = _prepacked_error(module, inputs, tmp_path_factory.mktemp("wino") / "w.so")
+    assert err <= RTOL, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("cin,cout,hw,kwargs,taken", [
+    (64, 64, (56, 56), {}, True),
+    (16, 16, (8, 12), {}, True),
+    (15, 64, (28, 28), {}, False),                  # too few input channels
+    (64, 24, (28, 28), {}, False),                  # output channels not whole vectors
+    (64, 64, (14, 14), {}, False),                  # 14 rows: not whole 4x4 tiles
+    (64, 64, (28, 28), {"stride": 2}, False),
+    (64, 64, (28, 28), {"dilation": 2, "padding": 2}, False),
+    (64, 64, (28, 28), {"padding": 0}, False),      # output smaller than the input
+    (64, 64, (28, 28), {"groups": 2}, False),
+    (64, 64, (28, 28), {"kernel_size": 5, "padding": 2}, False),
+    (128, 128, (8, 8), {}, True),                   # 2.4 MB of filters over 4 tiles
+    (256, 256, (8, 8), {}, False),                  # 9.4 MB over 4: above 1 MB a tile
+    (256, 256, (16, 16), {}, True),
+])
+def test_which_convs_take_winograd(host, cin, cout, hw, kwargs, taken):
+    """takes_winograd: 3x3, stride 1, dilation 1, padding 1, groups 1, whole tiles and channel
+    vectors, at least 16 channels in and out, at most 1 MB of transformed filters per tile."""
+    from tvm import relax
+
+    from legoc.targets.schedules import takes_winograd, vector_lanes
+
+    args = {"kernel_size": 3, "stride": 1, "padding": 1, **kwargs}
+    conv = nn.Conv2d(cin, cout, **args)
+    mod, _ = _relax(conv, (_randn(1, cin, *hw),))
+    calls = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: calls.append(e) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.nn.conv2d" else None)
+    assert len(calls) == 1
+    assert takes_winograd(calls[0], vector_lanes(host)) == taken
+
+
+def test_winograd_builds_for_aarch64_with_neon():
+    """For the Raspberry Pi 4 (4-lane NEON) a 3x3 conv of 32 channels at 16x16 runs as
+    Winograd, filters packed for 4 lanes, and compiles to fused multiply-adds."""
+    import tvm
+
+    from legoc.targets.schedules import (TRANSFORM_PARAMS, cpu_pass_context, cpu_pipeline, prepack_weights,
+                                         scheduled_by, scheduling_passes)
+    from legoc.targets.table import get_target
+
+    torch.manual_seed(0)
+    target = get_target("raspberry-pi-4").tvm_target()
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU()).eval()
+    mod, _ = _relax(model, (_randn(1, 32, 16, 16),))
+    mod["main"] = mod["main"].with_attr("num_input", 1)
+    mod = prepack_weights(mod, target)
+    shapes = [tuple(int(d) for d in p.ty.shape) for p in mod["main"].params[1:]]
+    assert (36, 8, 32, 4) in shapes, shapes
+    with target:
+        used = scheduled_by(tvm.transform.Sequential(scheduling_passes(target, strict=True))(mod))
+    assert rule_of(used, "conv2d_winograd") == "Conv2dWinograd"
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != TRANSFORM_PARAMS})
+    with cpu_pass_context():
+        executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
+    assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
+
+
 def test_prepacked_parameter_names_are_unique(tmp_path):
     from legoc.targets.build import build_module
     from legoc.targets.table import get_target

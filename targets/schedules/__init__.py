@@ -56,6 +56,7 @@ from legoc.targets.schedules.conv2d_blocked import Conv2dBlocked
 from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
 from legoc.targets.schedules.conv2d_pixels import Conv2dPixels
 from legoc.targets.schedules.conv2d_pointwise import Conv2dPointwise
+from legoc.targets.schedules.conv2d_winograd import Conv2dWinograd
 from legoc.targets.schedules.depthwise import DepthwiseConv2d
 from legoc.targets.schedules.depthwise_blocked import DepthwiseBlocked
 from legoc.targets.schedules.fallback import Fallback
@@ -72,6 +73,7 @@ from legoc.targets.schedules.reduction import ReductionVectorized
 from legoc.targets.schedules.rewrite import match_conv2d
 from legoc.targets.schedules.split_expand import SplitExpandDepthwise
 from legoc.targets.schedules.subsample import SubsampleStridedPointwise
+from legoc.targets.schedules.winograd import WinogradConv3x3, takes_winograd
 from legoc.targets.schedules.transform import RULE_ATTR, ApplyCPUSchedules, default_rules, scheduled_by
 
 __all__ = [
@@ -82,6 +84,7 @@ __all__ = [
     "Conv2dNCHWPacked",
     "Conv2dPixels",
     "Conv2dPointwise",
+    "Conv2dWinograd",
     "DepthwiseBlocked",
     "DepthwiseConv2d",
     "Fallback",
@@ -97,6 +100,7 @@ __all__ = [
     "SplitExpandDepthwise",
     "SubsampleStridedPointwise",
     "TRANSFORM_PARAMS",
+    "WinogradConv3x3",
     "cpu_pass_context",
     "cpu_pipeline",
     "default_rules",
@@ -106,6 +110,7 @@ __all__ = [
     "prepack_weights",
     "scheduled_by",
     "scheduling_passes",
+    "takes_winograd",
     "vector_isa",
     "vector_lanes",
     "vector_registers",

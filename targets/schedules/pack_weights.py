@@ -112,6 +112,7 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
     from legoc.targets.schedules.pixel_conv import PixelVectorConv  # noqa: PLC0415
     from legoc.targets.schedules.split_expand import SplitExpandDepthwise  # noqa: PLC0415
     from legoc.targets.schedules.subsample import SubsampleStridedPointwise  # noqa: PLC0415
+    from legoc.targets.schedules.winograd import WinogradConv3x3  # noqa: PLC0415
 
     with target:
         mod = SubsampleStridedPointwise()(mod)   # first: its stride-1 conv is the one packed
@@ -123,5 +124,7 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
         mod = SplitExpandDepthwise()(mod)
         # convs of few filters: vectors of pixels, not packed
         mod = PixelVectorConv(vector_lanes(target), vector_registers(target))(mod)
+        # large 3x3 stride-1 convs as Winograd F(4x4, 3x3), their filters transformed here
+        mod = WinogradConv3x3(vector_lanes(target))(mod)
         mod = PackConvWeights(vector_lanes(target), vector_registers(target))(mod)
         return relax.transform.LiftTransformParams()(mod)

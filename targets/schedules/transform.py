@@ -12,6 +12,7 @@ from legoc.targets.schedules.conv2d_blocked import Conv2dBlocked
 from legoc.targets.schedules.conv2d_packed import Conv2dNCHWPacked
 from legoc.targets.schedules.conv2d_pixels import Conv2dPixels
 from legoc.targets.schedules.conv2d_pointwise import Conv2dPointwise
+from legoc.targets.schedules.conv2d_winograd import Conv2dWinograd
 from legoc.targets.schedules.depthwise import DepthwiseConv2d
 from legoc.targets.schedules.depthwise_blocked import DepthwiseBlocked
 from legoc.targets.schedules.fallback import Fallback
@@ -25,7 +26,7 @@ RULE_ATTR = "legoc.schedule_rule"  # PrimFunc attribute naming the rule that sch
 
 def default_rules() -> list[dlight.ScheduleRule]:
     """The CPU rules in the order they are tried."""
-    return [Conv2dBlocked(), DepthwiseBlocked(), Conv2dPixels(), Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), MaxPool2dRows(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
+    return [Conv2dWinograd(), Conv2dBlocked(), DepthwiseBlocked(), Conv2dPixels(), Conv2dPointwise(), Conv2dNCHWPacked(), DepthwiseConv2d(), MaxPool2dRows(), Pool2d(), ReductionVectorized(), Injective(), Fallback()]
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocApplyCPUSchedules")
