@@ -1040,15 +1040,18 @@ def _prepacked_error(module: nn.Module, inputs: tuple, path) -> float:
 
 @CASES
 @given(cin=st.integers(16, 40), cout=st.sampled_from([16, 32, 48]),
-       hw=st.tuples(st.sampled_from([4, 8, 12, 28]), st.sampled_from([4, 8, 16, 28])),
+       hw=st.tuples(st.sampled_from([4, 6, 8, 14, 28]), st.sampled_from([4, 8, 10, 16, 28])),
        batch=st.integers(1, 2), bias=st.booleans(), act=st.sampled_from(["none", "relu", "residual"]),
        seed=st.integers(0, 2**16))
 @example(cin=64, cout=64, hw=(56, 56), batch=1, bias=True, act="residual", seed=0)  # ResNet-18's layer1
+@example(cin=128, cout=128, hw=(28, 28), batch=1, bias=True, act="relu", seed=1)  # 2.4 MB: by groups
+@example(cin=256, cout=256, hw=(14, 14), batch=1, bias=True, act="residual", seed=2)  # F(2x2, 3x3), groups
 def test_conv2d_winograd(host, tmp_path_factory, cin, cout, hw, batch, bias, act, seed):
-    """A 3x3 stride-1 padding-1 conv (odd input channel counts, non-square maps, batch 2, with
-    and without bias, ReLU and a residual add) runs as Winograd F(4x4, 3x3) in a prepacked
-    build (Conv2dWinograd schedules it, its epilogue inlined) and equals PyTorch to 1e-4 of the
-    output's largest magnitude."""
+    """A 3x3 stride-1 padding-1 conv (odd input channel counts, non-square maps, sides multiples
+    of 4 (F(4x4, 3x3)) or only of 2 (F(2x2, 3x3)), batch 2, with and without bias, ReLU and a
+    residual add, filters small enough to run by rows of tiles or not) runs as Winograd in a
+    prepacked build (Conv2dWinograd schedules it, its epilogue fused) and equals PyTorch to
+    1e-4 of the output's largest magnitude."""
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)
     module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
@@ -1066,7 +1069,9 @@ def test_conv2d_winograd(host, tmp_path_factory, cin, cout, hw, batch, bias, act
     (16, 16, (8, 12), {}, True),
     (15, 64, (28, 28), {}, False),                  # too few input channels
     (64, 24, (28, 28), {}, False),                  # output channels not whole vectors
-    (64, 64, (14, 14), {}, False),                  # 14 rows: not whole 4x4 tiles
+    (64, 64, (14, 14), {}, True),                   # F(2x2, 3x3)
+    (64, 64, (7, 7), {}, False),                    # odd sides: no whole tiles
+    (64, 64, (28, 14), {}, True),
     (64, 64, (28, 28), {"stride": 2}, False),
     (64, 64, (28, 28), {"dilation": 2, "padding": 2}, False),
     (64, 64, (28, 28), {"padding": 0}, False),      # output smaller than the input
@@ -1077,8 +1082,9 @@ def test_conv2d_winograd(host, tmp_path_factory, cin, cout, hw, batch, bias, act
     (256, 256, (16, 16), {}, True),
 ])
 def test_which_convs_take_winograd(host, cin, cout, hw, kwargs, taken):
-    """takes_winograd: 3x3, stride 1, dilation 1, padding 1, groups 1, whole tiles and channel
-    vectors, at least 16 channels in and out, at most 1 MB of transformed filters per tile."""
+    """takes_winograd: 3x3, stride 1, dilation 1, padding 1, groups 1, whole 4x4 or 2x2 tiles
+    and channel vectors, at least 16 channels in and out, at most 1 MB of transformed filters
+    per tile."""
     from tvm import relax
 
     from legoc.targets.schedules import takes_winograd, vector_lanes

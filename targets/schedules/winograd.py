@@ -1,14 +1,15 @@
-"""WinogradConv3x3: a 3x3 stride-1 conv2d as Winograd's F(4x4, 3x3) minimal filtering, its
-weights transformed once at build time.
+"""WinogradConv3x3: a 3x3 stride-1 conv2d as Winograd's F(4x4, 3x3) minimal filtering (F(2x2,
+3x3) on maps whose sides are even but not multiples of 4), its weights transformed once at
+build time.
 
 A 3x3 conv computes each 4x4 output tile from a 6x6 input tile in 16 x 9 = 144 multiplies per
 input and output channel; F(4x4, 3x3) takes 36 (Lavin and Gray, 2016): the input tile is
 transformed (``B^T d B``), multiplied element by element with the transformed filter
 (``U = G g G^T``), summed over input channels, which makes 36 independent matrix products
 ``[tiles x C] x [C x K]``, and transformed back (``A^T m A``). The multiplies per output fall
-4x; the transforms are additions and multiplies by small constants. The matrices are TVM's
-(``tvm.topi.nn.winograd_util``): Cook-Toom with the interpolation points 0, -1, 1, 1/2, -2 that
-Barabasz et al. found most accurate for F(4, 3) (the rule's test bounds the error against
+4x (F(2x2, 3x3): 2.25x); the transforms are additions and multiplies by small constants. The matrices are TVM's
+(``tvm.topi.nn.winograd_util``): Cook-Toom with the interpolation points 0, -1, 1, 1/2, -2 (F(2, 3): 0, -1, 1)
+that Barabasz et al. found most accurate (the rule's test bounds the error against
 PyTorch).
 
 The rewrite runs in :func:`~legoc.targets.schedules.prepack_weights` only: the filter transform
@@ -26,9 +27,8 @@ from tvm import relax
 
 from legoc.targets.schedules.rewrite import match_conv2d, rewrite_calls
 
-TILE = 4            # output tile: F(4x4, 3x3)
+TILES = (4, 2)      # output tiles, preferred first: F(4x4, 3x3), else F(2x2, 3x3)
 KERNEL = 3
-ALPHA = TILE + KERNEL - 1   # the input tile, 6x6
 NAME = "conv2d_winograd"   # the PrimFunc's name hint and its blocks' prefix (the rule matches it)
 
 # which convs are taken (benchmarks/winograd.py, 2 threads, AVX-512; the README has the table):
@@ -41,17 +41,24 @@ MAX_FILTER_BYTES_PER_TILE = 1 << 20
 
 
 @functools.cache
-def matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(A [6, 4], B [6, 6], G [6, 3]) of F(4x4, 3x3), float64: ``Y = A^T [(G g G^T) * (B^T d B)] A``."""
+def matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A [a, m], B [a, a], G [a, 3]) of F(m x m, 3x3), m = ``tile``, a = m + 2, float64:
+    ``Y = A^T [(G g G^T) * (B^T d B)] A``."""
     from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points  # noqa: PLC0415
 
-    a, b, g = _cook_toom_convolution(_interpolation_points(TILE + KERNEL - 2), TILE, KERNEL)
+    a, b, g = _cook_toom_convolution(_interpolation_points(tile + KERNEL - 2), tile, KERNEL)
     return tuple(np.asarray(x, dtype=np.float64) for x in (a, b, g))
 
 
+def tile_for(height: int, width: int) -> int | None:
+    """The output tile of a ``height`` x ``width`` map: the largest of :data:`TILES` that
+    divides both (4 at 56 and 28, 2 at 14), or None."""
+    return next((t for t in TILES if height % t == 0 and width % t == 0), None)
+
+
 def takes_winograd(call, lanes: int) -> bool:
-    """Whether this conv2d runs as F(4x4, 3x3): groups 1, 3x3, stride 1, dilation 1, padding 1
-    on every side (output as large as the input), rows and columns multiples of the 4x4 tile,
+    """Whether this conv2d runs as Winograd: groups 1, 3x3, stride 1, dilation 1, padding 1
+    on every side (output as large as the input), rows and columns whole tiles (:func:`tile_for`),
     output channels whole vectors of ``lanes``, at least :data:`MIN_CHANNELS` channels in and
     out, and transformed filters of at most :data:`MAX_FILTER_BYTES_PER_TILE` per output tile."""
     weight = match_conv2d(call, packable=True)
@@ -60,13 +67,13 @@ def takes_winograd(call, lanes: int) -> bool:
     attrs = call.attrs
     out_channels, in_channels, kh, kw = (int(d) for d in weight.ty.shape)
     _, _, height, width = (int(d) for d in call.args[0].ty.shape)
-    return ((kh, kw) == (KERNEL, KERNEL)
+    tile = tile_for(height, width)
+    return (tile is not None and (kh, kw) == (KERNEL, KERNEL)
             and all(int(v) == 1 for v in attrs.strides) and all(int(v) == 1 for v in attrs.dilation)
             and all(int(v) == 1 for v in attrs.padding)
-            and height % TILE == 0 and width % TILE == 0
             and out_channels % lanes == 0 and min(in_channels, out_channels) >= MIN_CHANNELS
-            and ALPHA * ALPHA * in_channels * out_channels * 4
-            <= MAX_FILTER_BYTES_PER_TILE * (height // TILE) * (width // TILE))
+            and (tile + KERNEL - 1) ** 2 * in_channels * out_channels * 4
+            <= MAX_FILTER_BYTES_PER_TILE * (height // tile) * (width // tile))
 
 
 def _linear(coefs, term):
@@ -94,80 +101,84 @@ def _piecewise(var, n: int, expr):
 
 
 def winograd_te(data, packed):
-    """F(4x4, 3x3) conv2d of NCHW ``data`` (padding 1) with filters transformed and packed
-    ``[36, K/B, C, B]`` (TE; every stage named ``conv2d_winograd_*`` for the rule):
+    """F(m x m, 3x3) conv2d of NCHW ``data`` (padding 1) with filters transformed and packed
+    ``[a * a, K/B, C, B]`` (a = m + 2; TE; every stage named ``conv2d_winograd_*`` for the rule):
 
-    * ``pad``: the input padded by 1 (and on the right to whole 4-column phases);
-    * ``phase``: each padded row split into its 4 column phases, ``[.., y, j, x / 4]``, so that
-      the tiles' columns, 4 apart in a row, are contiguous in a phase;
+    * ``pad``: the input padded by 1 (and on the right to whole m-column phases);
+    * ``phase``: each padded row split into its m column phases, ``[.., y, j, x / m]``, so that
+      the tiles' columns, m apart in a row, are contiguous in a phase;
     * ``rows``, ``input``: ``B^T d B`` in two passes (columns of the tile, then rows), each a
       sum of the nonzero terms;
-    * ``gemm``: the 36 products over input channels, ``[n, 36, K/B, tile row, tile, B]``;
+    * ``gemm``: the a * a products over input channels, ``[n, a * a, K/B, tile row, tile, B]``;
     * ``cols``, the output: ``A^T m A`` in two passes, written NCHW."""
     from tvm import te, topi  # noqa: PLC0415
 
-    a_mat, b_mat, _ = matrices()
     batch, channels, height, width = (int(d) for d in data.shape)
-    _, blocks, _, block = (int(d) for d in packed.shape)
-    rows, cols = height // TILE, width // TILE
-    padded = topi.nn.pad(data, [0, 0, 1, 1], [0, 0, 1, TILE * (cols + 1) - width - 1],
+    squared, blocks, _, block = (int(d) for d in packed.shape)
+    alpha = int(round(squared ** 0.5))
+    m = alpha - KERNEL + 1   # the output tile
+    a_mat, b_mat, _ = matrices(m)
+    rows, cols = height // m, width // m
+    padded = topi.nn.pad(data, [0, 0, 1, 1], [0, 0, 1, m * (cols + 1) - width - 1],
                          name=f"{NAME}_pad")
-    phase = te.compute((batch, channels, height + 2, TILE, cols + 1),
-                       lambda n, c, y, j, x: padded[n, c, y, x * TILE + j], name=f"{NAME}_phase")
+    phase = te.compute((batch, channels, height + 2, m, cols + 1),
+                       lambda n, c, y, j, x: padded[n, c, y, x * m + j], name=f"{NAME}_phase")
     # B^T d: [n, c, tile row, tile, eps, s]
     partial = te.compute(
-        (batch, channels, rows, cols, ALPHA, ALPHA),
-        lambda n, c, ty, tx, e, s: _piecewise(e, ALPHA, lambda ei: _linear(
-            b_mat[:, ei], lambda r: phase[n, c, ty * TILE + r, s % TILE, tx + s // TILE])),
+        (batch, channels, rows, cols, alpha, alpha),
+        lambda n, c, ty, tx, e, s: _piecewise(e, alpha, lambda ei: _linear(
+            b_mat[:, ei], lambda r: phase[n, c, ty * m + r, s % m, tx + s // m])),
         name=f"{NAME}_rows")
-    # (B^T d) B: [36, n, c, tile row, tile]
+    # (B^T d) B: [a * a, n, c, tile row, tile]
     transformed = te.compute(
-        (ALPHA * ALPHA, batch, channels, rows, cols),
-        lambda a, n, c, ty, tx: _piecewise(a % ALPHA, ALPHA, lambda nu: _linear(
-            b_mat[:, nu], lambda s: partial[n, c, ty, tx, a // ALPHA, s])),
+        (alpha * alpha, batch, channels, rows, cols),
+        lambda a, n, c, ty, tx: _piecewise(a % alpha, alpha, lambda nu: _linear(
+            b_mat[:, nu], lambda s: partial[n, c, ty, tx, a // alpha, s])),
         name=f"{NAME}_input")
     rc = te.reduce_axis((0, channels), name="rc")
     product = te.compute(
-        (batch, ALPHA * ALPHA, blocks, rows, cols, block),
+        (batch, alpha * alpha, blocks, rows, cols, block),
         lambda n, a, kb, ty, tx, b: te.sum(transformed[a, n, rc, ty, tx] * packed[a, kb, rc, b], axis=rc),
         name=f"{NAME}_gemm")
-    # m A: [n, k, tile row, tile, eps, x]
+    # (products) A: [n, k, tile row, tile, eps, x]
     half = te.compute(
-        (batch, blocks * block, rows, cols, ALPHA, TILE),
-        lambda n, k, ty, tx, e, x: _piecewise(x, TILE, lambda xi: _linear(
-            a_mat[:, xi], lambda nu: product[n, e * ALPHA + nu, k // block, ty, tx, k % block])),
+        (batch, blocks * block, rows, cols, alpha, m),
+        lambda n, k, ty, tx, e, x: _piecewise(x, m, lambda xi: _linear(
+            a_mat[:, xi], lambda nu: product[n, e * alpha + nu, k // block, ty, tx, k % block])),
         name=f"{NAME}_cols")
     return te.compute(
         (batch, blocks * block, height, width),
-        lambda n, k, h, w: _piecewise(h % TILE, TILE, lambda yi: _linear(
-            a_mat[:, yi], lambda e: half[n, k, h // TILE, w // TILE, e, w % TILE])),
+        lambda n, k, h, w: _piecewise(h % m, m, lambda yi: _linear(
+            a_mat[:, yi], lambda e: half[n, k, h // m, w // m, e, w % m])),
         name=NAME)
 
 
-def _transform_filters(builder, weight, lanes: int):
-    """``G g G^T`` of OIHW ``weight`` as Relax ops, packed ``[36, K/B, C, B]`` (B = ``lanes``)."""
-    _, _, g_mat = matrices()
+def _transform_filters(builder, weight, lanes: int, tile: int):
+    """``G g G^T`` of OIHW ``weight`` as Relax ops, packed ``[a * a, K/B, C, B]`` (B = ``lanes``)."""
+    _, _, g_mat = matrices(tile)
+    alpha = tile + KERNEL - 1
     out_channels, in_channels = int(weight.ty.shape[0]), int(weight.ty.shape[1])
     g = relax.const(g_mat.astype("float32"))
     gt = relax.const(np.ascontiguousarray(g_mat.T).astype("float32"))
     emit = builder.emit
-    u = emit(relax.op.matmul(emit(relax.op.matmul(g, weight)), gt))       # [K, C, 6, 6]
-    u = emit(relax.op.reshape(u, [out_channels // lanes, lanes, in_channels, ALPHA * ALPHA]))
-    return emit(relax.op.permute_dims(u, [3, 0, 2, 1]))                     # [36, K/B, C, B]
+    u = emit(relax.op.matmul(emit(relax.op.matmul(g, weight)), gt))       # [K, C, a, a]
+    u = emit(relax.op.reshape(u, [out_channels // lanes, lanes, in_channels, alpha * alpha]))
+    return emit(relax.op.permute_dims(u, [3, 0, 2, 1]))                     # [a * a, K/B, C, B]
 
 
 def _rewrite(builder, call, lanes: int):
     if not takes_winograd(call, lanes):
         return None
-    packed = _transform_filters(builder, call.args[1], lanes)
+    _, _, height, width = (int(d) for d in call.args[0].ty.shape)
+    packed = _transform_filters(builder, call.args[1], lanes, tile_for(height, width))
     return builder.call_te(winograd_te, call.args[0], packed, primfunc_name_hint=NAME,
                            primfunc_attrs={"op_pattern": 4})
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocWinogradConv3x3")
 class WinogradConv3x3:
-    """Rewrite the 3x3 stride-1 conv2d that :func:`takes_winograd` accepts into F(4x4, 3x3)
-    (:func:`winograd_te`) over filters transformed by Relax ops (lifted to build time by
+    """Rewrite the 3x3 stride-1 conv2d that :func:`takes_winograd` accepts into Winograd's
+    F(4x4, 3x3) or F(2x2, 3x3) (:func:`winograd_te`) over filters transformed by Relax ops (lifted to build time by
     :func:`~legoc.targets.schedules.prepack_weights`). ``op_pattern`` 4: bias, ReLU and a
     residual add after it fuse into its PrimFunc, written with its output."""
 
