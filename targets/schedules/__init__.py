@@ -17,7 +17,8 @@ element (:func:`analysis.same_domain`).
 
 The files, as in ``tvm.s_tir.dlight``:
 
-* rules, one per file, in the order tried: ``conv2d_blocked`` (:class:`Conv2dBlocked`) and
+* rules, one per file, in the order tried: ``conv2d_winograd`` (:class:`Conv2dWinograd`, the
+  Winograd conv that ``winograd`` below makes); ``conv2d_blocked`` (:class:`Conv2dBlocked`) and
   ``depthwise_blocked`` (:class:`DepthwiseBlocked`), the three convs of a channel-blocked
   inverted residual (``block_layout`` below); ``conv2d_pixels`` (:class:`Conv2dPixels`, a conv
   with too few filters for whole channel vectors, over vectors of output pixels); ``conv2d_pointwise`` (:class:`Conv2dPointwise`,
@@ -44,6 +45,8 @@ The files, as in ``tvm.s_tir.dlight``:
   channel vectors as a conv over the padded plane flattened, for ``Conv2dPixels``),
   ``pool_rows`` (:class:`MaxPoolByRows`: a max pool2d as a max over rows, then over columns,
   edges clamped instead of padded, for ``MaxPool2dRows``),
+  ``winograd`` (:class:`WinogradConv3x3`, ``build_module(prepack=True)``: a 3x3 stride-1 conv
+  as Winograd F(4x4, 3x3) or F(2x2, 3x3), its filters transformed at build time),
   ``pack_weights`` (:class:`PackConvWeights`, ``build_module(prepack=True)``: weights packed
   ``[O/B, I, KH, KW, B]`` once, at build time, kernel taps that only meet padding dropped) and
   ``pad_channels`` (:class:`PadConvChannels`, otherwise: output channels padded to the vector
