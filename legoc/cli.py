@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--retrain-minutes", type=float, default=10.0, help="time limit of retraining (default 10)")
     c.add_argument("--tune-trials", type=int, default=0,
                    help="MetaSchedule trials per workload not yet in the tuning database (default 0: no tuning)")
+    c.add_argument("--no-winograd", dest="winograd", action="store_false",
+                   help="keep 3x3 convs direct: Winograd (the default) makes them faster and their "
+                        "weights larger (ResNet-18: 46.7 -> 59.3 MB)")
     c.add_argument("--nested", action="store_true",
                    help="nested variants sharing one weight set per block (trained incrementally, smallest first)")
     c.add_argument("--devices", type=_names, default=(), metavar="cpu,gpu",

@@ -248,7 +248,7 @@ def cmd_compile(args) -> int:
                         ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
                         round_to=args.round_to, progress=not args.no_progress,
                         retrain_epochs=args.retrain_epochs, retrain_minutes=args.retrain_minutes,
-                        nested=args.nested, tune_trials=args.tune_trials,
+                        nested=args.nested, tune_trials=args.tune_trials, winograd=args.winograd,
                         rpc=_rpc_config(args) if args.rpc or not args.tracker else None,
                         devices=args.devices, sign_key=args.sign, export_onnx=args.onnx,
                         input_shapes=tuple(args.input_shape), data=args.data, tiles=tiles, tile_workers=workers,

@@ -52,6 +52,7 @@ class CompileConfig:
     profile_accuracy: bool = True   # measure every variant's accuracy drop (val_data, else fidelity)
     # build
     tune_trials: int = 0            # MetaSchedule trials per workload new to the tuning database (0: none)
+    winograd: bool = True           # 3x3 stride-1 convs as Winograd (prepacked builds): faster, larger weights
     devices: tuple[str, ...] = ()   # Jetson: ("cpu", "gpu") builds every block variant for both; () its own device
     # measure-load, validate
     validate: bool = True           # measure a few combinations end to end (targets that run here)

@@ -573,7 +573,7 @@ def _kwargs(gm: torch.fx.GraphModule, n: torch.fx.Node) -> dict:
 
 
 def compile_tiles(plan: TilePlan, example_input: torch.Tensor, target, folder, *, prepack: bool = True,
-                  name: str = "block"):
+                  winograd: bool = True, name: str = "block"):
     """One TVM module per distinct tile (legoc's back end, ``target`` a TargetSpec) in
     ``folder``; returns a :class:`legoc.runtime.cluster.TileModule` per tile, in tile order
     (tiles with the same key share the module file and weights)."""
@@ -587,7 +587,7 @@ def compile_tiles(plan: TilePlan, example_input: torch.Tensor, target, folder, *
     built = {}
     for key, i in plan.distinct.items():
         built[key] = build_module(plan.tiles[i].module, (bands[i],), target, folder / f"{name}-tile-{key}.so",
-                                  name=f"{name} tile {i}", prepack=prepack)
+                                  name=f"{name} tile {i}", prepack=prepack, winograd=winograd)
     return [TileModule(path=built[t.key].path, weights=tuple(built[t.key].params), rows_in=t.rows_in,
                        rows_out=t.rows_out) for t in plan.tiles]
 

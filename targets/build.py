@@ -114,14 +114,15 @@ def _fcompile(target: TargetSpec):
     raise UserError(f"target {target.name} has unknown linker '{target.linker}'")
 
 
-def build_signature(*, tune_trials: int = 0, prepack: bool = False) -> dict:
+def build_signature(*, tune_trials: int = 0, prepack: bool = False, winograd: bool = True) -> dict:
     """What decides the code :func:`build_module` emits besides the module and target: the
     options and a digest of legoc's compiler sources (this file, tuning, the schedules package)."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in [here / "build.py", here / "tune.py", *sorted((here / "schedules").glob("*.py"))]:
         h.update(path.read_bytes())
-    return {"tune_trials": int(tune_trials), "prepack": bool(prepack), "compiler": h.hexdigest()[:16]}
+    return {"tune_trials": int(tune_trials), "prepack": bool(prepack),
+            "winograd": bool(prepack and winograd), "compiler": h.hexdigest()[:16]}
 
 
 def build_module(
@@ -133,6 +134,7 @@ def build_module(
     name: str = "module",
     tune_trials: int = 0,
     prepack: bool = False,
+    winograd: bool = True,
 ) -> BuiltModule:
     """Compile ``module`` for ``target`` into the shared library ``out_path``.
 
@@ -147,7 +149,9 @@ def build_module(
 
     ``prepack=True`` (cpu targets, untuned): conv weights are packed for the schedules and FC
     weights transposed here, once; ``params`` are then those transformed weights (other names
-    and shapes than the module's parameters), not to be sliced as sub-tensors.
+    and shapes than the module's parameters), not to be sliced as sub-tensors. With ``winograd``
+    (the default) those weights include 3x3 stride-1 convs' Winograd-transformed filters
+    (:mod:`legoc.targets.schedules.winograd`); ``winograd=False`` keeps those convs direct.
     """
     out_path = Path(out_path)
     example_inputs = tuple(example_inputs)
@@ -195,7 +199,7 @@ def build_module(
 
     if prepack and target.device == "cpu" and not tune_trials:
         try:
-            mod, param_names, params = _prepack(mod, params, num_inputs, target)
+            mod, param_names, params = _prepack(mod, params, num_inputs, target, winograd)
         except Exception as exc:
             raise _bug("TVM could not prepack the weights of", name, target, exc) from exc
 
@@ -241,13 +245,13 @@ def build_module(
     )
 
 
-def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec):
+def _prepack(mod, params: list[np.ndarray], num_inputs: int, target: TargetSpec, winograd: bool = True):
     """Weights transformed once, here (legoc.targets.schedules.prepack_weights): the module
     without its ``main_transform_params``, the new parameter names and values."""
     from legoc.targets.schedules import TRANSFORM_PARAMS, cpu_pass_context, cpu_pipeline, prepack_weights  # noqa: PLC0415
     from legoc.targets.table import TARGETS  # noqa: PLC0415
 
-    mod = prepack_weights(mod, target.tvm_target())
+    mod = prepack_weights(mod, target.tvm_target(), winograd=winograd)
     if TRANSFORM_PARAMS not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, [str(v.name) for v in mod["main"].params[num_inputs:]], params
     here = TARGETS["host"].tvm_target()  # the transform runs on this machine

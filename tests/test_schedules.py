@@ -1126,6 +1126,37 @@ def test_winograd_builds_for_aarch64_with_neon():
     assert "fmla" in asm and ".4s" in asm, "no NEON fused multiply-add in the aarch64 assembly"
 
 
+def test_compile_uses_winograd_unless_told_not_to(artifact):
+    """legoc compile: 3x3 stride-1 convs run as Winograd by default (the manifest says so, the
+    weights hold transformed filters [a * a, K/B, C, B]); CompileConfig(winograd=False)
+    (--no-winograd) keeps them direct (packed [O/B, I, KH, KW, B]); both artifacts give the same
+    outputs, at full size and pruned."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from legoc.runtime import load
+
+    def transformed(shape) -> bool:
+        return len(shape) == 4 and shape[0] in (16, 36) and shape[3] in (4, 8, 16)
+
+    reports = {flag: artifact("cifar_resnet", "host", ratios=(0.0, 0.5), winograd=flag) for flag in (True, False)}
+    outs = {}
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    for flag, report in reports.items():
+        manifest = json.loads((report.artifact / "manifest.json").read_text())
+        assert manifest["options"]["winograd"] is flag
+        shapes = [a.shape for f in (report.artifact / "weights").rglob("*.safetensors") for a in load_file(f).values()]
+        assert any(transformed(s) for s in shapes) is flag, shapes
+        model = load(report.artifact)
+        outs[flag] = []
+        for variants in ([0] * len(model.blocks), [1] * len(model.blocks)):
+            model.configure(variants)
+            outs[flag].append(np.asarray(model(x)))
+    for a, b in zip(outs[True], outs[False]):
+        assert float(np.abs(a - b).max()) <= RTOL * float(np.abs(b).max())
+
+
 def test_prepacked_parameter_names_are_unique(tmp_path):
     from legoc.targets.build import build_module
     from legoc.targets.table import get_target

@@ -40,7 +40,7 @@ class Build(BackendStage):
 
         target = state.target
         devices = device_targets(target, config.devices)   # the target's own device first
-        builder = _Builder(state.artifact, config.tune_trials)
+        builder = _Builder(state.artifact, config.tune_trials, config.winograd)
         jobs = variant_jobs(state)
         variants_of: dict[str, list[dict]] = {s.name: [] for s in state.partition.segments}
         with progress_bar(config.progress) as bar:
@@ -57,15 +57,16 @@ class Build(BackendStage):
 class _Builder:
     """Compiles modules into the artifact and writes their weights; remembers what it built."""
 
-    def __init__(self, writer, tune_trials: int):
-        self.writer, self.tune_trials = writer, tune_trials
+    def __init__(self, writer, tune_trials: int, winograd: bool = True):
+        self.writer, self.tune_trials, self.winograd = writer, tune_trials, winograd
         self.shared: dict[str, tuple[dict, dict]] = {}   # nested block -> (weights entry, name -> array)
         self.built: list[BuiltVariant] = []
         self.seconds: list[tuple[str, str, float]] = []  # (segment, variant, seconds)
 
     def options(self, job: VariantJob) -> dict:
         # nested variants slice one shared weight set: their weights must stay untransformed
-        return {"tune_trials": self.tune_trials, "prepack": not job.nested}
+        return {"tune_trials": self.tune_trials, "prepack": not job.nested,
+                "winograd": self.winograd and not job.nested}
 
     def variant(self, state: ProgramState, job: VariantJob, devices: dict) -> dict:
         """Build ``job`` for every device in ``devices``; its manifest entry."""

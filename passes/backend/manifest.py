@@ -63,7 +63,7 @@ def manifest_of(state: ProgramState, config, variants_of: dict[str, list[dict]],
         "nested": nested,
         "bn_recalibrated": state.recalibrated,
         "options": {"blocks": len(part.blocks), "ratios": list(config.ratios), "importance": config.importance,
-                    "round_to": config.round_to},
+                    "round_to": config.round_to, "winograd": bool(config.winograd and not nested)},
         "segments": [
             {"name": s.name, "kind": s.kind, "inputs": s.inputs, "outputs": s.outputs, "macs": s.macs,
              "tensors": {n: part.tensor_meta[n] for n in [*s.inputs, *s.outputs]},

@@ -193,7 +193,7 @@ def _plan(state: ProgramState, config: CompileConfig, manifest: dict) -> dict:
     profiles = {(i, j, _label(combo)): prof for i, j, combo, prof in runs}
 
     # 4. the tiled steps' modules, into the artifact
-    steps = [_step(state, blocks, gms, inputs, profiles, links, cands, s) for s in plan.steps]
+    steps = [_step(state, blocks, gms, inputs, profiles, links, cands, s, config.winograd) for s in plan.steps]
     chosen = [v for s in steps for v in s["variants"]]
     return {
         "workers": k, "variant": PLANNED_VARIANT if budget is None else None, "variants": chosen,
@@ -275,7 +275,7 @@ def _whole_modules(state: ProgramState, block_variants, entries: dict, inputs):
     return modules, arrays
 
 
-def _step(state, blocks, gms, inputs, profiles, links, cands, step) -> dict:
+def _step(state, blocks, gms, inputs, profiles, links, cands, step, winograd: bool = True) -> dict:
     """The manifest entry of one plan step; a tiled step's modules are compiled and written."""
     from legoc.runtime.cluster_plan import step_seconds
 
@@ -290,7 +290,7 @@ def _step(state, blocks, gms, inputs, profiles, links, cands, step) -> dict:
     prof = profiles[step.first, step.last, step.variant]
     cand = next(c for c in cands if (c.first, c.last, c.variant) == (step.first, step.last, step.variant))
     parts = [gms[b][v] for b, v in zip(range(step.first, step.last), variants)]
-    files = _compile_step(state, parts, inputs[step.first], step, names)
+    files = _compile_step(state, parts, inputs[step.first], step, names, winograd)
     spans = [prof.rows_in[a, b] for _, a, b in step.tiles]
     for t, ((w, a, b), span, (module, weights)) in enumerate(zip(step.tiles, spans, files)):
         others = [s for u, s in enumerate(spans) if u != t]
@@ -303,7 +303,7 @@ def _step(state, blocks, gms, inputs, profiles, links, cands, step) -> dict:
     return entry
 
 
-def _compile_step(state, parts, x, step, names) -> list[tuple[dict, dict]]:
+def _compile_step(state, parts, x, step, names, winograd: bool = True) -> list[tuple[dict, dict]]:
     """Compile the step's tiles (one module per distinct tile) of ``parts`` (its blocks' modules
     in the planned variants; ``x`` their input) into ``tiles/``: per tile its module and weights
     entries."""
@@ -323,7 +323,7 @@ def _compile_step(state, parts, x, step, names) -> list[tuple[dict, dict]]:
     writer = state.artifact
     folder = writer.tmp / "tiles"
     folder.mkdir(exist_ok=True)
-    modules = compile_tiles(tiled, x, state.target, folder, prepack=True, name=stem)
+    modules = compile_tiles(tiled, x, state.target, folder, prepack=True, winograd=winograd, name=stem)
     written: dict[str, tuple[dict, dict]] = {}
     out = []
     for m in modules:

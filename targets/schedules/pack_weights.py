@@ -103,11 +103,12 @@ class PackConvWeights:
         return rewrite_calls(mod, lambda builder, call: _pack_weights(builder, call, self.lanes, self.regs))
 
 
-def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
+def prepack_weights(mod: tvm.ir.IRModule, target: Target, *, winograd: bool = True) -> tvm.ir.IRModule:
     """``mod`` with packed conv weights (:class:`PackConvWeights`) and every computation on
     weights alone (packing, FC weight transposes, bias reshapes) lifted out of ``main`` into
     ``main_transform_params``: run that once on the weights (at build time) and pass its outputs
-    to ``main`` in their place. ``main`` needs the ``num_input`` attribute."""
+    to ``main`` in their place. ``main`` needs the ``num_input`` attribute. ``winograd=False``
+    keeps 3x3 convs direct (:class:`~legoc.targets.schedules.WinogradConv3x3` not run)."""
     from legoc.targets.schedules.block_layout import BlockInvertedResidual  # noqa: PLC0415
     from legoc.targets.schedules.pixel_conv import PixelVectorConv  # noqa: PLC0415
     from legoc.targets.schedules.split_expand import SplitExpandDepthwise  # noqa: PLC0415
@@ -125,6 +126,7 @@ def prepack_weights(mod: tvm.ir.IRModule, target: Target) -> tvm.ir.IRModule:
         # convs of few filters: vectors of pixels, not packed
         mod = PixelVectorConv(vector_lanes(target), vector_registers(target))(mod)
         # large 3x3 stride-1 convs as Winograd F(4x4, 3x3), their filters transformed here
-        mod = WinogradConv3x3(vector_lanes(target))(mod)
+        if winograd:
+            mod = WinogradConv3x3(vector_lanes(target))(mod)
         mod = PackConvWeights(vector_lanes(target), vector_registers(target))(mod)
         return relax.transform.LiftTransformParams()(mod)
