@@ -1,5 +1,5 @@
-"""Conv2dWinograd: the F(4x4, 3x3) conv of :class:`~legoc.targets.schedules.WinogradConv3x3`,
-one row of tiles at a time."""
+"""Conv2dWinograd: the Winograd conv of :class:`~legoc.targets.schedules.WinogradConv3x3`, by
+rows of tiles or by groups of output channels."""
 from __future__ import annotations
 
 from tvm import s_tir
@@ -32,12 +32,12 @@ class Conv2dWinograd(CPURule):
     channel vectors is a task (its products and output transform). The pad and the phase split
     run over the whole input.
 
-    * the input transform per (input channel, row of tiles): its 36 outputs unrolled, the row's
-      tiles as the vector;
+    * the input transform per (input channel, row of tiles): its a * a outputs unrolled, the
+      row's tiles as the vector;
     * the products: a register tile of ``FB`` vectors of output channels by ``XB`` tiles of the
       row, one packed weight vector load and one broadcast per step, as the packed direct conv;
     * the output transform per tile and vector of output channels (the channels as the vector),
-      its 16 outputs written NCHW with the epilogue inlined."""
+      its m * m outputs written NCHW with the epilogue inlined."""
 
     def schedule(self, sch: s_tir.Schedule, target: Target) -> bool:
         blocks = {sch.get(b).name_hint: b for b in root_blocks(sch)}
@@ -63,7 +63,7 @@ class Conv2dWinograd(CPURule):
         if product(filters) * 4 <= ROW_FILTER_BYTES:
             # by rows of tiles: (n, tile row) in parallel, each row's three stages under it
             sch.reorder(n, ty, kb, tx, yy, xx, kl)
-            _output_transform(sch, stage["cols"], out, tx, yy, xx, kl, 4)
+            _output_transform(sch, stage["cols"], tx, yy, xx, kl, 4)
             sch.compute_at(gemm, ty, preserve_unit_loops=True)
             _, a, gkb, _, gtx, gb, rc = _own(sch, gemm, 2)
             xb = largest_divisor(extent(sch, gtx), max(1, budget // fb))
@@ -82,7 +82,7 @@ class Conv2dWinograd(CPURule):
             # so that each core reads its share of the filters once per call, not once per row
             kbo, kbi = sch.split(kb, [None, fb])
             sch.reorder(n, kbo, ty, kbi, tx, yy, xx, kl)
-            _output_transform(sch, stage["cols"], out, tx, yy, xx, kl, 5)
+            _output_transform(sch, stage["cols"], tx, yy, xx, kl, 5)
             sch.compute_at(gemm, kbo, preserve_unit_loops=True)
             _, a, gkb, gty, gtx, gb, rc = _own(sch, gemm, 2)
             xb = largest_divisor(extent(sch, gtx), max(1, budget // fb))
@@ -117,7 +117,7 @@ def _own(sch: s_tir.Schedule, block, skip: int) -> list:
     return loops
 
 
-def _output_transform(sch: s_tir.Schedule, cols, out, tx, yy, xx, kl, depth: int) -> None:
+def _output_transform(sch: s_tir.Schedule, cols, tx, yy, xx, kl, depth: int) -> None:
     """``A^T m A`` per tile and channel vector: the first pass (``cols``) into a local
     [a, m, lanes] tile under the tile loop ``tx`` (``depth`` loops deep), both unrolled, the
     channel vector as the vector."""

@@ -31,11 +31,12 @@ TILES = (4, 2)      # output tiles, preferred first: F(4x4, 3x3), else F(2x2, 3x
 KERNEL = 3
 NAME = "conv2d_winograd"   # the PrimFunc's name hint and its blocks' prefix (the rule matches it)
 
-# which convs are taken (benchmarks/winograd.py, 2 threads, AVX-512; the README has the table):
-# Winograd ran 0.50-0.98x the direct conv's time from 16 channels in and out at 8x8 to 56x56,
-# and lost where the filters, 4x their direct size once transformed, serve few tiles (256 and
-# 512 channels at 8x8, 2.4 and 9.4 MB per tile: 1.3x) or there are few input channels (3 -> 64
-# at 32x32: 1.33x)
+# which convs are taken (benchmarks/winograd.py, 2 threads, AVX-512, single runs; the README has
+# the table): Winograd ran 0.49-0.98x the direct conv's time with 16 to 256 channels on maps of
+# 8x8 to 56x56 (16 -> 16 at 28x28 0.97x; one loss kept, 16 -> 16 at 16x16: 1.11x of 0.013 ms),
+# and lost where the filters, 4x their direct size once transformed (F(2x2, 3x3): 1.8x), serve
+# few tiles (256 and 512 channels at 8x8, 2.4 and 9.4 MB per tile: 1.07-1.3x; 512 at 4x4: 2x)
+# or there are few input channels (3 -> 64 at 32x32: 1.33x)
 MIN_CHANNELS = 16                  # input and output channels, each
 MAX_FILTER_BYTES_PER_TILE = 1 << 20
 
