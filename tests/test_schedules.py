@@ -1055,7 +1055,7 @@ def test_conv2d_winograd(host, tmp_path_factory, cin, cout, hw, batch, bias, act
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)
     module, inputs = _with_epilogue(conv, _randn(batch, cin, *hw), act)
-    module = module.eval() if isinstance(module, nn.Module) else module
+    module.eval()
     rules = _prepacked_rules(module, inputs, host)
     assert rule_of(rules, "conv2d_winograd") == "Conv2dWinograd", rules
     # the epilogue runs in the Winograd PrimFunc (FuseOps, op_pattern 4), not in one of its own

@@ -65,8 +65,7 @@ class _Builder:
 
     def options(self, job: VariantJob) -> dict:
         # nested variants slice one shared weight set: their weights must stay untransformed
-        return {"tune_trials": self.tune_trials, "prepack": not job.nested,
-                "winograd": self.winograd and not job.nested}
+        return {"tune_trials": self.tune_trials, "prepack": not job.nested, "winograd": self.winograd}
 
     def variant(self, state: ProgramState, job: VariantJob, devices: dict) -> dict:
         """Build ``job`` for every device in ``devices``; its manifest entry."""

@@ -275,7 +275,7 @@ def _whole_modules(state: ProgramState, block_variants, entries: dict, inputs):
     return modules, arrays
 
 
-def _step(state, blocks, gms, inputs, profiles, links, cands, step, winograd: bool = True) -> dict:
+def _step(state, blocks, gms, inputs, profiles, links, cands, step, winograd: bool) -> dict:
     """The manifest entry of one plan step; a tiled step's modules are compiled and written."""
     from legoc.runtime.cluster_plan import step_seconds
 
@@ -303,7 +303,7 @@ def _step(state, blocks, gms, inputs, profiles, links, cands, step, winograd: bo
     return entry
 
 
-def _compile_step(state, parts, x, step, names, winograd: bool = True) -> list[tuple[dict, dict]]:
+def _compile_step(state, parts, x, step, names, winograd: bool) -> list[tuple[dict, dict]]:
     """Compile the step's tiles (one module per distinct tile) of ``parts`` (its blocks' modules
     in the planned variants; ``x`` their input) into ``tiles/``: per tile its module and weights
     entries."""

@@ -14,7 +14,7 @@ PyTorch).
 
 The rewrite runs in :func:`~legoc.targets.schedules.prepack_weights` only: the filter transform
 is Relax ops on the weight, so ``LiftTransformParams`` moves it to build time. It takes a conv
-(+ whatever FuseOps fuses after it) when :func:`takes_winograd` holds; its PrimFunc is scheduled
+(+ whatever FuseOps fuses after it) when :func:`winograd_tile` gives it a tile; its PrimFunc is scheduled
 by :class:`~legoc.targets.schedules.Conv2dWinograd`.
 """
 from __future__ import annotations
@@ -58,23 +58,29 @@ def tile_for(height: int, width: int) -> int | None:
 
 
 def takes_winograd(call, lanes: int) -> bool:
-    """Whether this conv2d runs as Winograd: groups 1, 3x3, stride 1, dilation 1, padding 1
-    on every side (output as large as the input), rows and columns whole tiles (:func:`tile_for`),
-    output channels whole vectors of ``lanes``, at least :data:`MIN_CHANNELS` channels in and
+    """Whether this conv2d runs as Winograd (:func:`winograd_tile`)."""
+    return winograd_tile(call, lanes) is not None
+
+
+def winograd_tile(call, lanes: int) -> int | None:
+    """The output tile this conv2d runs with as Winograd, or None where it stays direct. Taken:
+    groups 1, 3x3, stride 1, dilation 1, padding 1 on every side (output as large as the input),
+    rows and columns whole tiles (:func:`tile_for`), output channels whole vectors of ``lanes``, at least :data:`MIN_CHANNELS` channels in and
     out, and transformed filters of at most :data:`MAX_FILTER_BYTES_PER_TILE` per output tile."""
     weight = match_conv2d(call, packable=True)
     if weight is None:
-        return False
+        return None
     attrs = call.attrs
     out_channels, in_channels, kh, kw = (int(d) for d in weight.ty.shape)
     _, _, height, width = (int(d) for d in call.args[0].ty.shape)
     tile = tile_for(height, width)
-    return (tile is not None and (kh, kw) == (KERNEL, KERNEL)
+    taken = (tile is not None and (kh, kw) == (KERNEL, KERNEL)
             and all(int(v) == 1 for v in attrs.strides) and all(int(v) == 1 for v in attrs.dilation)
             and all(int(v) == 1 for v in attrs.padding)
             and out_channels % lanes == 0 and min(in_channels, out_channels) >= MIN_CHANNELS
             and (tile + KERNEL - 1) ** 2 * in_channels * out_channels * 4
             <= MAX_FILTER_BYTES_PER_TILE * (height // tile) * (width // tile))
+    return tile if taken else None
 
 
 def _linear(coefs, term):
@@ -168,17 +174,17 @@ def _transform_filters(builder, weight, lanes: int, tile: int):
 
 
 def _rewrite(builder, call, lanes: int):
-    if not takes_winograd(call, lanes):
+    tile = winograd_tile(call, lanes)
+    if tile is None:
         return None
-    _, _, height, width = (int(d) for d in call.args[0].ty.shape)
-    packed = _transform_filters(builder, call.args[1], lanes, tile_for(height, width))
+    packed = _transform_filters(builder, call.args[1], lanes, tile)
     return builder.call_te(winograd_te, call.args[0], packed, primfunc_name_hint=NAME,
                            primfunc_attrs={"op_pattern": 4})
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegocWinogradConv3x3")
 class WinogradConv3x3:
-    """Rewrite the 3x3 stride-1 conv2d that :func:`takes_winograd` accepts into Winograd's
+    """Rewrite the 3x3 stride-1 conv2d that :func:`winograd_tile` takes into Winograd's
     F(4x4, 3x3) or F(2x2, 3x3) (:func:`winograd_te`) over filters transformed by Relax ops (lifted to build time by
     :func:`~legoc.targets.schedules.prepack_weights`). ``op_pattern`` 4: bias, ReLU and a
     residual add after it fuse into its PrimFunc, written with its output."""
