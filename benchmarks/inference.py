@@ -3,7 +3,7 @@ and legoc's runtime at full size and at uniform pruning ratios.
 
     .venv/bin/python benchmarks/inference.py [--threads 2] [--models mnist_resnet,resnet18-224,mobilenetv2-224]
                                              [--runs 200] [--rounds 20] [--round-to N] [--tune-trials N]
-                                             [--clock wall|cpu] [--json out.json]
+                                             [--clock wall|cpu] [--processes N] [--json out.json]
 
 For each model, with the same thread count everywhere, every runner in a process of its own (no
 torch OpenMP workers spinning beside TVM, no ORT pool beside either):
@@ -25,6 +25,12 @@ seconds) hits the runners of a round alike. The latency is the median over all t
 the spread is the range of the per-round medians; "× ORT paired" (and the overhead's paired
 figure) is the median over rounds of the ratio of round medians within one round
 (:func:`paired_ratio`).
+
+``--processes N`` starts N processes per runner and round ``r`` asks process ``r % N``: on this
+VM one process of a runner can stay 5-10% faster or slower than another of the same runner for
+its whole life (where its buffers landed), which a single process per runner carries into
+every paired figure; with N processes each figure is the median over N such draws. Use
+``--rounds`` a multiple of N.
 
 GFLOP/s counts 2 x legoc's MAC count of the configuration per latency and is stated against the
 peak basis of ``benchmarks/peak.py`` (measured sgemm with OpenBLAS's overrides unset, and the
@@ -238,6 +244,7 @@ class Runner:
         for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(spec["threads"])
         self.kind, self.log = spec["kind"], log
+        self.batches = 0   # batches answered
         with open(log, "w") as err:   # a file, not a pipe nobody reads while the worker runs
             self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -256,7 +263,9 @@ class Runner:
         """``calls`` timed calls, in ms."""
         self.proc.stdin.write(f"{calls}\n")
         self.proc.stdin.flush()
-        return json.loads(self._read())
+        times = json.loads(self._read())
+        self.batches += 1
+        return times
 
     def close(self) -> None:
         try:
@@ -316,19 +325,23 @@ def bench_model(name: str, folder: Path, args) -> dict:
         label = "legoc full" if index == 0 else f"legoc r{ratio:.2f}"
         runners.append((label, {"kind": "legoc", "artifact": str(art), "variants": [index] * len(blocks)}, macs))
 
-    procs = {}
+    procs: dict[str, list[Runner]] = {}
     try:
         for label, wspec, _ in runners:
             check = label in ("onnxruntime", "tvm monolithic", "legoc full")
-            out = folder / f"{name}-{label.replace(' ', '_')}-out.npy"
-            procs[label] = Runner({**base, **wspec, "output": str(out) if check else None},
-                                  folder / f"{name}-{label.replace(' ', '_')}.log")
-            if check:
-                _check(name, label, np.load(out), ref)
+            stem = f"{name}-{label.replace(' ', '_')}"
+            procs[label] = []
+            for i in range(args.processes):
+                out = folder / f"{stem}-out{i}.npy"
+                procs[label].append(Runner({**base, **wspec, "output": str(out) if check else None},
+                                           folder / f"{stem}-{i}.log"))
+                if check:
+                    _check(name, label, np.load(out), ref)
         medians, times = interleaved_rounds(procs, args.rounds, max(1, args.runs // args.rounds), name)
     finally:
-        for proc in procs.values():
-            proc.close()
+        for pool in procs.values():
+            for proc in pool:
+                proc.close()
     rows = [{"runner": label, "ms": statistics.median(times[label]), "lo": min(medians[label]),
              "hi": max(medians[label]), "round_medians": medians[label], "macs": macs,
              "paired_ort": paired_ratio(medians[label], medians["onnxruntime"])}
@@ -339,15 +352,19 @@ def bench_model(name: str, folder: Path, args) -> dict:
 
 def interleaved_rounds(procs: dict, rounds: int, calls: int, name: str = "") -> tuple[dict, dict]:
     """Per runner label: the median of each round's batch, and all timed calls. Each round asks
-    every runner of ``procs`` (label -> :class:`Runner`) for ``calls`` calls in turn, in reverse
-    order on odd rounds, pausing :data:`SETTLE_S` between batches."""
+    every runner of ``procs`` (label -> :class:`Runner`, or a list of them: round ``r`` asks the
+    ``r % len``-th) for ``calls`` calls in turn, in reverse order on odd rounds, pausing
+    :data:`SETTLE_S` between batches."""
     medians: dict[str, list[float]] = {label: [] for label in procs}
     times: dict[str, list[float]] = {label: [] for label in procs}
     labels = list(procs)
     for r in range(rounds):
         for label in (labels if r % 2 == 0 else labels[::-1]):
             time.sleep(SETTLE_S)
-            t = procs[label].time(calls)
+            runner = procs[label]
+            if isinstance(runner, list):
+                runner = runner[r % len(runner)]
+            t = runner.time(calls)
             times[label] += t
             medians[label].append(statistics.median(t))
         print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
@@ -400,12 +417,16 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: each call's CPU time of the worker process (with --threads 1 only): on a "
                          "loaded machine it leaves out the time the process waited for a core")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="worker processes per runner, asked in turn round by round (default 1)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _serve(json.loads(args.worker))
         return
+    if args.processes < 1:
+        raise SystemExit("--processes must be at least 1")
     if args.clock == "cpu" and args.threads != 1:
         raise SystemExit("--clock cpu needs --threads 1 (a worker's CPU time sums its threads, spinning included)")
     for name in args.models.split(","):

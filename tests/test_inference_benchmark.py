@@ -33,8 +33,9 @@ def test_table_shows_paired_ratios_and_overhead(load_benchmark):
 
 
 def test_runners_stay_alive_and_take_turns(load_benchmark, tmp_path, monkeypatch):
-    """Two ONNX Runtime workers (real processes, a tiny ONNX model): each loads once, answers
-    every round's batch with that many timings, writes its first output, and exits when closed."""
+    """ONNX Runtime workers (real processes, a tiny ONNX model): each loads once, answers its
+    rounds' batches with that many timings, writes its first output, and exits when closed; a
+    runner of two processes (``--processes 2``) has them answer alternate rounds."""
     import numpy as np
     import torch
 
@@ -47,14 +48,16 @@ def test_runners_stay_alive_and_take_turns(load_benchmark, tmp_path, monkeypatch
     spec = {"kind": "ort", "onnx": str(tmp_path / "m.onnx"), "threads": 1, "input": str(tmp_path / "x.npy"),
             "warmup": 1, "clock": "wall"}
     procs = {"a": bench.Runner({**spec, "output": str(tmp_path / "a.npy")}, tmp_path / "a.log"),
-             "b": bench.Runner({**spec, "output": None}, tmp_path / "b.log")}
+             "b": [bench.Runner({**spec, "output": None}, tmp_path / f"b{i}.log") for i in range(2)]}
+    workers = [procs["a"], *procs["b"]]
     try:
         medians, times = bench.interleaved_rounds(procs, rounds=3, calls=4)
     finally:
-        for proc in procs.values():
+        for proc in workers:
             proc.close()
     assert [len(medians[k]) for k in "ab"] == [3, 3] and [len(times[k]) for k in "ab"] == [12, 12]
     assert all(t > 0 for k in "ab" for t in times[k])
+    assert [w.batches for w in workers] == [3, 2, 1]   # b's processes: rounds 0 and 2, round 1
     with torch.no_grad():
         assert np.allclose(np.load(tmp_path / "a.npy"), model(x).numpy(), atol=1e-5)
-    assert all(proc.proc.returncode == 0 for proc in procs.values())
+    assert all(proc.proc.returncode == 0 for proc in workers)
