@@ -1,9 +1,10 @@
 """Compile one torch module (a block segment) into a shared library for a target.
 
 Pipeline: copy -> fold BatchNorm into convs -> ``torch.export`` -> Relax
-(``from_exported_program``, weights kept as run-time inputs and detached) -> ``tvm.compile``
+(``from_exported_program``, weights kept as run-time inputs and detached) -> ``relax.build``
 with the target's default pipeline (for cuda that pipeline already fuses and applies the dlight
-GPU schedules) -> ``export_library`` linked by this machine's c++ or by zig for aarch64.
+GPU schedules; on CPU targets ``main`` itself compiled to native code, :func:`exec_mode`) ->
+``export_library`` linked by this machine's c++ or by zig for aarch64.
 
 Running what this writes (also in runtime-only mode, ``TVM_USE_RUNTIME_LIB=1``)::
 
