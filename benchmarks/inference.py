@@ -26,11 +26,11 @@ the spread is the range of the per-round medians; "× ORT paired" (and the overh
 figure) is the median over rounds of the ratio of round medians within one round
 (:func:`paired_ratio`).
 
-``--processes N`` starts N processes per runner and round ``r`` asks process ``r % N``: on this
-VM one process of a runner can stay 5-10% faster or slower than another of the same runner for
-its whole life (where its buffers landed), which a single process per runner carries into
-every paired figure; with N processes each figure is the median over N such draws. Use
-``--rounds`` a multiple of N.
+``--processes N`` starts N processes per runner and round ``r`` asks process ``r % N``: on a VM
+one process of a runner can stay faster or slower than another of the same runner for its
+whole life (the README's inference tables give this machine's spread), which a single process
+per runner carries into every paired figure; with N processes each figure is the median over
+N such draws. Use ``--rounds`` a multiple of N.
 
 GFLOP/s counts 2 x legoc's MAC count of the configuration per latency and is stated against the
 peak basis of ``benchmarks/peak.py`` (measured sgemm with OpenBLAS's overrides unset, and the

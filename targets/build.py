@@ -128,11 +128,10 @@ def build_signature(*, tune_trials: int = 0, prepack: bool = False, winograd: bo
 
 def exec_mode(target: TargetSpec) -> str:
     """How a module's ``main`` runs: ``"compiled"`` on CPU targets, its VM instructions (tensor
-    allocations, kernel calls) compiled to native code with the kernels (Relax's VMTIR
-    codegen), instead of ``"bytecode"`` interpreted one instruction at a time. The interpreter
-    cost a call ~8 us on the MNIST example (1 thread) and ~0.07 ms on MobileNetV2 (2 threads;
-    measured in the commit), a share that grows as pruned blocks get small. CUDA targets keep
-    bytecode (no GPU here to run the compiled form)."""
+    allocations, shape checks, kernel calls) compiled to native code with the kernels (Relax's
+    VMTIR codegen), instead of ``"bytecode"`` interpreted one instruction at a time, a cost
+    per call that weighs most on small (pruned) blocks. CUDA targets keep bytecode (no GPU
+    here to run the compiled form)."""
     return "compiled" if target.device == "cpu" else "bytecode"
 
 
