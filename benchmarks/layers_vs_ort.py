@@ -8,7 +8,9 @@ Each side runs in processes of its own (alternating, ``--runs`` each), on ``--th
 * ONNX Runtime 1.30 (all graph optimizations) on the model's ONNX export, profiled with
   ``enable_profiling``: every node's kernel time, median over 60 calls.
 * legoc's monolithic module (``build_module(prepack=True)``, as ``benchmarks/inference.py``
-  builds it), its Relax VM instrumented: every kernel's time inside the run, median over 40 calls.
+  builds it), its Relax VM instrumented: every kernel's time inside the run, median over 40 calls
+  (built a second time with ``main`` as VM bytecode for that: the instrument sees only the
+  interpreter's calls; end to end is the module as legoc builds it, ``main`` compiled).
   The instrument's own cost (a Python call before and after each kernel) is not in the kernel
   times but is in nothing else either: end to end is timed without it (median of 100). On more
   than 1 thread the kernel times run high: TVM's worker waits through each Python call, and
@@ -116,12 +118,22 @@ def _legoc(name: str, work: Path) -> dict:
     from legoc.targets.table import get_target
 
     model, inputs = _spec(name, work)
-    built = build_module(model, inputs, get_target("host"), work / "m.so", name=name, prepack=True)
     dev = tvm.cpu()
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), dev)
-    args = [tvm.runtime.tensor(inputs[0].numpy(), dev), *(tvm.runtime.tensor(np.asarray(p), dev) for p in built.params)]
+
+    def load(mode: str):
+        """The module built as legoc builds it, ``main`` compiled (end to end) or as VM bytecode
+        (the instrument below sees only the interpreter's calls)."""
+        built = build_module(model, inputs, get_target("host"), work / f"m-{mode}.so", name=name, prepack=True,
+                             exec_mode=mode)
+        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(built.path)), dev)
+        params = [tvm.runtime.tensor(np.asarray(p), dev) for p in built.params]
+        return vm, [tvm.runtime.tensor(inputs[0].numpy(), dev), *params]
+
+    vm, args = load("compiled")
     main = vm["main"]
     e2e = _median_ms(lambda: main(*args).numpy(), warm=20, calls=100)
+    vm, args = load("bytecode")
+    main = vm["main"]
     per_call, started, shapes = collections.defaultdict(list), {}, {}
 
     def instrument(_func, symbol, before, _ret, *call_args):

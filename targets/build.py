@@ -3,7 +3,7 @@
 Pipeline: copy -> fold BatchNorm into convs -> ``torch.export`` -> Relax
 (``from_exported_program``, weights kept as run-time inputs and detached) -> ``relax.build``
 with the target's default pipeline (for cuda that pipeline already fuses and applies the dlight
-GPU schedules; on CPU targets ``main`` itself compiled to native code, :func:`exec_mode`) ->
+GPU schedules; on CPU targets ``main`` itself compiled to native code, :func:`default_exec_mode`) ->
 ``export_library`` linked by this machine's c++ or by zig for aarch64.
 
 Running what this writes (also in runtime-only mode, ``TVM_USE_RUNTIME_LIB=1``)::
@@ -126,12 +126,13 @@ def build_signature(*, tune_trials: int = 0, prepack: bool = False, winograd: bo
             "winograd": bool(prepack and winograd), "compiler": h.hexdigest()[:16]}
 
 
-def exec_mode(target: TargetSpec) -> str:
-    """How a module's ``main`` runs: ``"compiled"`` on CPU targets, its VM instructions (tensor
-    allocations, shape checks, kernel calls) compiled to native code with the kernels (Relax's
-    VMTIR codegen), instead of ``"bytecode"`` interpreted one instruction at a time, a cost
-    per call that weighs most on small (pruned) blocks. CUDA targets keep bytecode (no GPU
-    here to run the compiled form)."""
+def default_exec_mode(target: TargetSpec) -> str:
+    """How a module's ``main`` runs unless :func:`build_module` is told otherwise:
+    ``"compiled"`` on CPU targets, its VM instructions (tensor allocations, shape checks, kernel
+    calls) compiled to native code with the kernels (Relax's VMTIR codegen), instead of
+    ``"bytecode"`` interpreted one instruction at a time, a cost per call that weighs most on
+    small (pruned) blocks. CUDA targets keep bytecode (no GPU here to run the compiled form).
+    A VM instrument (``set_instrument``) sees only bytecode."""
     return "compiled" if target.device == "cpu" else "bytecode"
 
 
@@ -145,6 +146,7 @@ def build_module(
     tune_trials: int = 0,
     prepack: bool = False,
     winograd: bool = True,
+    exec_mode: str | None = None,
 ) -> BuiltModule:
     """Compile ``module`` for ``target`` into the shared library ``out_path``.
 
@@ -162,6 +164,9 @@ def build_module(
     and shapes than the module's parameters), not to be sliced as sub-tensors. With ``winograd``
     (the default) those weights include 3x3 stride-1 convs' Winograd-transformed filters
     (:mod:`legoc.targets.schedules.winograd`); ``winograd=False`` keeps those convs direct.
+
+    ``exec_mode``: ``"compiled"`` or ``"bytecode"`` for ``main`` (default
+    :func:`default_exec_mode`); bytecode for a benchmark that instruments the VM's calls.
     """
     out_path = Path(out_path)
     example_inputs = tuple(example_inputs)
@@ -218,7 +223,7 @@ def build_module(
         tvm_target = target.tvm_target()
         with tvm_target, (cuda.building(plan) if plan else _cpu_pass_context(target)):
             executable = relax.build(mod, target=tvm_target, relax_pipeline=_relax_pipeline(mod, target, tune_trials),
-                                     exec_mode=exec_mode(target))
+                                     exec_mode=exec_mode or default_exec_mode(target))
     except LegocError:
         raise
     except Exception as exc:
