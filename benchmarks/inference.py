@@ -352,19 +352,17 @@ def bench_model(name: str, folder: Path, args) -> dict:
 
 def interleaved_rounds(procs: dict, rounds: int, calls: int, name: str = "") -> tuple[dict, dict]:
     """Per runner label: the median of each round's batch, and all timed calls. Each round asks
-    every runner of ``procs`` (label -> :class:`Runner`, or a list of them: round ``r`` asks the
-    ``r % len``-th) for ``calls`` calls in turn, in reverse order on odd rounds, pausing
-    :data:`SETTLE_S` between batches."""
+    every runner of ``procs`` (label -> its processes, a list of :class:`Runner`; round ``r``
+    asks the ``r % len``-th) for ``calls`` calls in turn, in reverse order on odd rounds,
+    pausing :data:`SETTLE_S` between batches."""
     medians: dict[str, list[float]] = {label: [] for label in procs}
     times: dict[str, list[float]] = {label: [] for label in procs}
     labels = list(procs)
     for r in range(rounds):
         for label in (labels if r % 2 == 0 else labels[::-1]):
             time.sleep(SETTLE_S)
-            runner = procs[label]
-            if isinstance(runner, list):
-                runner = runner[r % len(runner)]
-            t = runner.time(calls)
+            pool = procs[label]
+            t = pool[r % len(pool)].time(calls)
             times[label] += t
             medians[label].append(statistics.median(t))
         print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)

@@ -138,12 +138,12 @@ def main() -> None:
         procs = {}
         try:
             for (kind, i), wspec in specs.items():
-                procs[(kind, i)] = inference.Runner(wspec, folder / f"{kind}-{i}.log")
+                procs[(kind, i)] = [inference.Runner(wspec, folder / f"{kind}-{i}.log")]
                 inference._check(args.model, f"{kind} prefix {i}", np.load(wspec["output"]), refs[i])
             medians, _ = inference.interleaved_rounds(procs, args.rounds, max(1, args.runs // args.rounds),
                                                       args.model)
         finally:
-            for proc in procs.values():
+            for (proc,) in procs.values():
                 proc.close()
     rows = stage_table(stages, medians)
     table = Table(title=f"{args.model}, {args.threads} thread(s), ms per inference: stage = prefix - prefix before "

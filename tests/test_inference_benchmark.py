@@ -47,9 +47,9 @@ def test_runners_stay_alive_and_take_turns(load_benchmark, tmp_path, monkeypatch
     np.save(tmp_path / "x.npy", x.numpy())
     spec = {"kind": "ort", "onnx": str(tmp_path / "m.onnx"), "threads": 1, "input": str(tmp_path / "x.npy"),
             "warmup": 1, "clock": "wall"}
-    procs = {"a": bench.Runner({**spec, "output": str(tmp_path / "a.npy")}, tmp_path / "a.log"),
+    procs = {"a": [bench.Runner({**spec, "output": str(tmp_path / "a.npy")}, tmp_path / "a.log")],
              "b": [bench.Runner({**spec, "output": None}, tmp_path / f"b{i}.log") for i in range(2)]}
-    workers = [procs["a"], *procs["b"]]
+    workers = [*procs["a"], *procs["b"]]
     try:
         medians, times = bench.interleaved_rounds(procs, rounds=3, calls=4)
     finally:

@@ -14,8 +14,8 @@ PyTorch).
 
 The rewrite runs in :func:`~legoc.targets.schedules.prepack_weights` only: the filter transform
 is Relax ops on the weight, so ``LiftTransformParams`` moves it to build time. It takes a conv
-(+ whatever FuseOps fuses after it) when :func:`winograd_tile` gives it a tile; its PrimFunc is scheduled
-by :class:`~legoc.targets.schedules.Conv2dWinograd`.
+(+ whatever FuseOps fuses after it) when :func:`winograd_tile` gives it a tile; its PrimFunc is
+scheduled by :class:`~legoc.targets.schedules.Conv2dWinograd`.
 """
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ def takes_winograd(call, lanes: int) -> bool:
 def winograd_tile(call, lanes: int) -> int | None:
     """The output tile this conv2d runs with as Winograd, or None where it stays direct. Taken:
     groups 1, 3x3, stride 1, dilation 1, padding 1 on every side (output as large as the input),
-    rows and columns whole tiles (:func:`tile_for`), output channels whole vectors of ``lanes``, at least :data:`MIN_CHANNELS` channels in and
-    out, and transformed filters of at most :data:`MAX_FILTER_BYTES_PER_TILE` per output tile."""
+    rows and columns whole tiles (:func:`tile_for`), output channels whole vectors of ``lanes``,
+    at least :data:`MIN_CHANNELS` channels in and out, and transformed filters of at most
+    :data:`MAX_FILTER_BYTES_PER_TILE` per output tile."""
     weight = match_conv2d(call, packable=True)
     if weight is None:
         return None
@@ -75,11 +76,11 @@ def winograd_tile(call, lanes: int) -> int | None:
     _, _, height, width = (int(d) for d in call.args[0].ty.shape)
     tile = tile_for(height, width)
     taken = (tile is not None and (kh, kw) == (KERNEL, KERNEL)
-            and all(int(v) == 1 for v in attrs.strides) and all(int(v) == 1 for v in attrs.dilation)
-            and all(int(v) == 1 for v in attrs.padding)
-            and out_channels % lanes == 0 and min(in_channels, out_channels) >= MIN_CHANNELS
-            and (tile + KERNEL - 1) ** 2 * in_channels * out_channels * 4
-            <= MAX_FILTER_BYTES_PER_TILE * (height // tile) * (width // tile))
+             and all(int(v) == 1 for v in attrs.strides) and all(int(v) == 1 for v in attrs.dilation)
+             and all(int(v) == 1 for v in attrs.padding)
+             and out_channels % lanes == 0 and min(in_channels, out_channels) >= MIN_CHANNELS
+             and (tile + KERNEL - 1) ** 2 * in_channels * out_channels * 4
+             <= MAX_FILTER_BYTES_PER_TILE * (height // tile) * (width // tile))
     return tile if taken else None
 
 
