@@ -32,6 +32,33 @@ def test_table_shows_paired_ratios_and_overhead(load_benchmark):
     assert "+0.0%" in text                               # overhead, paired
 
 
+def test_block_efficiency_is_paired_within_each_worker(load_benchmark, monkeypatch, tmp_path):
+    """A variant's efficiency is its time against its own block's full module timed by the same
+    worker: a worker that ran everything 2x slow gives the same efficiency as the others."""
+    from rich.console import Console
+
+    from legoc.runtime import bench as runtime_bench
+
+    bench = load_benchmark("inference")
+    answers = [[2.0, 1.0, 0.5], [4.0, 2.0, 1.0], [2.0, 1.25, 0.5]]
+    monkeypatch.setattr(runtime_bench, "measure_in_subprocess",
+                        lambda *a, **k: {"modules": answers.pop(0), "combinations": [], "threads": 2})
+    variants = [{"id": f"r{r:.2f}", "macs": m, "channels": {"g": [64, c]}, "profile": {"latency_ms": {"value": 1.0}}}
+                for r, m, c in ((0.0, 4e6, 64), (0.5, 2e6, 32), (0.75, 1e6, 16))]
+    tiny = {"name": "block1", "variants": [dict(v, macs=v["macs"] / 10) for v in variants]}   # < 1 M MACs: left out
+    rows = bench._block_efficiency(tmp_path, [{"name": "block0", "variants": variants}, tiny], workers=3, threads=2)
+    assert [r["variant"] for r in rows] == ["r0.00", "r0.50", "r0.75"] and answers == []
+    assert rows[1]["eff"] == 1.0 and (rows[1]["eff_lo"], rows[1]["eff_hi"]) == (0.8, 1.0)
+    assert rows[2]["eff"] == 1.0 and rows[2]["ms"] == 0.5 and rows[2]["workers"] == 3
+    out = io.StringIO()
+    basis = type("Basis", (), {"measured_gflops": 100.0, "theoretical_gflops": 80.0})()
+    full = {"runner": "legoc full", "ms": 1.0, "lo": 1.0, "hi": 1.0, "macs": 1e9, "paired_ort": 1.0}
+    res = {"rows": [dict(full, runner=n) for n in ("pytorch eager", "onnxruntime", "tvm monolithic", "legoc full")],
+           "blocks": rows, "round_to": 16, "overhead_paired": 1.0}
+    bench._print_model(Console(file=out, width=250), "m", res, basis)
+    assert "3 worker processes" in out.getvalue() and "0.80–1.00" in out.getvalue()
+
+
 def test_runners_stay_alive_and_take_turns(load_benchmark, tmp_path, monkeypatch):
     """ONNX Runtime workers (real processes, a tiny ONNX model): each loads once, answers its
     rounds' batches with that many timings, writes its first output, and exits when closed; a

@@ -84,6 +84,8 @@ def test_host_manifest_carries_every_figure_with_its_source(artifact):
             p = v["profile"]
             assert p["peak_activation_bytes"]["source"].startswith("static") and p["peak_activation_bytes"]["value"] > 0
             assert p["latency_ms"]["source"] == "measured-local" and p["latency_ms"]["value"] > 0
+            lo, hi = p["latency_ms"]["range_ms"]   # over the timing workers, the value their median
+            assert 0 < lo <= p["latency_ms"]["value"] <= hi
             assert p["load_ms"]["source"] == "measured-local"
             assert p["accuracy_drop"]["source"] == "measured-local" and "val_data" in p["accuracy_drop"]["how"]
     val = m["combination"]["validation"]
@@ -143,6 +145,27 @@ def test_latency_profiles_are_cached_per_module_and_target(tmp_path, monkeypatch
     assert second.manifest["accuracy"]["evaluations"] == 0      # every accuracy figure came from the cache
     lat = lambda m: [v["profile"]["latency_ms"]["value"] for s in m["segments"] for v in s["variants"]]  # noqa: E731
     assert lat(first.manifest) == lat(second.manifest)
+
+
+def test_a_third_worker_settles_two_that_disagree(monkeypatch, tmp_path):
+    """Module timings come from two worker processes; where they differ by more than 10% on any
+    item a third one is asked, and every item's figure is the median over the workers."""
+    from legoc.runtime import bench
+
+    answers = []
+
+    def fake(path, modules, combinations=(), inputs=None, **options):
+        return {"modules": answers.pop(0), "combinations": [], "threads": 2}
+
+    monkeypatch.setattr(bench, "measure_in_subprocess", fake)
+    answers[:] = [[1.0, 2.0], [1.05, 2.1]]          # within 10%: two workers
+    got = bench.measure_in_processes(tmp_path, [("block0", 0), ("block0", 1)], processes=2)
+    assert got["modules"] == pytest.approx([1.025, 2.05]) and len(got["workers"]) == 2
+    assert got["spread"]["modules"] == [(1.0, 1.05), (2.0, 2.1)]
+    answers[:] = [[1.0, 2.0], [1.0, 4.5], [1.1, 2.2]]   # one slow spell on the second item: three
+    got = bench.measure_in_processes(tmp_path, [("block0", 0), ("block0", 1)], processes=2)
+    assert got["modules"] == pytest.approx([1.0, 2.2]) and len(got["workers"]) == 3 and answers == []
+    assert got["spread"]["modules"][1] == (2.0, 4.5)
 
 
 def _manifest(drops, lats, weights=None):

@@ -40,6 +40,8 @@ class MeasureLatency(BackendStage):
             data = measure.cached(key)
             profile["latency_ms"] = {"value": None if data is None else data["latency_ms"],
                                      "source": "measured-local", "how": _how()}
+            if data is not None and "range_ms" in data:
+                profile["latency_ms"]["range_ms"] = data["range_ms"]
             if data is not None:
                 reused += 1
             elif b.device is None:   # the worker times the target's own device's modules only
@@ -52,20 +54,22 @@ class MeasureLatency(BackendStage):
 def _how() -> str:
     from legoc.targets import measure
 
-    return (f"TVM time_evaluator in a torch-free worker process (legoc.runtime.bench), median of "
+    return (f"TVM time_evaluator in torch-free worker processes (legoc.runtime.bench), median of "
             f"{measure.REPEAT} x {measure.NUMBER} runs in {measure.ROUNDS} rounds interleaved with the other new "
-            f"modules, on {measure.threads()} threads, random inputs")
+            f"modules, on {measure.threads()} threads, random inputs; the median over {measure.PROCESSES} such "
+            f"workers (one more when two differ by more than 10%); range_ms: the workers' lowest and highest")
 
 
 def _time(writer, manifest: dict, pending: list) -> None:
-    """Time the ``pending`` modules in one clean worker process (see legoc.runtime.bench for why
+    """Time the ``pending`` modules in clean worker processes (see legoc.runtime.bench for why
     not here) and cache the results."""
-    from legoc.runtime.bench import measure_in_subprocess
+    from legoc.runtime.bench import measure_in_processes
     from legoc.targets import measure
 
     modules = [(b.job.segment.name, b.job.index) for b, _ in pending]
-    result = measure_in_subprocess(writer.draft(manifest), modules, number=measure.NUMBER, repeat=measure.REPEAT,
-                                   rounds=measure.ROUNDS)
-    for (b, key), ms in zip(pending, result["modules"]):
-        measure.store(key, {"latency_ms": ms})
-        manifest_entry(manifest, b)["profile"]["latency_ms"]["value"] = ms
+    result = measure_in_processes(writer.draft(manifest), modules, processes=measure.PROCESSES, number=measure.NUMBER,
+                                  repeat=measure.REPEAT, rounds=measure.ROUNDS)
+    for (b, key), ms, (lo, hi) in zip(pending, result["modules"], result["spread"]["modules"]):
+        measure.store(key, {"latency_ms": ms, "range_ms": [lo, hi]})
+        entry = manifest_entry(manifest, b)["profile"]["latency_ms"]
+        entry["value"], entry["range_ms"] = ms, [lo, hi]
