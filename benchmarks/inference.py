@@ -350,7 +350,7 @@ def bench_model(name: str, folder: Path, args) -> dict:
              "hi": max(medians[label]), "round_medians": medians[label], "macs": macs,
              "paired_ort": paired_ratio(medians[label], medians["onnxruntime"])}
             for label, _, macs in runners]
-    return {"rows": rows, "blocks": _block_efficiency(art, blocks, max(2, args.processes), args.threads), "round_to": manifest["options"]["round_to"],
+    return {"rows": rows, "blocks": _block_efficiency(art, blocks, max(2, args.processes)), "round_to": manifest["options"]["round_to"],
             "overhead_paired": paired_ratio(medians["legoc full"], medians["tvm monolithic"])}
 
 
@@ -381,30 +381,25 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def _block_efficiency(art: Path, blocks: list[dict], workers: int, threads: int) -> list[dict]:
+def _block_efficiency(art: Path, blocks: list[dict], workers: int) -> list[dict]:
     """Per block variant of at least MIN_BLOCK_MACS: MACs, module latency and pruning efficiency,
-    timed here in ``workers`` fresh processes one after the other (legoc.runtime.bench, every
-    module of every block interleaved over BLOCK_ROUNDS rounds within each). The efficiency is
-    paired: a variant's against its own block's full module timed in the same process, then the
-    median (and range) over processes; "profile ms" is the compile-time profile's figure."""
+    timed here by :func:`legoc.runtime.bench.measure_in_processes` in ``workers`` fresh
+    processes (every module of every block interleaved over BLOCK_ROUNDS rounds within each; the
+    workers inherit the ``TVM_NUM_THREADS`` that :func:`main` set). The efficiency is paired: a
+    variant's against its own block's full module timed in the same process, then the median
+    (and range) over processes; "profile ms" is the compile-time profile's figure."""
     import statistics
 
-    from legoc.runtime.bench import measure_in_subprocess
+    from legoc.runtime.bench import measure_in_processes
 
     blocks = [b for b in blocks if b["variants"][0]["macs"] >= MIN_BLOCK_MACS]
     modules = [(b["name"], i) for b in blocks for i in range(len(b["variants"]))]
     if not modules:
         return []
-    before = os.environ.get("TVM_NUM_THREADS")
-    os.environ["TVM_NUM_THREADS"] = str(threads)   # the workers inherit it
-    try:
-        runs = [measure_in_subprocess(art, modules, number=10, repeat=2 * BLOCK_ROUNDS, rounds=BLOCK_ROUNDS)["modules"]
-                for _ in range(max(1, workers))]
-    finally:
-        if before is None:
-            os.environ.pop("TVM_NUM_THREADS")
-        else:
-            os.environ["TVM_NUM_THREADS"] = before
+    # exactly ``workers`` (no tie-break worker: a slow worker cancels in the paired ratio)
+    timed = measure_in_processes(art, modules, processes=workers, tolerance=float("inf"), number=10,
+                                 repeat=2 * BLOCK_ROUNDS, rounds=BLOCK_ROUNDS)
+    runs = [w["modules"] for w in timed["workers"]]
     out, k = [], 0
     for b in blocks:
         full, first = b["variants"][0], k

@@ -46,7 +46,7 @@ def test_block_efficiency_is_paired_within_each_worker(load_benchmark, monkeypat
     variants = [{"id": f"r{r:.2f}", "macs": m, "channels": {"g": [64, c]}, "profile": {"latency_ms": {"value": 1.0}}}
                 for r, m, c in ((0.0, 4e6, 64), (0.5, 2e6, 32), (0.75, 1e6, 16))]
     tiny = {"name": "block1", "variants": [dict(v, macs=v["macs"] / 10) for v in variants]}   # < 1 M MACs: left out
-    rows = bench._block_efficiency(tmp_path, [{"name": "block0", "variants": variants}, tiny], workers=3, threads=2)
+    rows = bench._block_efficiency(tmp_path, [{"name": "block0", "variants": variants}, tiny], workers=3)
     assert [r["variant"] for r in rows] == ["r0.00", "r0.50", "r0.75"] and answers == []
     assert rows[1]["eff"] == 1.0 and (rows[1]["eff_lo"], rows[1]["eff_hi"]) == (0.8, 1.0)
     assert rows[2]["eff"] == 1.0 and rows[2]["ms"] == 0.5 and rows[2]["workers"] == 3

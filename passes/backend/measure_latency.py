@@ -39,9 +39,8 @@ class MeasureLatency(BackendStage):
             key = measure.fingerprint(b.job.module, b.job.inputs, b.target.to_json(), b.build)
             data = measure.cached(key)
             profile["latency_ms"] = {"value": None if data is None else data["latency_ms"],
-                                     "source": "measured-local", "how": _how()}
-            if data is not None and "range_ms" in data:
-                profile["latency_ms"]["range_ms"] = data["range_ms"]
+                                     "source": "measured-local", "how": _how(),
+                                     **({} if data is None else {"range_ms": data["range_ms"]})}
             if data is not None:
                 reused += 1
             elif b.device is None:   # the worker times the target's own device's modules only
