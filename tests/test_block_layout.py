@@ -266,3 +266,36 @@ def test_blocked_head_before_global_pooling_matches_pytorch(host, tmp_path, cout
     used = _rules(model, x, host)
     assert "Conv2dBlocked" in used.values(), used
     assert _run(model, x, tmp_path) <= RTOL
+
+
+@pytest.mark.parametrize("hidden,hw,rows", [(32, (14, 14), True), (96, (4, 4), False)])
+def test_depthwise_splits_as_its_expansion(host, hidden, hw, rows):
+    """On 2 threads each thread should read the rows it wrote: the depthwise conv runs rows
+    outside channel blocks exactly where the expansion before it does (a plane of more pixels
+    than hidden channels), channel blocks first otherwise."""
+    import re
+
+    import tvm
+
+    from legoc.targets.schedules import scheduled_by, scheduling_passes
+
+    model = _block(16, hidden, 16, 3, 1, nn.ReLU6, True, 0)
+    mod = _prepacked(model, torch.randn(1, 16, *hw), host)
+    with host:
+        mod = tvm.transform.Sequential(scheduling_passes(host, strict=True))(mod)
+    rules = scheduled_by(mod)
+
+    def parallel_loops(name):
+        return re.findall(r"for (\w+) in T\.parallel\(", mod[name].script())
+
+    split = {}
+    for name, rule in rules.items():
+        if rule in ("Conv2dBlocked", "DepthwiseBlocked"):
+            loops = parallel_loops(name)
+            assert loops, (name, rule)
+            # the fused loop's name lists its loops outermost first: rows ("y") before channel blocks
+            split.setdefault(rule, []).append(loops[0])
+    (dw,) = split["DepthwiseBlocked"]
+    expand = next(n for n in split["Conv2dBlocked"] if "co" in n)
+    assert (dw.index("y") < dw.index("c")) is rows, dw
+    assert (expand.index("y") < expand.index("co")) is rows, expand
