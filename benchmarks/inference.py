@@ -2,7 +2,7 @@
 and legoc's runtime at full size and at uniform pruning ratios.
 
     .venv/bin/python benchmarks/inference.py [--threads 2] [--models mnist_resnet,resnet18-224,mobilenetv2-224]
-                                             [--runs 200] [--rounds 20] [--round-to N] [--tune-trials N]
+                                             [--runs 200] [--rounds 20] [--round-to N] [--tune-trials N] [--no-winograd]
                                              [--clock wall|cpu] [--processes N] [--json out.json]
 
 For each model, with the same thread count everywhere, every runner in a process of its own (no
@@ -13,7 +13,8 @@ torch OpenMP workers spinning beside TVM, no ORT pool beside either):
 * ``tvm monolithic``: the whole model compiled by ``legoc.targets.build.build_module`` (legoc's
   CPU schedules, prepacked weights) as one TVM module;
 * ``legoc full``: ``legoc compile`` (ratios 0, 0.25, 0.5, 0.75; no retraining; channel rounding
-  as ``legoc compile`` does by default, or ``--round-to``) run block by block by
+  as ``legoc compile`` does by default, or ``--round-to``; ``--no-winograd`` as ``legoc compile
+  --no-winograd``, for the monolithic module too) run block by block by
   ``legoc.runtime``; ``legoc r0.25`` ...: every block at that ratio.
 
 Every runner's process starts once, loads its model and warms up, then waits. Each of
@@ -303,7 +304,7 @@ def bench_model(name: str, folder: Path, args) -> dict:
 
     art = folder / f"{name}.lego"
     options = dict(target="host", output=art, ratios=RATIOS, retrain_epochs=0, progress=False,
-                   tune_trials=args.tune_trials)
+                   tune_trials=args.tune_trials, winograd=args.winograd)
     if args.round_to is not None:
         options["round_to"] = args.round_to
     report = compile_model(path, CompileConfig(**options))
@@ -313,7 +314,7 @@ def bench_model(name: str, folder: Path, args) -> dict:
     onnx_path = folder / f"{name}.onnx"
     torch.onnx.export(model, inputs, str(onnx_path), input_names=["x"], dynamo=False)
     built = build_module(model, inputs, get_target("host"), folder / f"{name}-mono.so", name=name,
-                         tune_trials=args.tune_trials, prepack=True)
+                         tune_trials=args.tune_trials, prepack=True, winograd=args.winograd)
     np.savez(folder / f"{name}-mono-params.npz", *[np.asarray(p) for p in built.params])
 
     base = {"threads": args.threads, "input": str(folder / f"{name}-x.npy"), "warmup": 5, "clock": args.clock}
@@ -351,6 +352,7 @@ def bench_model(name: str, folder: Path, args) -> dict:
              "paired_ort": paired_ratio(medians[label], medians["onnxruntime"])}
             for label, _, macs in runners]
     return {"rows": rows, "blocks": _block_efficiency(art, blocks, max(2, args.processes)), "round_to": manifest["options"]["round_to"],
+            "winograd": manifest["options"].get("winograd", True),
             "overhead_paired": paired_ratio(medians["legoc full"], medians["tvm monolithic"])}
 
 
@@ -431,6 +433,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--round-to", type=int, default=None,
                     help="legoc compile's --round-to (default: the target's own default)")
+    ap.add_argument("--no-winograd", dest="winograd", action="store_false",
+                    help="3x3 stride-1 convs direct, not Winograd, in legoc's artifact and the monolithic module")
     ap.add_argument("--tune-trials", type=int, default=0,
                     help="MetaSchedule trials per new workload for the TVM rows (default 0: untuned)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -481,7 +485,8 @@ def _print_model(console, name: str, res: dict, basis) -> None:
     rows = res["rows"]
     by = {r["runner"]: r for r in rows}
     full = by["legoc full"]
-    table = Table(title=f"{name}: batch 1 (legoc round_to {res['round_to']})")
+    convs = "" if res.get("winograd", True) else ", 3x3 convs direct (--no-winograd)"
+    table = Table(title=f"{name}: batch 1 (legoc round_to {res['round_to']}{convs})")
     for col in ("runner", "ms (median)", "round medians", "× ORT", "× ORT paired", "× eager", "GMAC", "GFLOP/s",
                 "% measured peak", "% theoretical", "speedup vs full", "MAC cut", "pruning eff."):
         table.add_column(col, justify="left" if col == "runner" else "right")

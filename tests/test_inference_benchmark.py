@@ -30,6 +30,11 @@ def test_table_shows_paired_ratios_and_overhead(load_benchmark):
     text = out.getvalue()
     assert "× ORT paired" in text and "1.10" in text   # legoc full: 5.5/5.0 and 7.7/7.0
     assert "+0.0%" in text                               # overhead, paired
+    assert "--no-winograd" not in text
+    out = io.StringIO()
+    bench._print_model(Console(file=out, width=250), "m", {"rows": rows, "blocks": [], "round_to": 8, "winograd": False,
+                                                                   "overhead_paired": overhead}, basis)
+    assert "3x3 convs direct (--no-winograd)" in out.getvalue()   # the title says what was built
 
 
 def test_block_efficiency_is_paired_within_each_worker(load_benchmark, monkeypatch, tmp_path):
