@@ -42,7 +42,7 @@ def modules(kernels: int, width: int) -> dict:
 
     @T.prim_func
     def step(a: T.Buffer((rows, width), "float32"), b: T.Buffer((rows, width), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for i in T.parallel(rows):
             for j in T.serial(width):
                 b[i, j] = a[i, j] * T.float32(1.0001) + T.float32(0.5)
@@ -50,7 +50,7 @@ def modules(kernels: int, width: int) -> dict:
     # the K kernels inside one PrimFunc: a -> c[0] -> ... -> c[K-2] -> b (K loops, as K calls)
     @T.prim_func
     def chain(a: T.Buffer((rows, width), "float32"), b: T.Buffer((rows, width), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         c = T.alloc_buffer((kernels - 1, rows, width), "float32")
         for i in T.parallel(rows):
             for j in T.serial(width):
@@ -66,7 +66,7 @@ def modules(kernels: int, width: int) -> dict:
     # the same loops in one parallel launch, a barrier after each but the last
     @T.prim_func
     def region(a: T.Buffer((rows, width), "float32"), b: T.Buffer((rows, width), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         c = T.alloc_buffer((kernels - 1, rows, width), "float32")
         with T.attr(0, "pragma_parallel_launch_point", 1):
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
