@@ -352,7 +352,7 @@ def bench_model(name: str, folder: Path, args) -> dict:
              "paired_ort": paired_ratio(medians[label], medians["onnxruntime"])}
             for label, _, macs in runners]
     return {"rows": rows, "blocks": _block_efficiency(art, blocks, max(2, args.processes)), "round_to": manifest["options"]["round_to"],
-            "winograd": manifest["options"].get("winograd", True),
+            "winograd": manifest["options"]["winograd"],
             "overhead_paired": paired_ratio(medians["legoc full"], medians["tvm monolithic"])}
 
 

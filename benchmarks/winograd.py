@@ -14,7 +14,8 @@ alternating for ``--rounds`` rounds; the table gives each one's median over roun
 ratio paired per round. The thresholds in ``legoc.targets.schedules.winograd`` come from this
 table; ``TVM_NUM_THREADS`` is set from ``--threads`` before TVM starts.
 
-``--blocks MODEL`` (a zoo model of ``benchmarks/inference.py`` or a model.py): every block
+``--blocks MODEL`` (a name ``benchmarks/inference.py --models`` takes: a zoo model such as
+``resnet18-224`` or an example such as ``mnist_resnet``): every block
 variant ``legoc compile`` would make at ``--ratios`` (its partition, its pruning with the host's
 channel rounding; no retraining), each built as artifacts build it (``prepack=True``) with
 Winograd on (the default thresholds decide which convs take it) and off (``--no-winograd``),
@@ -43,12 +44,9 @@ SHAPES = ("64x64x56,48x64x56,64x48x56,32x64x56,64x32x56,16x64x56,64x16x56,16x16x
 
 
 def build(cin: int, cout: int, hw: int, winograd: bool, folder: Path):
-    """(VM, its arguments, max error relative to the output's largest magnitude) of one conv."""
-    import numpy as np
+    """(VM with its inputs set, max error relative to the output's largest magnitude) of one conv."""
     import torch
-    import tvm
     from torch import nn
-    from tvm import relax
 
     from legoc.targets.build import build_module
     from legoc.targets.schedules import winograd as wg
@@ -64,14 +62,24 @@ def build(cin: int, cout: int, hw: int, winograd: bool, folder: Path):
         built = build_module(model, (x,), get_target("host"), folder / f"{name}.so", prepack=True)
     finally:
         wg.MIN_CHANNELS, wg.MAX_FILTER_BYTES_PER_TILE = saved
+    return _loaded(built, model, x)
+
+
+def _loaded(built, model, x):
+    """(VM of ``built`` with its inputs set, max error against ``model(x)`` relative to the
+    output's largest magnitude)."""
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax
+
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
-    args = [tvm.runtime.tensor(x.numpy())] + [tvm.runtime.tensor(p) for p in built.params]
+    args = [tvm.runtime.tensor(x.numpy())] + [tvm.runtime.tensor(np.asarray(p)) for p in built.params]
     out = vm["main"](*args).numpy()
     with torch.no_grad():
         ref = model(x).numpy()
-    err = float(np.abs(out - ref).max()) / float(np.abs(ref).max())
     vm.set_input("main", *args)
-    return vm, err
+    return vm, float(np.abs(out - ref).max()) / float(np.abs(ref).max())
 
 
 def block_variants(model_name: str, ratios: tuple[float, ...]):
@@ -89,7 +97,7 @@ def block_variants(model_name: str, ratios: tuple[float, ...]):
     from legoc.targets.table import channel_multiple, get_target
 
     with tempfile.TemporaryDirectory() as work:
-        spec = load_model_file(model_file(model_name, Path(work)) if not model_name.endswith(".py") else Path(model_name))
+        spec = load_model_file(model_file(model_name, Path(work)))
     inputs = tuple(spec.example_inputs)
     gm = trace(spec.model.eval())
     annotate_shapes(gm, inputs)
@@ -108,27 +116,16 @@ def block_variants(model_name: str, ratios: tuple[float, ...]):
 
 def build_variant(gm, x, winograd: bool, path: Path):
     """(VM with its inputs set, max error relative to the output's largest magnitude)."""
-    import numpy as np
-    import torch
-    import tvm
-    from tvm import relax
-
     from legoc.targets.build import build_module
     from legoc.targets.table import get_target
 
-    built = build_module(gm, (x,), get_target("host"), path, prepack=True, winograd=winograd)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(built.path)), tvm.cpu())
-    args = [tvm.runtime.tensor(x.numpy())] + [tvm.runtime.tensor(np.asarray(p)) for p in built.params]
-    out = vm["main"](*args).numpy()
-    with torch.no_grad():
-        ref = gm(x).numpy()
-    vm.set_input("main", *args)
-    return vm, float(np.abs(out - ref).max()) / float(np.abs(ref).max())
+    return _loaded(build_module(gm, (x,), get_target("host"), path, prepack=True, winograd=winograd), gm, x)
 
 
 def block_rows(times: dict, variants: list) -> list[dict]:
     """Per variant: median times of both builds, winograd/direct paired per round, and each
-    build's pruning efficiency against its block's full variant (ratio 0) paired per round.
+    build's pruning efficiency against its block's full variant (ratio 0, always among
+    ``variants``) paired per round.
     ``times[(i, build)]``: one time per round for variant ``i`` (``variants`` order) and build
     "d" or "w"."""
     full = {}
@@ -140,7 +137,7 @@ def block_rows(times: dict, variants: list) -> list[dict]:
         row = {"block": block, "ratio": ratio, "macs": macs,
                "direct": statistics.median(times[(i, "d")]), "winograd": statistics.median(times[(i, "w")]),
                "paired": statistics.median(w / d for w, d in zip(times[(i, "w")], times[(i, "d")]))}
-        if ratio != 0 and block in full:
+        if ratio != 0:
             j, full_macs = full[block]
             for key in ("d", "w"):
                 row[f"eff_{key}"] = statistics.median(

@@ -1,10 +1,6 @@
 """benchmarks/winograd.py --blocks: the variants it builds and the efficiencies it prints (no timing here)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def test_block_rows_pair_each_build_with_its_own_full_block(load_benchmark):
     rows = load_benchmark("winograd").block_rows
@@ -21,7 +17,7 @@ def test_block_rows_pair_each_build_with_its_own_full_block(load_benchmark):
 def test_block_variants_are_the_compile_s_pruned_blocks(load_benchmark):
     import torch
 
-    variants = load_benchmark("winograd").block_variants(str(ROOT / "examples" / "mnist_resnet.py"), (0.0, 0.5))
+    variants = load_benchmark("winograd").block_variants("mnist_resnet", (0.0, 0.5))
     blocks = sorted({v[0] for v in variants})
     assert blocks and len(variants) == 2 * len(blocks)
     for block in blocks:

@@ -7,7 +7,8 @@ from tvm.target import Target
 from legoc.targets.schedules.analysis import extent, largest_divisor, reduction_named
 from legoc.targets.schedules.base import CPURule
 from legoc.targets.schedules.block_layout import DEPTHWISE
-from legoc.targets.schedules.common_schedules import accumulator_cache, inline_epilogue, rows_first, schedule_spatial
+from legoc.targets.schedules.common_schedules import (accumulator_cache, inline_epilogue, rows_first, schedule_spatial,
+                                                      tile_order)
 from legoc.targets.schedules.isa import acc_vectors, vector_isa
 
 
@@ -30,18 +31,19 @@ class DepthwiseBlocked(CPURule):
         for block in prologue:   # the pad: read in place
             sch.compute_inline(block)
         n, c, y, x, ci, ry, rx = sch.get_loops(conv)
-        # rows outside channel blocks when the expansion that feeds this conv ran rows first
-        # (its criterion: the plane has more pixels than it has output channels), so that each
-        # thread reads the rows it wrote on its own core (tile_order)
-        data = next((r.source for r in sch.get(conv).reads if len(r.source.shape) == 5), None)
-        by_rows = data is not None and rows_first(int(data.shape[2]) * int(data.shape[3]),
-                                                  extent(sch, c) * extent(sch, ci))
         if extent(sch, ci) != lanes:
             return False
+        # rows outside channel blocks where the expansion that feeds this conv runs rows first
+        # (its criterion: its plane has more pixels than it has output channels), so that each
+        # thread reads the rows it wrote on its own core
+        data = next((r.source for r in sch.get(conv).reads if len(r.source.shape) == 5), None)
+        by_rows = data is not None and rows_first(int(data.shape[2]) * int(data.shape[3]),
+                                                  extent(sch, c) * lanes)
         # accumulators plus the weight vector and an input vector or two in registers
         xb = largest_divisor(extent(sch, x), acc_vectors(lanes, regs) - 2)
         xo, xi = sch.split(x, [None, xb])
-        sch.reorder(*((n, y, c) if by_rows else (n, c, y)), xo, ry, rx, xi, ci)
+        outer = tile_order(n, c, y, xo, flat=False, rows_first=by_rows)
+        sch.reorder(*outer, ry, rx, xi, ci)
         acc_out = accumulator_cache(sch, conv)
         left = inline_epilogue(sch, acc_out, epilogue)
         sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
@@ -49,7 +51,7 @@ class DepthwiseBlocked(CPURule):
         sch.unroll(xi)
         sch.unroll(ry)
         sch.unroll(rx)
-        sch.parallel(sch.fuse(n, y, c) if by_rows else sch.fuse(n, c, y))
+        sch.parallel(sch.fuse(*outer[:-1]))
         sch.decompose_reduction(conv, ry)
         sch.vectorize(sch.get_loops(acc_out)[-1])
         for block in left:
